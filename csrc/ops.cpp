@@ -1,0 +1,30 @@
+// Every ditkernels schema, defined once. Backends register implementations in
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu; autograd and fake (meta)
+// implementations live in ditkernels/ops.py.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(ditkernels, m) {
+  // ---- fused adaLN family (csrc/include/ditkernels/adaln.h) ----
+  // y = LayerNorm(x; weight, bias) * (1 + scale[:, None]) + shift[:, None]
+  m.def(
+      "ln_modulate(Tensor x, Tensor? shift, Tensor? scale, float eps=1e-06, "
+      "Tensor? weight=None, Tensor? bias=None) -> Tensor");
+  // x_out = x + gate[:, None] * h;  y = ln_modulate(x_out, ...)
+  m.def(
+      "gated_residual_ln_modulate(Tensor x, Tensor h, Tensor? gate, Tensor? shift, "
+      "Tensor? scale, float eps=1e-06, Tensor? weight=None, Tensor? bias=None) "
+      "-> (Tensor x_out, Tensor y)");
+  // Gradients of every tensor input; those of absent inputs are empty tensors.
+  m.def(
+      "ln_modulate_backward(Tensor grad_y, Tensor x, Tensor? shift, Tensor? scale, "
+      "float eps, Tensor? weight, Tensor? bias) "
+      "-> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "gated_residual_ln_modulate_backward(Tensor? grad_x_out, Tensor grad_y, Tensor x_out, "
+      "Tensor h, Tensor? gate, Tensor? shift, Tensor? scale, float eps, Tensor? weight, "
+      "Tensor? bias) "
+      "-> (Tensor grad_x, Tensor grad_h, Tensor grad_gate, Tensor grad_shift, "
+      "Tensor grad_scale, Tensor grad_weight, Tensor grad_bias)");
+}

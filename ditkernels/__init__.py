@@ -1,0 +1,43 @@
+"""ditkernels: fused CUDA/CPU kernels for diffusion transformers, as PyTorch custom ops."""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "ditkernels._C is not built. Install with `pip install --no-build-isolation .` "
+        "(and run from outside the source tree), or build in place with "
+        "`python setup.py build_ext --inplace`."
+    ) from exc
+
+from . import ops, reference  # noqa: E402
+from .ops import gated_residual_ln_modulate, ln_modulate  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """How the extension was compiled, plus the torch it runs with.
+
+    Returns a dict: ``cuda`` (bool, CUDA kernels compiled), ``cuda_archs`` (list such
+    as ``['sm_80', 'sm_90']``), ``cuda_runtime_version`` (e.g. ``'13.0'`` or None),
+    ``torch_compiled`` (torch version at build time) and ``torch_runtime``.
+    """
+    raw = _C.build_info()
+    archs = []
+    for tok in filter(None, raw["cuda_archs"].split("_")):
+        ptx = tok.endswith("ptx")
+        tok = tok[:-3] if ptx else tok
+        archs.append(f"sm_{tok}" + ("+PTX" if ptx else ""))
+    rt = raw["cuda_runtime_version"]
+    return {
+        "cuda": bool(raw["cuda"]),
+        "cuda_archs": archs,
+        "cuda_runtime_version": None if rt is None else f"{rt // 1000}.{rt % 1000 // 10}",
+        "torch_compiled": raw["torch_version"].replace("_", "."),
+        "torch_runtime": torch.__version__,
+    }
+
+
+__all__ = ["build_info", "gated_residual_ln_modulate", "ln_modulate", "ops", "reference"]

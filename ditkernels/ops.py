@@ -1,0 +1,111 @@
+"""Python front of the ditkernels custom ops: typed wrappers, fake (meta)
+implementations for torch.compile, and autograd formulas whose backward calls our
+own backward kernels. Schemas live in csrc/ops.cpp."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.ditkernels
+
+# ---------------------------------------------------------------------------
+# fused adaLN family
+# ---------------------------------------------------------------------------
+
+
+def ln_modulate(x: Tensor, shift: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                eps: float = 1e-6, weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """Fused ``LayerNorm(x; weight, bias) * (1 + scale[:, None]) + shift[:, None]``.
+
+    x: [B, N, C]; shift, scale: [B, C] or None (DiT's adaLN modulation); weight,
+    bias: [C] or None (an affine LayerNorm, as in U-ViT and DiffiT). All inputs share
+    x's dtype and device. Statistics are computed in fp32 (fp64 for fp64 inputs).
+    """
+    return _ops.ln_modulate(x, shift, scale, eps, weight, bias)
+
+
+def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Optional[Tensor] = None,
+                               shift: Optional[Tensor] = None,
+                               scale: Optional[Tensor] = None, eps: float = 1e-6,
+                               weight: Optional[Tensor] = None,
+                               bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fused gated residual and the next norm: returns ``(x_out, y)`` with
+
+    ``x_out = x + gate[:, None] * h`` (``x + h`` when gate is None) and
+    ``y = ln_modulate(x_out, shift, scale, eps, weight, bias)``.
+    """
+    return _ops.gated_residual_ln_modulate(x, h, gate, shift, scale, eps, weight, bias)
+
+
+def _empty_grad(x: Tensor) -> Tensor:
+    return x.new_empty((0,))
+
+
+def _grad_like(t: Optional[Tensor], x: Tensor) -> Tensor:
+    return _empty_grad(x) if t is None else x.new_empty(t.shape)
+
+
+@torch.library.register_fake("ditkernels::ln_modulate")
+def _ln_modulate_fake(x, shift, scale, eps=1e-6, weight=None, bias=None):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ditkernels::gated_residual_ln_modulate")
+def _gated_residual_ln_modulate_fake(x, h, gate, shift, scale, eps=1e-6, weight=None,
+                                     bias=None):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ditkernels::ln_modulate_backward")
+def _ln_modulate_backward_fake(grad_y, x, shift, scale, eps, weight, bias):
+    return (x.new_empty(x.shape), _grad_like(shift, x), _grad_like(scale, x),
+            _grad_like(weight, x), _grad_like(bias, x))
+
+
+@torch.library.register_fake("ditkernels::gated_residual_ln_modulate_backward")
+def _gated_residual_ln_modulate_backward_fake(grad_x_out, grad_y, x_out, h, gate, shift, scale,
+                                              eps, weight, bias):
+    return (x_out.new_empty(x_out.shape), x_out.new_empty(x_out.shape),
+            _grad_like(gate, x_out), _grad_like(shift, x_out), _grad_like(scale, x_out),
+            _grad_like(weight, x_out), _grad_like(bias, x_out))
+
+
+def _present(grad: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
+    return None if like is None else grad
+
+
+def _ln_modulate_setup_context(ctx, inputs, output):
+    x, shift, scale, eps, weight, bias = inputs
+    ctx.save_for_backward(x, shift, scale, weight, bias)
+    ctx.eps = eps
+
+
+def _ln_modulate_backward(ctx, grad_y):
+    x, shift, scale, weight, bias = ctx.saved_tensors
+    gx, gshift, gscale, gweight, gbias = _ops.ln_modulate_backward(
+        grad_y, x, shift, scale, ctx.eps, weight, bias)
+    return (gx, _present(gshift, shift), _present(gscale, scale), None,
+            _present(gweight, weight), _present(gbias, bias))
+
+
+def _gated_setup_context(ctx, inputs, output):
+    x, h, gate, shift, scale, eps, weight, bias = inputs
+    x_out, _ = output
+    ctx.save_for_backward(x_out, h, gate, shift, scale, weight, bias)
+    ctx.eps = eps
+
+
+def _gated_backward(ctx, grad_x_out, grad_y):
+    x_out, h, gate, shift, scale, weight, bias = ctx.saved_tensors
+    gx, gh, ggate, gshift, gscale, gweight, gbias = _ops.gated_residual_ln_modulate_backward(
+        grad_x_out, grad_y, x_out, h, gate, shift, scale, ctx.eps, weight, bias)
+    return (gx, gh, _present(ggate, gate), _present(gshift, shift), _present(gscale, scale),
+            None, _present(gweight, weight), _present(gbias, bias))
+
+
+torch.library.register_autograd("ditkernels::ln_modulate", _ln_modulate_backward,
+                                setup_context=_ln_modulate_setup_context)
+torch.library.register_autograd("ditkernels::gated_residual_ln_modulate", _gated_backward,
+                                setup_context=_gated_setup_context)

@@ -1,0 +1,126 @@
+"""Build ditkernels._C from csrc/sources.txt.
+
+CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) is
+found; otherwise the extension is CPU-only. Whether a GPU is visible never
+matters. Environment:
+  DITKERNELS_FORCE_CPU=1   build CPU-only even with a CUDA toolkit
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0": A100, H100/H200)
+  MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
+  CUDA_HOME                toolkit root (default: CUDA_PATH, /usr/local/cuda, or nvcc's)
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _locate_cuda_home():
+    """The toolkit root, found before torch.utils.cpp_extension guesses it.
+
+    torch guesses from `which nvcc`; a wrapper script on PATH (as in
+    /usr/local/bin/nvcc) then yields a wrong root such as /usr/local.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return root
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = Path(os.path.realpath(nvcc)).parent.parent
+        if (root / "include" / "cuda_runtime.h").exists():
+            return str(root)
+    return None
+
+
+CUDA_ROOT = None if _truthy("DITKERNELS_FORCE_CPU") else _locate_cuda_home()
+if CUDA_ROOT:
+    os.environ["CUDA_HOME"] = CUDA_ROOT
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension is imported)
+from torch.utils.cpp_extension import (  # noqa: E402
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+WITH_CUDA = CUDA_ROOT is not None and torch.version.cuda is not None
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # Without it torch queries the visible GPUs, and fails when there are none.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+
+
+def read_sources():
+    lines = (CSRC / "sources.txt").read_text().splitlines()
+    files = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    cpp = [f"csrc/{f}" for f in files if not f.endswith(".cu")]
+    cuda = [f"csrc/{f}" for f in files if f.endswith(".cu")]
+    return cpp, cuda
+
+
+def arch_token(arch_list):
+    """'8.0;9.0a;9.0+PTX' -> '80_90a_90ptx', a preprocessor token build_info() decodes."""
+    archs = [a for a in re.split(r"[;\s,]+", arch_list) if a]
+    return "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs)
+
+
+def cuda_wheel_include_dirs():
+    """cuBLAS/cuSPARSE headers that ATen's CUDA headers include.
+
+    With torch from pip they ship in the nvidia-* wheels rather than the toolkit.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in map(Path, nvidia.__path__):
+        dirs += sorted(str(p) for p in base.glob("*/include") if p.is_dir())
+    return dirs
+
+
+def make_extension():
+    cpp, cuda = read_sources()
+    version = torch.__version__.split("+")[0].replace(".", "_")
+    macros = [("DITKERNELS_TORCH_VERSION", version)]
+    include_dirs = [str(CSRC / "include")]
+    cxx_flags = ["-O3"]
+    if not WITH_CUDA:
+        return CppExtension(
+            "ditkernels._C",
+            cpp,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    macros += [
+        ("DITKERNELS_WITH_CUDA", None),
+        ("DITKERNELS_CUDA_ARCHS", arch_token(os.environ["TORCH_CUDA_ARCH_LIST"])),
+    ]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    return CUDAExtension(
+        "ditkernels._C",
+        cpp + cuda,
+        include_dirs=include_dirs + cuda_wheel_include_dirs(),
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["ditkernels", "ditkernels.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
