@@ -19,37 +19,66 @@ namespace {
 
 constexpr int64_t kCpuRowsPerSlot = 32;
 
+// Per-channel and per-sample vectors in the accumulation type, with absent inputs
+// replaced by their neutral value, so the row loops below are plain array code.
 template <typename T>
-struct RowView {
-  const AdaLNParams& p;
-  int64_t b;
+struct Modulation {
   using acc_t = at::opmath_type<T>;
+  const AdaLNParams& p;
+  std::vector<acc_t> weight, bias, scale1, shift, gate;
+  int64_t sample = -1;
 
-  acc_t per_sample(const void* base, int64_t stride, int64_t c, acc_t absent) const {
-    return base ? static_cast<acc_t>(static_cast<const T*>(base)[b * stride + c]) : absent;
+  explicit Modulation(const AdaLNParams& params)
+      : p(params), weight(p.C), bias(p.C), scale1(p.C), shift(p.C), gate(p.C) {
+    fill(weight, p.weight, 0, acc_t(1));
+    fill(bias, p.bias, 0, acc_t(0));
   }
-  acc_t gate(int64_t c) const { return per_sample(p.gate, p.gate_stride, c, acc_t(1)); }
-  acc_t shift(int64_t c) const { return per_sample(p.shift, p.shift_stride, c, acc_t(0)); }
-  acc_t scale(int64_t c) const { return per_sample(p.scale, p.scale_stride, c, acc_t(0)); }
-  acc_t weight(int64_t c) const {
-    return p.weight ? static_cast<acc_t>(static_cast<const T*>(p.weight)[c]) : acc_t(1);
+
+  void fill(std::vector<acc_t>& out, const void* base, int64_t offset, acc_t absent) {
+    if (base == nullptr) {
+      std::fill(out.begin(), out.end(), absent);
+      return;
+    }
+    const T* src = static_cast<const T*>(base) + offset;
+    for (int64_t c = 0; c < p.C; ++c) out[c] = static_cast<acc_t>(src[c]);
   }
-  acc_t bias(int64_t c) const {
-    return p.bias ? static_cast<acc_t>(static_cast<const T*>(p.bias)[c]) : acc_t(0);
+
+  void load_sample(int64_t b) {
+    if (b == sample) return;
+    sample = b;
+    fill(scale1, p.scale, b * p.scale_stride, acc_t(0));
+    for (auto& v : scale1) v += acc_t(1);
+    fill(shift, p.shift, b * p.shift_stride, acc_t(0));
+    fill(gate, p.gate, b * p.gate_stride, acc_t(1));
   }
 };
+
+// Sums over a row use kLanes independent partial sums: one serial chain of
+// dependent adds would bound the loop by FP-add latency, and the compiler may not
+// reassociate it by itself. The lanes combine in a fixed order (deterministic).
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t, typename F>
+acc_t lane_sum(int64_t C, F&& term) {
+  acc_t lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(c + l);
+  }
+  for (; c < C; ++c) lanes[c % kLanes] += term(c);
+  acc_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
 
 // Two-pass mean and reciprocal standard deviation of v[0..C).
 template <typename acc_t>
 void row_stats(const acc_t* v, int64_t C, double eps, acc_t& mean, acc_t& rstd) {
-  acc_t sum = 0;
-  for (int64_t c = 0; c < C; ++c) sum += v[c];
-  mean = sum / static_cast<acc_t>(C);
-  acc_t sq = 0;
-  for (int64_t c = 0; c < C; ++c) {
+  mean = lane_sum<acc_t>(C, [&](int64_t c) { return v[c]; }) / static_cast<acc_t>(C);
+  const acc_t sq = lane_sum<acc_t>(C, [&](int64_t c) {
     const acc_t d = v[c] - mean;
-    sq += d * d;
-  }
+    return d * d;
+  });
   rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
 }
 
@@ -59,16 +88,17 @@ void forward_kernel(const AdaLNParams& p) {
   const int64_t C = p.C, rows = p.B * p.N;
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    Modulation<T> m(p);
     std::vector<acc_t> v(C);
     for (int64_t r = r0; r < r1; ++r) {
-      const RowView<T> rv{p, r / p.N};
+      m.load_sample(r / p.N);
       const T* x = static_cast<const T*>(p.x) + r * C;
       if (p.h) {
         const T* h = static_cast<const T*>(p.h) + r * C;
         T* x_out = static_cast<T*>(p.x_out) + r * C;
         for (int64_t c = 0; c < C; ++c) {
           const T sum = static_cast<T>(static_cast<acc_t>(x[c]) +
-                                       rv.gate(c) * static_cast<acc_t>(h[c]));
+                                       m.gate[c] * static_cast<acc_t>(h[c]));
           x_out[c] = sum;
           v[c] = static_cast<acc_t>(sum);
         }
@@ -79,8 +109,8 @@ void forward_kernel(const AdaLNParams& p) {
       row_stats(v.data(), C, p.eps, mean, rstd);
       T* y = static_cast<T*>(p.y) + r * C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t n = (v[c] - mean) * rstd * rv.weight(c) + rv.bias(c);
-        y[c] = static_cast<T>(n * (acc_t(1) + rv.scale(c)) + rv.shift(c));
+        const acc_t n = (v[c] - mean) * rstd * m.weight[c] + m.bias[c];
+        y[c] = static_cast<T>(n * m.scale1[c] + m.shift[c]);
       }
     }
   });
@@ -91,11 +121,12 @@ void backward_kernel(const AdaLNParams& p) {
   using acc_t = at::opmath_type<T>;
   const int64_t C = p.C, N = p.N, slots = p.slots;
   at::parallel_for(0, p.B * slots, 1, [&](int64_t t0, int64_t t1) {
+    Modulation<T> m(p);
     std::vector<acc_t> xhat(C), dxhat(C);
     std::vector<acc_t> acc_shift(C), acc_scale(C), acc_gate(C), acc_weight(C), acc_bias(C);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / slots, slot = task % slots;
-      const RowView<T> rv{p, b};
+      m.load_sample(b);
       std::fill(acc_shift.begin(), acc_shift.end(), acc_t(0));
       std::fill(acc_scale.begin(), acc_scale.end(), acc_t(0));
       std::fill(acc_gate.begin(), acc_gate.end(), acc_t(0));
@@ -109,33 +140,36 @@ void backward_kernel(const AdaLNParams& p) {
         for (int64_t c = 0; c < C; ++c) xhat[c] = static_cast<acc_t>(x[c]);
         acc_t mean, rstd;
         row_stats(xhat.data(), C, p.eps, mean, rstd);
-        acc_t s1 = 0, s2 = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xh = (xhat[c] - mean) * rstd;
-          const acc_t w = rv.weight(c);
+          const acc_t w = m.weight[c];
           const acc_t dy = static_cast<acc_t>(gy[c]);
-          const acc_t dn = dy * (acc_t(1) + rv.scale(c));
+          const acc_t dn = dy * m.scale1[c];
           acc_shift[c] += dy;
-          acc_scale[c] += dy * (xh * w + rv.bias(c));
+          acc_scale[c] += dy * (xh * w + m.bias[c]);
           acc_weight[c] += dn * xh;
           acc_bias[c] += dn;
-          const acc_t dxh = dn * w;
-          s1 += dxh;
-          s2 += dxh * xh;
           xhat[c] = xh;
-          dxhat[c] = dxh;
+          dxhat[c] = dn * w;
         }
+        const acc_t s1 = lane_sum<acc_t>(C, [&](int64_t c) { return dxhat[c]; });
+        const acc_t s2 = lane_sum<acc_t>(C, [&](int64_t c) { return dxhat[c] * xhat[c]; });
         const acc_t m1 = s1 / static_cast<acc_t>(C), m2 = s2 / static_cast<acc_t>(C);
         T* gx = static_cast<T*>(p.grad_x) + r * C;
         const T* gxo = p.grad_x_out ? static_cast<const T*>(p.grad_x_out) + r * C : nullptr;
         for (int64_t c = 0; c < C; ++c) {
-          acc_t dx = rstd * (dxhat[c] - m1 - xhat[c] * m2);
-          if (gxo) dx += static_cast<acc_t>(gxo[c]);
-          gx[c] = static_cast<T>(dx);
-          if (p.h) {
-            const T* h = static_cast<const T*>(p.h) + r * C;
-            static_cast<T*>(p.grad_h)[r * C + c] = static_cast<T>(rv.gate(c) * dx);
-            acc_gate[c] += dx * static_cast<acc_t>(h[c]);
+          dxhat[c] = rstd * (dxhat[c] - m1 - xhat[c] * m2);
+        }
+        if (gxo) {
+          for (int64_t c = 0; c < C; ++c) dxhat[c] += static_cast<acc_t>(gxo[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(dxhat[c]);
+        if (p.h) {
+          const T* h = static_cast<const T*>(p.h) + r * C;
+          T* gh = static_cast<T*>(p.grad_h) + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            gh[c] = static_cast<T>(m.gate[c] * dxhat[c]);
+            acc_gate[c] += dxhat[c] * static_cast<acc_t>(h[c]);
           }
         }
       }
