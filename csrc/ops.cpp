@@ -27,4 +27,13 @@ TORCH_LIBRARY(ditkernels, m) {
       "Tensor? bias) "
       "-> (Tensor grad_x, Tensor grad_h, Tensor grad_gate, Tensor grad_shift, "
       "Tensor grad_scale, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- skip-concat-linear (csrc/include/ditkernels/skip_concat_linear.h) ----
+  // y = cat([x, skip], -1) @ weight^T + bias, without building the concat.
+  // x, skip: [..., D]; weight: [Dout, 2 * D]; bias: [Dout] or None -> y: [..., Dout]
+  m.def("skip_concat_linear(Tensor x, Tensor skip, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "skip_concat_linear_backward(Tensor grad_y, Tensor x, Tensor skip, Tensor weight, "
+      "bool has_bias) -> (Tensor grad_x, Tensor grad_skip, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }

@@ -12,7 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     ) from exc
 
 from . import ops, reference  # noqa: E402
-from .ops import gated_residual_ln_modulate, ln_modulate  # noqa: E402
+from .ops import gated_residual_ln_modulate, ln_modulate, skip_concat_linear  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,4 +40,5 @@ def build_info():
     }
 
 
-__all__ = ["build_info", "gated_residual_ln_modulate", "ln_modulate", "ops", "reference"]
+__all__ = ["build_info", "gated_residual_ln_modulate", "ln_modulate", "ops", "reference",
+           "skip_concat_linear"]

@@ -109,3 +109,46 @@ torch.library.register_autograd("ditkernels::ln_modulate", _ln_modulate_backward
                                 setup_context=_ln_modulate_setup_context)
 torch.library.register_autograd("ditkernels::gated_residual_ln_modulate", _gated_backward,
                                 setup_context=_gated_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# skip-concat-linear
+# ---------------------------------------------------------------------------
+
+
+def skip_concat_linear(x: Tensor, skip: Tensor, weight: Tensor,
+                       bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(torch.cat([x, skip], -1), weight, bias)`` without building the concat.
+
+    x, skip: [..., D] of one shape; weight: [Dout, 2 * D] (columns [0:D] multiply x,
+    [D:2D] multiply skip, as U-ViT's ``skip_linear``); bias: [Dout] or None.
+    """
+    return _ops.skip_concat_linear(x, skip, weight, bias)
+
+
+@torch.library.register_fake("ditkernels::skip_concat_linear")
+def _skip_concat_linear_fake(x, skip, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("ditkernels::skip_concat_linear_backward")
+def _skip_concat_linear_backward_fake(grad_y, x, skip, weight, has_bias):
+    grad_bias = x.new_empty((weight.shape[0],) if has_bias else (0,))
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(weight.shape), grad_bias)
+
+
+def _skip_concat_linear_setup_context(ctx, inputs, output):
+    x, skip, weight, bias = inputs
+    ctx.save_for_backward(x, skip, weight)
+    ctx.has_bias = bias is not None
+
+
+def _skip_concat_linear_backward(ctx, grad_y):
+    x, skip, weight = ctx.saved_tensors
+    gx, gskip, gweight, gbias = _ops.skip_concat_linear_backward(grad_y, x, skip, weight,
+                                                                 ctx.has_bias)
+    return gx, gskip, gweight, (gbias if ctx.has_bias else None)
+
+
+torch.library.register_autograd("ditkernels::skip_concat_linear", _skip_concat_linear_backward,
+                                setup_context=_skip_concat_linear_setup_context)

@@ -31,3 +31,8 @@ def gated_residual_ln_modulate(x, h, gate=None, shift=None, scale=None, eps=1e-6
     """
     x_out = x + (h if gate is None else gate[:, None] * h)
     return x_out, ln_modulate(x_out, shift, scale, eps, weight, bias)
+
+
+def skip_concat_linear(x, skip, weight, bias=None):
+    """U-ViT's long-skip merge: Linear(2D -> Dout) over cat([x, skip], -1)."""
+    return F.linear(torch.cat([x, skip], dim=-1), weight, bias)

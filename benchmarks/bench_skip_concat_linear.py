@@ -1,0 +1,50 @@
+"""skip_concat_linear against torch.cat + F.linear (cuBLAS) and torch.compile of it.
+
+FLOPs: forward 2 * M * (2D) * Dout; forward+backward three times that (dX and dW).
+Shapes follow U-ViT: M = B * 258 tokens (256 patches + time and label tokens).
+"""
+
+import torch
+
+import ditkernels
+from ditkernels import reference
+from benchmarks.bench_adaln import pass_fn
+from benchmarks.common import BenchContext, maybe_compile, median_seconds
+
+
+def shapes(ctx: BenchContext):
+    if ctx.quick:
+        return [(2 * 258, 64), (8 * 258, 256)]
+    return [(B * 258, D) for D in (512, 768, 1024, 1152) for B in (8, 32, 128, 256)]
+
+
+def run(ctx: BenchContext):
+    impls = {"cat+linear": reference.skip_concat_linear,
+             "ditkernels": ditkernels.skip_concat_linear}
+    compiled = maybe_compile(reference.skip_concat_linear, ctx)
+    if compiled is not None:
+        impls["torch.compile"] = compiled
+    rows = []
+    for M, D in shapes(ctx):
+        def t(*shape, scale=1.0):
+            return torch.randn(*shape, device=ctx.device, dtype=ctx.dtype) * scale
+
+        inputs = (t(M, D), t(M, D), t(D, 2 * D, scale=(2 * D) ** -0.5), t(D))
+        for pass_name, flop_factor in (("fwd", 1), ("fwd+bwd", 3)):
+            flops = flop_factor * 2 * M * 2 * D * D
+            times = {}
+            for impl, fn in impls.items():
+                if impl == "torch.compile":
+                    torch._dynamo.reset()
+                times[impl] = median_seconds(pass_fn(fn, inputs, pass_name), ctx.min_run_time)
+            for impl, sec in times.items():
+                rows.append({
+                    "family": "skip_concat_linear", "op": "skip_concat_linear",
+                    "shape": f"M{M} D{D} Dout{D}", "pass": pass_name, "impl": impl,
+                    "median_ms": sec * 1e3, "TFLOP/s": flops / sec / 1e12,
+                    "speedup_vs_cat_linear": times["cat+linear"] / sec,
+                })
+    return rows
+
+
+COLUMNS = ["shape", "pass", "impl", "median_ms", "TFLOP/s", "speedup_vs_cat_linear"]

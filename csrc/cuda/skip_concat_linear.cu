@@ -1,0 +1,315 @@
+// CUDA skip_concat_linear: y = cat([x, skip], -1) @ W^T + b as one GEMM whose A
+// operand is read from x for k < D and from skip for k >= D, in place.
+//
+// fp16/bf16: a 128x128x32 tensor-core tile (8 warps, 64x32 per warp,
+// mma.sync m16n8k16 with fp32 accumulation), a 4-stage cp.async pipeline and
+// XOR-swizzled shared memory read with ldmatrix. The x/skip choice is made per
+// 16-byte chunk, so D only has to be a multiple of 8 and a k-tile may straddle the
+// boundary. Rows past M, columns past Dout and k past 2D are zero-filled by
+// cp.async, so every M, Dout is handled. fp32: a 64x64 SIMT tile with the same
+// operand switch. The backward pass is four cuBLAS GEMMs on in-place operands
+// (csrc/include/ditkernels/skip_concat_linear.h).
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/dispatch.h"
+#include "ditkernels/skip_concat_linear.h"
+
+namespace ditkernels {
+namespace {
+
+struct SkipGemmParams {
+  const void* x;
+  const void* skip;
+  const void* weight;  // [N, 2D], row stride 2D
+  const void* bias;    // [N] or null
+  void* y;             // [M, N], row stride N
+  int64_t ld_x, ld_skip;
+  int M, N, D;
+};
+
+// ---- tensor-core path ----
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256;
+constexpr int kStageElems = (kBM + kBN) * kBK;
+constexpr int kSmemBytes = kStages * kStageElems * 2;
+
+// Element offset of 16-byte chunk `chunk` (0..3) of `row` in a [rows][kBK] tile.
+// Rows are 64 bytes, so 8 consecutive rows span four 128-byte bank windows; the XOR
+// spreads the chunk an ldmatrix phase reads over all eight 16-byte bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_stage(const SkipGemmParams& p, T* sA, T* sB, int m0, int n0,
+                                           int k0, int tid) {
+  const int K = 2 * p.D;
+#pragma unroll
+  for (int it = 0; it < (kBM * kBK / 8) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    const int row = idx >> 2, chunk = idx & 3;
+    const int gm = m0 + row, kc = k0 + chunk * 8;
+    const T* src = static_cast<const T*>(p.x);
+    int bytes = 0;
+    if (gm < p.M && kc < K) {
+      bytes = 16;
+      src = kc < p.D ? static_cast<const T*>(p.x) + gm * p.ld_x + kc
+                     : static_cast<const T*>(p.skip) + gm * p.ld_skip + (kc - p.D);
+    }
+    mma::cp_async_16(sA + swizzle(row, chunk), src, bytes);
+  }
+#pragma unroll
+  for (int it = 0; it < (kBN * kBK / 8) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    const int row = idx >> 2, chunk = idx & 3;
+    const int gn = n0 + row, kc = k0 + chunk * 8;
+    const T* src = static_cast<const T*>(p.weight);
+    int bytes = 0;
+    if (gn < p.N && kc < K) {
+      bytes = 16;
+      src = static_cast<const T*>(p.weight) + static_cast<int64_t>(gn) * K + kc;
+    }
+    mma::cp_async_16(sB + swizzle(row, chunk), src, bytes);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) skip_gemm_tc_kernel(const SkipGemmParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
+  const int k_tiles = (2 * p.D + kBK - 1) / kBK;
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) {
+      load_stage(p, smem + s * kStageElems, smem + s * kStageElems + kBM * kBK, m0, n0, s * kBK,
+                 tid);
+    }
+    mma::cp_async_commit();
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    // Tile kt has landed, and every warp is done with tile kt - 1, whose stage the
+    // prefetch below overwrites.
+    mma::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int pf = kt + kStages - 1;
+    if (pf < k_tiles) {
+      T* st = smem + (pf % kStages) * kStageElems;
+      load_stage(p, st, st + kBM * kBK, m0, n0, pf * kBK, tid);
+    }
+    mma::cp_async_commit();
+
+    const T* a = smem + (kt % kStages) * kStageElems;
+    const T* b = a + kBM * kBK;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = warp_m * 64 + i * 16 + (lane & 15);
+        mma::ldmatrix_x4(af[i], a + swizzle(row, kk * 2 + (lane >> 4)));
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int row = warp_n * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        uint32_t r[4];
+        mma::ldmatrix_x4(r, b + swizzle(row, kk * 2 + ((lane >> 3) & 1)));
+        bf[2 * j][0] = r[0];
+        bf[2 * j][1] = r[1];
+        bf[2 * j + 1][0] = r[2];
+        bf[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma::mma_16816<T>(acc[i][j], af[i], bf[j]);
+    }
+  }
+  mma::cp_async_wait<0>();
+
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = n0 + warp_n * 32 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = m0 + warp_m * 64 + i * 16 + (lane >> 2) + half * 8;
+        if (row >= p.M) continue;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = col + e;
+          if (c < p.N) {
+            float v = acc[i][j][half * 2 + e];
+            if (bias != nullptr) v += static_cast<float>(bias[c]);
+            y[static_cast<int64_t>(row) * p.N + c] = static_cast<T>(v);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- fp32 path ----
+constexpr int kFB = 64, kFBK = 16, kFThreads = 256;
+
+__global__ void __launch_bounds__(kFThreads) skip_gemm_f32_kernel(const SkipGemmParams p) {
+  // k-major tiles: a thread's four rows (or columns) are read as broadcasts.
+  __shared__ float As[kFBK][kFB + 1];
+  __shared__ float Bs[kFBK][kFB + 1];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int n0 = blockIdx.x * kFB, m0 = blockIdx.y * kFB;
+  const int K = 2 * p.D;
+  const float* x = static_cast<const float*>(p.x);
+  const float* skip = static_cast<const float*>(p.skip);
+  const float* w = static_cast<const float*>(p.weight);
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kFBK) {
+#pragma unroll
+    for (int it = 0; it < kFB * kFBK / kFThreads; ++it) {
+      const int idx = tid + it * kFThreads;
+      const int r = idx / kFBK, k = idx % kFBK, gk = k0 + k;
+      const int gm = m0 + r, gn = n0 + r;
+      float a = 0.f, bv = 0.f;
+      if (gm < p.M && gk < K) a = gk < p.D ? x[gm * p.ld_x + gk] : skip[gm * p.ld_skip + gk - p.D];
+      if (gn < p.N && gk < K) bv = w[static_cast<int64_t>(gn) * K + gk];
+      As[k][r] = a;
+      Bs[k][r] = bv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kFBK; ++k) {
+      float av[4], bw[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = As[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bw[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bw[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  float* y = static_cast<float*>(p.y);
+  const float* bias = static_cast<const float*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = m0 + ty + 16 * i;
+    if (row >= p.M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = n0 + tx + 16 * j;
+      if (col < p.N) {
+        y[static_cast<int64_t>(row) * p.N + col] = acc[i][j] + (bias ? bias[col] : 0.f);
+      }
+    }
+  }
+}
+
+bool cuda_supports(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+constexpr const char* kCudaDtypes = "float32, float16 and bfloat16";
+
+skip_concat_linear::Checked check_cuda(const char* op, const at::Tensor& x, const at::Tensor& skip,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias) {
+  return skip_concat_linear::check(op, x, skip, weight, bias, cuda_supports, kCudaDtypes, "CUDA");
+}
+
+// cp.async moves 16-byte chunks: rows must start on 16-byte boundaries.
+at::Tensor aligned_rows(const at::Tensor& t) {
+  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                  (t.stride(0) * t.element_size()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias) {
+  const char* op = "skip_concat_linear";
+  auto c = check_cuda(op, x, skip, weight, bias);
+  TORCH_CHECK(c.D % 8 == 0, op, ": the CUDA kernel needs D (the last dim of x) to be a multiple "
+              "of 8, got x of shape ", shape_str(x));
+  TORCH_CHECK(c.D <= (1 << 29) && c.Dout < (1 << 30), op, ": D = ", c.D, " or Dout = ", c.Dout,
+              " is too large");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({c.M, c.Dout}, x.options());
+  if (c.M == 0) return y.view(c.out_shape);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  at::Tensor x2d = f32 ? c.x2d : aligned_rows(c.x2d);
+  at::Tensor skip2d = f32 ? c.skip2d : aligned_rows(c.skip2d);
+  at::Tensor w = f32 ? c.weight : aligned_rows(c.weight.contiguous());
+  const int tile_m = f32 ? kFB : kBM, tile_n = f32 ? kFB : kBN;
+  const int64_t m_tiles = (c.M + tile_m - 1) / tile_m;
+  TORCH_CHECK(m_tiles <= 65535 && c.M < (int64_t{1} << 31), op, ": M = ", c.M,
+              " rows exceed the CUDA grid limit");
+
+  SkipGemmParams p;
+  p.x = x2d.data_ptr();
+  p.skip = skip2d.data_ptr();
+  p.weight = w.data_ptr();
+  p.bias = c.bias ? c.bias->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.ld_x = x2d.stride(0);
+  p.ld_skip = skip2d.stride(0);
+  p.M = static_cast<int>(c.M);
+  p.N = static_cast<int>(c.Dout);
+  p.D = static_cast<int>(c.D);
+  const dim3 grid(static_cast<unsigned>((c.Dout + tile_n - 1) / tile_n),
+                  static_cast<unsigned>(m_tiles));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (f32) {
+    skip_gemm_f32_kernel<<<grid, kFThreads, 0, stream>>>(p);
+  } else {
+    DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        auto kernel = skip_gemm_tc_kernel<scalar_t>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            kSmemBytes));
+        kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+      }
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y.view(c.out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& skip,
+    const at::Tensor& weight, bool has_bias) {
+  const char* op = "skip_concat_linear_backward";
+  auto c = check_cuda(op, x, skip, weight, std::nullopt);
+  check_same_device(op, grad_y, "grad_y", x, "x");
+  check_same_dtype(op, grad_y, "grad_y", x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return skip_concat_linear::backward(grad_y, c, has_bias);
+}
+
+}  // namespace
+}  // namespace ditkernels
+
+TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+  m.impl("skip_concat_linear", &ditkernels::forward_cuda);
+  m.impl("skip_concat_linear_backward", &ditkernels::backward_cuda);
+}
