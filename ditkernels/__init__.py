@@ -13,6 +13,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 from . import ops, reference  # noqa: E402
 from .ops import gated_residual_ln_modulate, ln_modulate, skip_concat_linear  # noqa: E402
+from . import models, nn  # noqa: E402
+from .models import DiT, DiT_models  # noqa: E402
+from .nn import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder  # noqa: E402
+from .patching import patch_dit  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,5 +44,6 @@ def build_info():
     }
 
 
-__all__ = ["build_info", "gated_residual_ln_modulate", "ln_modulate", "ops", "reference",
-           "skip_concat_linear"]
+__all__ = ["DiT", "DiTBlock", "DiT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
+           "build_info", "gated_residual_ln_modulate", "ln_modulate", "models", "nn", "ops",
+           "patch_dit", "reference", "skip_concat_linear"]
