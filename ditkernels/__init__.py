@@ -12,9 +12,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     ) from exc
 
 from . import ops, reference  # noqa: E402
-from .ops import gated_residual_ln_modulate, ln_modulate, skip_concat_linear  # noqa: E402
+from .ops import (gated_residual_ln_modulate, ln_modulate, skip_concat_linear, tmsa,  # noqa: E402
+                  tmsa_windowed)
 from . import models, nn  # noqa: E402
-from .models import DiT, DiT_models  # noqa: E402
+from .models import DiT, DiT_models, UViT, UViT_models  # noqa: E402
 from .nn import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder  # noqa: E402
 from .patching import patch_dit  # noqa: E402
 
@@ -44,6 +45,6 @@ def build_info():
     }
 
 
-__all__ = ["DiT", "DiTBlock", "DiT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
+__all__ = ["DiT", "DiTBlock", "DiT_models", "UViT", "UViT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
            "build_info", "gated_residual_ln_modulate", "ln_modulate", "models", "nn", "ops",
-           "patch_dit", "reference", "skip_concat_linear"]
+           "patch_dit", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]

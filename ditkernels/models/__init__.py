@@ -6,3 +6,14 @@ from .dit import (DIT_CONFIGS, DiT, DiT_B_2, DiT_B_4, DiT_B_8, DiT_L_2, DiT_L_4,
 __all__ = ["DIT_CONFIGS", "DiT", "DiT_B_2", "DiT_B_4", "DiT_B_8", "DiT_L_2", "DiT_L_4",
            "DiT_L_8", "DiT_S_2", "DiT_S_4", "DiT_S_8", "DiT_XL_2", "DiT_XL_4", "DiT_XL_8",
            "DiT_models"]
+from .uvit import (UVIT_CONFIGS, UVIT_SIZES, UViT, UViT_H_2, UViT_H_2_uncond,
+                   UViT_H_4_imagenet512, UViT_L_2, UViT_L_2_uncond, UViT_L_4_imagenet64,
+                   UViT_L_4_imagenet512, UViT_M_2, UViT_M_2_uncond, UViT_M_4_imagenet64,
+                   UViT_models, UViT_S_2, UViT_S_2_cifar10, UViT_S_2_uncond,
+                   UViT_S_4_celeba64)
+
+__all__ += ["UVIT_CONFIGS", "UVIT_SIZES", "UViT", "UViT_H_2", "UViT_H_2_uncond",
+            "UViT_H_4_imagenet512", "UViT_L_2", "UViT_L_2_uncond", "UViT_L_4_imagenet64",
+            "UViT_L_4_imagenet512", "UViT_M_2", "UViT_M_2_uncond", "UViT_M_4_imagenet64",
+            "UViT_models", "UViT_S_2", "UViT_S_2_cifar10", "UViT_S_2_uncond",
+            "UViT_S_4_celeba64"]
