@@ -36,4 +36,17 @@ TORCH_LIBRARY(ditkernels, m) {
       "skip_concat_linear_backward(Tensor grad_y, Tensor x, Tensor skip, Tensor weight, "
       "bool has_bias) -> (Tensor grad_x, Tensor grad_skip, Tensor grad_weight, "
       "Tensor grad_bias)");
+
+  // ---- TMSA: time-dependent attention with a relative-position-bias table
+  //      (csrc/include/ditkernels/tmsa.h) ----
+  // qkv: [B, N, 3, H, D]; time_qkv: [B, 3, H, D] or None; rel_table: [(2Gh-1)(2Gw-1), H]
+  // or None; N = num_leading + Gh * Gw when a table is given.
+  // Returns out [B, N, H, D] and the softmax log-sum-exp [B, H, N] (fp32; fp64 for fp64).
+  m.def(
+      "tmsa_fwd(Tensor qkv, Tensor? time_qkv, Tensor? rel_table, int grid_h, int grid_w, "
+      "int num_leading, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "tmsa_bwd(Tensor grad_out, Tensor qkv, Tensor? time_qkv, Tensor? rel_table, Tensor out, "
+      "Tensor lse, int grid_h, int grid_w, int num_leading, float scale) "
+      "-> (Tensor grad_qkv, Tensor grad_time_qkv, Tensor grad_rel_table)");
 }

@@ -152,3 +152,94 @@ def _skip_concat_linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("ditkernels::skip_concat_linear", _skip_concat_linear_backward,
                                 setup_context=_skip_concat_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# TMSA: time-dependent self-attention with a relative-position-bias table
+# ---------------------------------------------------------------------------
+
+
+def _grid(grid_size) -> Tuple[int, int]:
+    if grid_size is None:
+        return 0, 0
+    if isinstance(grid_size, int):
+        return grid_size, grid_size
+    gh, gw = grid_size
+    return int(gh), int(gw)
+
+
+def tmsa(qkv: Tensor, time_qkv: Optional[Tensor] = None, rel_table: Optional[Tensor] = None,
+         grid_size=None, num_leading: int = 0, scale: Optional[float] = None) -> Tensor:
+    """DiffiT's time-dependent multi-head self-attention, fused.
+
+    qkv: [B, N, 3, H, D], the token projection reshaped in place (no transpose);
+    time_qkv: [B, 3, H, D] or None, the per-sample time-token projection added to q, k
+    and v; rel_table: [(2*Gh-1)*(2*Gw-1), H] or None, a Swin-style relative position
+    bias for the Gh x Gw token grid (``grid_size`` = Gh, Gw or an int), which starts
+    after ``num_leading`` tokens that get no bias; scale defaults to D ** -0.5.
+    Returns [B, N, H, D]; ``.reshape(B, N, H * D)`` feeds the output projection.
+    """
+    gh, gw = _grid(grid_size)
+    if rel_table is not None and grid_size is None:
+        raise ValueError("tmsa: rel_table needs grid_size (Gh, Gw)")
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ops.tmsa_fwd(qkv, time_qkv, rel_table, gh, gw, num_leading, scale)[0]
+
+
+def tmsa_windowed(qkv: Tensor, time_qkv: Optional[Tensor], rel_table: Optional[Tensor],
+                  grid_size, window_size, scale: Optional[float] = None) -> Tensor:
+    """TMSA inside non-overlapping local windows (DiffiT's high-resolution stages).
+
+    qkv: [B, Gh*Gw, 3, H, D] in row-major grid order; the grid is cut into
+    window_size (wh, ww) windows that are folded into the batch, and rel_table is the
+    window's [(2*wh-1)*(2*ww-1), H] table. Returns [B, Gh*Gw, H, D] in grid order.
+    """
+    gh, gw = _grid(grid_size)
+    wh, ww = _grid(window_size)
+    B, N, three, H, D = qkv.shape
+    if N != gh * gw or gh % wh or gw % ww:
+        raise ValueError(f"tmsa_windowed: qkv of shape {tuple(qkv.shape)} must hold a {gh} x {gw} "
+                         f"grid divisible into {wh} x {ww} windows")
+    nh, nw = gh // wh, gw // ww
+    windows = (qkv.view(B, nh, wh, nw, ww, three, H, D).permute(0, 1, 3, 2, 4, 5, 6, 7)
+               .reshape(B * nh * nw, wh * ww, three, H, D))
+    t = None if time_qkv is None else time_qkv.repeat_interleave(nh * nw, dim=0)
+    out = tmsa(windows, t, rel_table, (wh, ww), 0, scale)
+    return (out.view(B, nh, nw, wh, ww, H, D).permute(0, 1, 3, 2, 4, 5, 6)
+            .reshape(B, N, H, D))
+
+
+def _lse_dtype(qkv: Tensor) -> torch.dtype:
+    return torch.float64 if qkv.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ditkernels::tmsa_fwd")
+def _tmsa_fwd_fake(qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=_lse_dtype(qkv))
+
+
+@torch.library.register_fake("ditkernels::tmsa_bwd")
+def _tmsa_bwd_fake(grad_out, qkv, time_qkv, rel_table, out, lse, grid_h, grid_w, num_leading,
+                   scale):
+    return (qkv.new_empty(qkv.shape), _grad_like(time_qkv, qkv), _grad_like(rel_table, qkv))
+
+
+def _tmsa_setup_context(ctx, inputs, output):
+    qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, time_qkv, rel_table, out, lse)
+    ctx.config = (grid_h, grid_w, num_leading, scale)
+
+
+def _tmsa_backward(ctx, grad_out, _grad_lse):
+    qkv, time_qkv, rel_table, out, lse = ctx.saved_tensors
+    gqkv, gtime, gtable = _ops.tmsa_bwd(grad_out, qkv, time_qkv, rel_table, out, lse,
+                                        *ctx.config)
+    return (gqkv, _present(gtime, time_qkv), _present(gtable, rel_table), None, None, None,
+            None)
+
+
+torch.library.register_autograd("ditkernels::tmsa_fwd", _tmsa_backward,
+                                setup_context=_tmsa_setup_context)

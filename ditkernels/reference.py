@@ -36,3 +36,41 @@ def gated_residual_ln_modulate(x, h, gate=None, shift=None, scale=None, eps=1e-6
 def skip_concat_linear(x, skip, weight, bias=None):
     """U-ViT's long-skip merge: Linear(2D -> Dout) over cat([x, skip], -1)."""
     return F.linear(torch.cat([x, skip], dim=-1), weight, bias)
+
+
+def relative_position_index(grid_h, grid_w, num_leading=0, device=None):
+    """Swin's relative position index over [num_leading + Gh * Gw] tokens, [N, N] int64.
+
+    Grid token t >= num_leading sits at (y, x) = divmod(t - num_leading, Gw); the pair
+    (i, j) reads table row (y_i - y_j + Gh - 1) * (2 Gw - 1) + (x_i - x_j + Gw - 1).
+    Pairs that involve a leading token get -1 (no bias).
+    """
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device),
+                            torch.arange(grid_w, device=device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    idx = ((ys[:, None] - ys[None, :] + grid_h - 1) * (2 * grid_w - 1)
+           + xs[:, None] - xs[None, :] + grid_w - 1)
+    n = num_leading + grid_h * grid_w
+    full = torch.full((n, n), -1, dtype=torch.long, device=device)
+    full[num_leading:, num_leading:] = idx
+    return full
+
+
+def tmsa(qkv, time_qkv=None, rel_table=None, grid_size=None, num_leading=0, scale=None):
+    """DiffiT's TMSA with a materialized [H, N, N] bias and an eager softmax.
+
+    qkv: [B, N, 3, H, D]; time_qkv: [B, 3, H, D] or None; rel_table:
+    [(2Gh-1)(2Gw-1), H] or None. Returns [B, N, H, D].
+    """
+    B, N, _, H, D = qkv.shape
+    scale = D ** -0.5 if scale is None else scale
+    if time_qkv is not None:
+        qkv = qkv + time_qkv[:, None]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
+    s = scale * q @ k.transpose(-2, -1)
+    if rel_table is not None:
+        gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+        idx = relative_position_index(gh, gw, num_leading, qkv.device)
+        table = torch.cat([rel_table, rel_table.new_zeros(1, H)])  # row -1: no bias
+        s = s + table[idx].permute(2, 0, 1)
+    return (s.softmax(-1) @ v).transpose(1, 2)
