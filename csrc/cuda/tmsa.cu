@@ -1,0 +1,409 @@
+// CUDA TMSA forward: one flash-attention-style kernel (fp16/bf16, mma.sync).
+//
+// A CTA owns 64 queries of one (sample, head); four warps each own 16 rows and
+// stream 64-key tiles of K and V through double-buffered shared memory (cp.async,
+// read in place from the packed [B, N, 3, H, D] projection). The bias is gathered
+// per score from the [H, T] table inside the tile, so no N x N tensor exists.
+// Online softmax in the exp2 domain with fp32 statistics; the log-sum-exp is saved
+// for the backward pass.
+//
+// The time term is folded in exactly rather than added to every K and V tile:
+//   (q + tq) . (k + tk) = (q + tq) . k + c_i,  c_i = (q + tq) . tk   (constant per row,
+//   so it cancels in the softmax and is added back to the saved log-sum-exp), and
+//   sum_j P_ij (v_j + tv) = sum_j P_ij v_j + tv                          (rows of P sum to 1).
+// Only Q gets tq on load; the output gets tv.
+//
+// Head dims 32, 64, 72, 96 and 128 are native: a k = 8 mma covers the tail of 72 in
+// Q K^T, and P V runs over D / 8 output tiles, so nothing is padded to 96 or 128.
+// float32, and the backward pass for now, use the blocked implementation in
+// csrc/include/ditkernels/tmsa.h.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/dispatch.h"
+#include "ditkernels/tmsa.h"
+
+namespace ditkernels {
+namespace {
+
+constexpr int kBr = 64, kBc = 64, kWarps = 4, kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct TmsaFwdParams {
+  const void* qkv;       // [B, N, 3, H, D], unit stride along D
+  const void* time_qkv;  // [B, 3, H, D] contiguous, or null
+  const float* table;    // [H, T] fp32, or null
+  void* out;             // [B, N, H, D] contiguous
+  float* lse;            // [B, H, N]
+  int64_t s_b, s_n, s_3, s_h;  // qkv strides in elements
+  int B, N, H;
+  int grid_h, grid_w, num_leading, table_size;
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e)
+};
+
+// Shared-memory row stride (elements): an odd number of 16-byte chunks per row
+// keeps the eight rows an ldmatrix phase reads on eight different bank groups.
+template <int kD>
+constexpr int smem_stride() {
+  return (kD / 8) % 2 == 1 ? kD : kD + 8;
+}
+
+template <int kD>
+constexpr int smem_bytes() {
+  return (kBr + 4 * kBc) * smem_stride<kD>() * 2 + kBr * 4;
+}
+
+template <typename T, int kD>
+__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, T* sk, T* sv, int b, int h,
+                                             int j0) {
+  constexpr int kS = smem_stride<kD>();
+  constexpr int kChunks = kD / 8;
+  const T* base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  for (int idx = threadIdx.x; idx < kBc * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const int j = j0 + row;
+    const bool valid = j < p.N;
+    const T* src = base + (valid ? j : 0) * p.s_n + chunk * 8;
+    mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+  }
+}
+
+__device__ __forceinline__ void grid_pos(const TmsaFwdParams& p, int t, int& y, int& x) {
+  const int g = t - p.num_leading;
+  y = g / p.grid_w;
+  x = g - y * p.grid_w;
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams p) {
+  constexpr int kS = smem_stride<kD>();
+  constexpr int kK16 = kD / 16;           // full k16 steps of Q K^T
+  constexpr bool kTail8 = kD % 16 == 8;   // one k8 step more (D = 72)
+  constexpr int kDTiles = kD / 8;         // n8 output tiles of P V
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  // Stage s of K at sq + (kBr + s * kBc) * kS, of V at sq + (kBr + (2 + s) * kBc) * kS.
+  auto k_stage = [&](int st) { return sq + (kBr + st * kBc) * kS; };
+  auto v_stage = [&](int st) { return sq + (kBr + (2 + st) * kBc) * kS; };
+  float* row_shift = reinterpret_cast<float*>(sq + (kBr + 4 * kBc) * kS);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int q0 = blockIdx.x * kBr;
+  const T* time = static_cast<const T*>(p.time_qkv);
+  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;  // [b, 0, h, :]
+  const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
+
+  load_kv_tile<T, kD>(p, k_stage(0), v_stage(0), b, h, 0);
+  mma::cp_async_commit();
+
+  // Q tile with the time term, rounded to T as the unfused q + tq would be.
+  {
+    const T* base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+    for (int idx = tid; idx < kBr * kD; idx += kThreads) {
+      const int row = idx / kD, d = idx % kD, i = q0 + row;
+      float v = i < p.N ? static_cast<float>(base[i * p.s_n + d]) : 0.f;
+      if (time != nullptr) v += static_cast<float>(time[time_base + d]);
+      sq[row * kS + d] = static_cast<T>(v);
+    }
+  }
+  __syncthreads();
+  // scale * c_i = scale * (q_i + tq) . tk, added back to the log-sum-exp (see the
+  // file comment).
+  if (tid < kBr) {
+    float c = 0.f;
+    if (time != nullptr) {
+      for (int d = 0; d < kD; ++d) {
+        c += static_cast<float>(sq[tid * kS + d]) *
+             static_cast<float>(time[time_base + time_slot + d]);
+      }
+    }
+    row_shift[tid] = c * p.scale;
+  }
+
+  uint32_t qf[kK16][4];
+  uint32_t qf8[2];
+#pragma unroll
+  for (int ks = 0; ks < kK16; ++ks) {
+    mma::ldmatrix_x4(qf[ks], sq + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
+  }
+  if constexpr (kTail8) {
+    mma::ldmatrix_x2(qf8, sq + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
+  }
+
+  // This thread's two query rows and their grid positions. Leading tokens and the
+  // padding rows past N take no bias (and padding rows must not index the table).
+  const int qi[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
+  int qy[2], qx[2];
+  bool q_biased[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    q_biased[r] = qi[r] >= p.num_leading && qi[r] < p.N;
+    grid_pos(p, qi[r], qy[r], qx[r]);
+  }
+  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
+                                          : nullptr;
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int t = 0; t < kDTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  const int n_tiles = (p.N + kBc - 1) / kBc;
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int stage = jt & 1;
+    if (jt + 1 < n_tiles) {
+      load_kv_tile<T, kD>(p, k_stage(stage ^ 1), v_stage(stage ^ 1), b, h, (jt + 1) * kBc);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();
+    __syncthreads();
+
+    // S = Q K^T for 16 rows x 64 keys per warp.
+    float s[kBc / 8][4];
+#pragma unroll
+    for (int t = 0; t < kBc / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
+    const T* kt = k_stage(stage);
+#pragma unroll
+    for (int pair = 0; pair < kBc / 16; ++pair) {
+      const int key = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+      for (int ks = 0; ks < kK16; ++ks) {
+        uint32_t r[4];
+        mma::ldmatrix_x4(r, kt + key * kS + ks * 16 + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(s[2 * pair], qf[ks], b0);
+        mma::mma_16816<T>(s[2 * pair + 1], qf[ks], b1);
+      }
+      if constexpr (kTail8) {
+        uint32_t r[2];
+        mma::ldmatrix_x2(r, kt + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+        mma::mma_1688<T>(s[2 * pair], qf8, r[0]);
+        mma::mma_1688<T>(s[2 * pair + 1], qf8, r[1]);
+      }
+    }
+
+    // Scale, bias, mask, then the online softmax update (log2 domain).
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < kBc / 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int j = jt * kBc + t * 8 + (lane & 3) * 2 + (e & 1);
+        float v = s[t][e] * p.scale_log2;
+        if (j >= p.N) {
+          v = -INFINITY;
+        } else if (table != nullptr && q_biased[r] && j >= p.num_leading) {
+          int ky, kx;
+          grid_pos(p, j, ky, kx);
+          const int idx = (qy[r] - ky + p.grid_h - 1) * (2 * p.grid_w - 1) + (qx[r] - kx + p.grid_w - 1);
+          v += __ldg(table + idx) * kLog2e;
+        }
+        s[t][e] = v;
+        row_max[r] = fmaxf(row_max[r], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+      const float m_new = fmaxf(m[r], row_max[r]);
+      corr[r] = exp2f(m[r] - m_new);  // m = -inf on the first tile gives 0
+      m[r] = m_new;
+    }
+    float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int t = 0; t < kBc / 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        s[t][e] = exp2f(s[t][e] - m[r]);
+        row_sum[r] += s[t][e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * corr[r] + row_sum[r];
+#pragma unroll
+    for (int t = 0; t < kDTiles; ++t) {
+      o[t][0] *= corr[0];
+      o[t][1] *= corr[0];
+      o[t][2] *= corr[1];
+      o[t][3] *= corr[1];
+    }
+
+    // O += P V: two adjacent S tiles form one k16 A fragment of P.
+    const T* vt = v_stage(stage);
+#pragma unroll
+    for (int kb = 0; kb < kBc / 16; ++kb) {
+      const uint32_t pa[4] = {mma::pack2<T>(s[2 * kb][0], s[2 * kb][1]),
+                              mma::pack2<T>(s[2 * kb][2], s[2 * kb][3]),
+                              mma::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
+                              mma::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
+      const int key = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t r[4];
+        mma::ldmatrix_x4_trans(r, vt + key * kS + dp * 16 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(o[2 * dp], pa, b0);
+        mma::mma_16816<T>(o[2 * dp + 1], pa, b1);
+      }
+      if constexpr (kDTiles % 2 == 1) {
+        uint32_t r[2];
+        mma::ldmatrix_x2_trans(r, vt + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
+        mma::mma_16816<T>(o[kDTiles - 1], pa, r);
+      }
+    }
+    // Every warp is done with this stage before the next iteration refills it.
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();
+
+  // Full row sums, then out = O / l + tv and lse = ln(sum exp S) + c_i.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = qi[r];
+    if (i >= p.N) continue;
+    const float inv = 1.f / l[r];
+    T* orow = out + ((static_cast<int64_t>(b) * p.N + i) * p.H + h) * kD;
+#pragma unroll
+    for (int t = 0; t < kDTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = t * 8 + (lane & 3) * 2 + e;
+        float v = o[t][r * 2 + e] * inv;
+        if (time != nullptr) v += static_cast<float>(time[time_base + 2 * time_slot + d]);
+        orow[d] = static_cast<T>(v);
+      }
+    }
+    if ((lane & 3) == 0) {
+      const float lse = (m[r] + log2f(l[r])) / kLog2e + row_shift[warp * 16 + (lane >> 2) + r * 8];
+      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.N + i] = lse;
+    }
+  }
+}
+
+bool cuda_supports(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
+                      const std::optional<at::Tensor>& time_qkv,
+                      const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
+                      int64_t num_leading, double scale) {
+  auto a = tmsa::check(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale,
+                       cuda_supports, "float32, float16 and bfloat16", "CUDA");
+  TORCH_CHECK(a.D == 32 || a.D == 64 || a.D == 72 || a.D == 96 || a.D == 128, op, ": head dim ",
+              a.D, " is not supported on CUDA (supported: 32, 64, 72, 96, 128); qkv has shape ",
+              shape_str(qkv));
+  return a;
+}
+
+template <typename T, int kD>
+void launch_forward(const TmsaFwdParams& p, cudaStream_t stream) {
+  auto kernel = tmsa_fwd_kernel<T, kD>;
+  constexpr int bytes = smem_bytes<kD>();
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+  const dim3 grid((p.N + kBr - 1) / kBr, p.B * p.H);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
+                                                const std::optional<at::Tensor>& time_qkv,
+                                                const std::optional<at::Tensor>& rel_table,
+                                                int64_t grid_h, int64_t grid_w,
+                                                int64_t num_leading, double scale) {
+  const char* op = "tmsa_fwd";
+  auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
+
+  TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), op, ": B * H = ", a.B * a.H,
+              " or N = ", a.N, " exceeds the CUDA grid limits");
+  // cp.async moves 16-byte chunks of K and V: the projection must be 16-byte aligned.
+  at::Tensor packed = a.qkv;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+                       packed.stride(0) % 8 == 0 && packed.stride(1) % 8 == 0 &&
+                       packed.stride(2) % 8 == 0 && packed.stride(3) % 8 == 0;
+  if (!aligned) packed = packed.clone(at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
+  at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
+  if (a.B * a.N == 0) return {out, lse};
+  at::Tensor table;
+  if (a.rel_table) table = a.rel_table->t().to(at::kFloat).contiguous();  // [H, T]
+
+  TmsaFwdParams p;
+  p.qkv = packed.data_ptr();
+  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
+  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.s_b = packed.stride(0);
+  p.s_n = packed.stride(1);
+  p.s_3 = packed.stride(2);
+  p.s_h = packed.stride(3);
+  p.B = static_cast<int>(a.B);
+  p.N = static_cast<int>(a.N);
+  p.H = static_cast<int>(a.H);
+  p.grid_h = static_cast<int>(a.grid_h);
+  p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
+  p.num_leading = static_cast<int>(a.num_leading);
+  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
+  p.scale = static_cast<float>(a.scale);
+  p.scale_log2 = p.scale * kLog2e;
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  DK_DISPATCH_CUDA_FLOATS(qkv.scalar_type(), op, [&] {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      switch (a.D) {
+        case 32: launch_forward<scalar_t, 32>(p, stream); break;
+        case 64: launch_forward<scalar_t, 64>(p, stream); break;
+        case 72: launch_forward<scalar_t, 72>(p, stream); break;
+        case 96: launch_forward<scalar_t, 96>(p, stream); break;
+        default: launch_forward<scalar_t, 128>(p, stream); break;
+      }
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
+    const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
+    int64_t grid_h, int64_t grid_w, int64_t num_leading, double scale) {
+  auto a = check_cuda("tmsa_bwd", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
+  tmsa::check_backward_tensors("tmsa_bwd", a, grad_out, out, lse);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  return tmsa::backward_blocked(a, grad_out, out, lse);
+}
+
+}  // namespace
+}  // namespace ditkernels
+
+TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+  m.impl("tmsa_fwd", &ditkernels::forward_cuda);
+  m.impl("tmsa_bwd", &ditkernels::backward_cuda);
+}
