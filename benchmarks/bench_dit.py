@@ -146,3 +146,6 @@ def run(ctx: BenchContext) -> List[Dict]:
     for what, name, batch in _cases(ctx):
         rows += _bench_case(ctx, what, name, batch)
     return rows
+
+
+COLUMNS = ["op", "shape", "pass", "impl", "median_ms", "images_per_s", "speedup_vs_eager", "note"]

@@ -49,4 +49,18 @@ TORCH_LIBRARY(ditkernels, m) {
       "tmsa_bwd(Tensor grad_out, Tensor qkv, Tensor? time_qkv, Tensor? rel_table, Tensor out, "
       "Tensor lse, int grid_h, int grid_w, int num_leading, float scale) "
       "-> (Tensor grad_qkv, Tensor grad_time_qkv, Tensor grad_rel_table)");
+
+  // ---- timestep-calibrated int8 (csrc/include/ditkernels/int8.h) ----
+  // Activations quantized per sample with act_scales[t[b]]; weights per output channel.
+  m.def(
+      "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor act_scales, Tensor t, "
+      "Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_gemm_dequant(Tensor x_q, Tensor w_q, Tensor w_scale, Tensor act_scales, Tensor t, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("quantize_per_sample(Tensor x, Tensor act_scales, Tensor t) -> Tensor");
+  // ln_modulate whose output is quantized with act_scales[t[b]] (int8 out).
+  m.def(
+      "ln_modulate_int8(Tensor x, Tensor? shift, Tensor? scale, float eps, Tensor? weight, "
+      "Tensor? bias, Tensor act_scales, Tensor t) -> Tensor");
 }

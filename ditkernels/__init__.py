@@ -12,10 +12,12 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     ) from exc
 
 from . import ops, reference  # noqa: E402
-from .ops import (gated_residual_ln_modulate, ln_modulate, skip_concat_linear, tmsa,  # noqa: E402
+from .ops import (gated_residual_ln_modulate, int8_gemm_dequant, int8_linear,  # noqa: E402
+                  ln_modulate, ln_modulate_int8, quantize_per_sample, skip_concat_linear, tmsa,
                   tmsa_windowed)
 from . import models, nn  # noqa: E402
-from .models import DiT, DiT_models, UViT, UViT_models  # noqa: E402
+from .models import (DiffiT, DiffiT_models, DiffiTBlock, DiffiTUNet, DiT,  # noqa: E402
+                     DiT_models, TMSA, UViT, UViT_models)
 from .nn import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder  # noqa: E402
 from .patching import patch_dit  # noqa: E402
 
@@ -45,6 +47,8 @@ def build_info():
     }
 
 
-__all__ = ["DiT", "DiTBlock", "DiT_models", "UViT", "UViT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
-           "build_info", "gated_residual_ln_modulate", "ln_modulate", "models", "nn", "ops",
+__all__ = ["DiT", "DiTBlock", "DiT_models", "DiffiT", "DiffiTBlock", "DiffiTUNet", "DiffiT_models",
+           "TMSA", "UViT", "UViT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
+           "build_info", "gated_residual_ln_modulate", "int8_gemm_dequant", "int8_linear",
+           "ln_modulate", "ln_modulate_int8", "quantize_per_sample", "models", "nn", "ops",
            "patch_dit", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]

@@ -243,3 +243,81 @@ def _tmsa_backward(ctx, grad_out, _grad_lse):
 
 torch.library.register_autograd("ditkernels::tmsa_fwd", _tmsa_backward,
                                 setup_context=_tmsa_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# timestep-calibrated int8
+# ---------------------------------------------------------------------------
+
+
+def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: Tensor,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8 linear with per-timestep activation scales, quantization fused in.
+
+    x: [M, K] or [B, L, K] float; w_q: [N, K] int8 with per-output-channel scales
+    w_scale [N] fp32; act_scales: [T] fp32 indexed by t (int64, one timestep per sample
+    of x, or a single one). Row r of sample b is quantized with s = act_scales[t[b]]
+    (round half to even, clamp to +-127); the int8 product accumulates exactly in int32
+    and y = acc * s * w_scale + bias, in x's dtype. The gradient w.r.t. x passes
+    straight through the activation quantizer (dx = dy @ dequantized W).
+    """
+    return _ops.int8_linear(x, w_q, w_scale, act_scales, t, bias)
+
+
+def int8_gemm_dequant(x_q: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: Tensor,
+                      bias: Optional[Tensor] = None,
+                      out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """int8_linear for activations already quantized (x_q int8 with act_scales[t])."""
+    return _ops.int8_gemm_dequant(x_q, w_q, w_scale, act_scales, t, bias, out_dtype)
+
+
+def quantize_per_sample(x: Tensor, act_scales: Tensor, t: Tensor) -> Tensor:
+    """int8 clamp(round(x / act_scales[t[b]]), -127, 127), per sample b of x."""
+    return _ops.quantize_per_sample(x, act_scales, t)
+
+
+def ln_modulate_int8(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
+                     act_scales: Tensor, t: Tensor, eps: float = 1e-6,
+                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """ln_modulate whose output is quantized to int8 with act_scales[t[b]], so the
+    quantization of a qkv or fc1 input rides on the norm that produces it."""
+    return _ops.ln_modulate_int8(x, shift, scale, eps, weight, bias, act_scales, t)
+
+
+@torch.library.register_fake("ditkernels::int8_linear")
+def _int8_linear_fake(x, w_q, w_scale, act_scales, t, bias=None):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("ditkernels::int8_gemm_dequant")
+def _int8_gemm_dequant_fake(x_q, w_q, w_scale, act_scales, t, bias, out_dtype):
+    return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("ditkernels::quantize_per_sample")
+def _quantize_per_sample_fake(x, act_scales, t):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("ditkernels::ln_modulate_int8")
+def _ln_modulate_int8_fake(x, shift, scale, eps, weight, bias, act_scales, t):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, w_q, w_scale, act_scales, t, bias = inputs
+    ctx.save_for_backward(w_q, w_scale)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _int8_linear_backward(ctx, grad_y):
+    w_q, w_scale = ctx.saved_tensors
+    w = w_q.to(torch.float32) * w_scale[:, None]
+    grad_x = (grad_y.to(torch.float32) @ w).to(ctx.x_dtype)
+    grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("ditkernels::int8_linear", _int8_linear_backward,
+                                setup_context=_int8_linear_setup_context)

@@ -74,3 +74,39 @@ def tmsa(qkv, time_qkv=None, rel_table=None, grid_size=None, num_leading=0, scal
         table = torch.cat([rel_table, rel_table.new_zeros(1, H)])  # row -1: no bias
         s = s + table[idx].permute(2, 0, 1)
     return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def _per_sample_scale(x, act_scales, t):
+    """act_scales[t[b]] broadcast over the rows of x ([M, K] or [B, L, K])."""
+    s = act_scales[t]
+    if t.numel() == 1:
+        return s.reshape([1] * x.dim())
+    return s.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def quantize_per_sample(x, act_scales, t):
+    """int8 clamp(round_half_even(x / act_scales[t[b]]), -127, 127)."""
+    s = _per_sample_scale(x, act_scales, t)
+    return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8)
+
+
+def int8_gemm_dequant(x_q, w_q, w_scale, act_scales, t, bias=None, out_dtype=torch.bfloat16):
+    """Exact integer product (computed in fp64, exact below 2**53), then
+    y = (float32(acc) * s) * w_scale + bias, in out_dtype."""
+    acc = (x_q.double() @ w_q.double().t()).to(torch.int32)
+    y = acc.float() * _per_sample_scale(x_q, act_scales, t)
+    y = y * w_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def int8_linear(x, w_q, w_scale, act_scales, t, bias=None):
+    """Quantize x per sample, then int8_gemm_dequant in x's dtype."""
+    return int8_gemm_dequant(quantize_per_sample(x, act_scales, t), w_q, w_scale, act_scales, t,
+                             bias, x.dtype)
+
+
+def ln_modulate_int8(x, shift, scale, act_scales, t, eps=1e-6, weight=None, bias=None):
+    """ln_modulate in x's dtype, then quantize_per_sample."""
+    return quantize_per_sample(ln_modulate(x, shift, scale, eps, weight, bias), act_scales, t)

@@ -155,3 +155,19 @@ def test_cuda_specific_errors():
         ditkernels.skip_concat_linear(x, x, w)
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
         ditkernels.skip_concat_linear(x, x, w.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_does_not_change_the_computation(device):
+    args = make_inputs((3, 5), 16, 24, torch.float32, device)
+    for v in args.values():
+        v.requires_grad_()
+    plain = ditkernels.skip_concat_linear(**args)
+    g_plain = torch.autograd.grad(plain.sum(), list(args.values()))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under = ditkernels.skip_concat_linear(**args)
+        g_under = torch.autograd.grad(under.sum(), list(args.values()))
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, atol=0, rtol=0)
+    for a, b in zip(g_under, g_plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -220,3 +220,15 @@ def test_cuda_specific_errors():
         ditkernels.tmsa(qkv)
     with pytest.raises(RuntimeError, match="time_qkv is on cpu but qkv is on cuda"):
         ditkernels.tmsa(qkv, torch.randn(1, 3, 2, 48, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_does_not_change_the_computation(device):
+    """The op computes in its inputs' dtype even inside torch.autocast (its CPU and
+    fp32 paths are written with ATen matmuls that autocast would otherwise recast)."""
+    args = make_inputs(2, 2, 32, (4, 4), 1, torch.float32, device)
+    plain = ditkernels.tmsa(**args)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under = ditkernels.tmsa(**args)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, atol=0, rtol=0)

@@ -192,6 +192,8 @@ bool cpu_supports(at::ScalarType t) {
 }
 
 void cpu_forward(const AdaLNParams& p, at::ScalarType dtype) {
+  // The CPU ln_modulate_int8 quantizes ln_modulate's output (csrc/cpu/int8.cpp).
+  TORCH_CHECK(p.y_q == nullptr, "the CPU adaLN kernel has no int8 output");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adaln_forward_cpu",
                                   [&] { forward_kernel<scalar_t>(p); });
 }

@@ -22,6 +22,7 @@ skip_concat_linear::Checked check_cpu(const char* op, const at::Tensor& x,
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
+  const NoAutocast no_autocast;
   auto c = check_cpu("skip_concat_linear", x, skip, weight, bias);
   const at::Tensor w_x = c.weight.narrow(1, 0, c.D), w_skip = c.weight.narrow(1, c.D, c.D);
   at::Tensor y = c.bias ? at::addmm(*c.bias, c.x2d, w_x.t()) : at::mm(c.x2d, w_x.t());

@@ -21,6 +21,7 @@
 
 #include "ditkernels/adaln.h"
 #include "ditkernels/dispatch.h"
+#include "ditkernels/int8.h"
 
 namespace ditkernels {
 namespace {
@@ -190,7 +191,18 @@ __global__ void __launch_bounds__(1024) adaln_forward_kernel(const AdaLNParams p
         const float n = (v[i][j] - mean) * rstd * w[j] + bi[j];
         y[j] = n * (1.f + sc[j]) + sh[j];
       }
-      store_vec<T, VEC>(p.y, base + c, y);
+      if (p.y_q != nullptr) {
+        // As quantize_per_sample(ln_modulate(x)): round to T, then x / s half-to-even.
+        const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float yv = static_cast<float>(static_cast<T>(y[j]));
+          p.y_q[base + c + j] =
+              static_cast<int8_t>(max(-127, min(127, __float2int_rn(__fdiv_rn(yv, s)))));
+        }
+      } else {
+        store_vec<T, VEC>(p.y, base + c, y);
+      }
     }
   }
 }
@@ -451,7 +463,25 @@ int64_t cuda_num_slots(const AdaLNParams& p, at::ScalarType) {
 const AdaLNBackend kCudaBackend{"CUDA", "float32, float16 and bfloat16", cuda_supports,
                                 cuda_forward, cuda_backward, cuda_num_slots};
 
+// ln_modulate_int8 (int8 family, schema in csrc/ops.cpp): the forward kernel above
+// with its store replaced by per-sample quantization.
+at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                 const std::optional<at::Tensor>& scale, double eps,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& act_scales, const at::Tensor& t) {
+  const char* op = "ln_modulate_int8";
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
+  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t);
+  const at::Tensor scales = act_scales.contiguous();
+  return adaln_forward_int8(kCudaBackend, op, x, shift, scale, weight, bias, eps, scales, r.t,
+                            r.rows_per_sample);
+}
+
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) { DK_REGISTER_ADALN_OPS(m, ::ditkernels::kCudaBackend); }
+TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+  DK_REGISTER_ADALN_OPS(m, ::ditkernels::kCudaBackend);
+  m.impl("ln_modulate_int8", &ditkernels::ln_modulate_int8_cuda);
+}

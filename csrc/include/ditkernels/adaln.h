@@ -36,6 +36,12 @@ struct AdaLNParams {
   // Forward outputs.
   void* x_out = nullptr;  // residual op only
   void* y = nullptr;
+  // int8 output instead of y (ln_modulate_int8): y rounded to the input dtype, then
+  // quantized with act_scales[t[row / rows_per_sample]].
+  int8_t* y_q = nullptr;
+  const float* act_scales = nullptr;
+  const int64_t* t = nullptr;
+  int64_t rows_per_sample = 1;
 
   // Backward.
   const void* grad_y = nullptr;
@@ -179,6 +185,27 @@ inline std::tuple<at::Tensor, at::Tensor> adaln_forward(
   return {x_out, y};
 }
 
+// ln_modulate with its output quantized to int8 per sample (kernels that support
+// it check p.y_q).
+inline at::Tensor adaln_forward_int8(const AdaLNBackend& be, const char* op, const at::Tensor& x,
+                                     const OptTensor& shift, const OptTensor& scale,
+                                     const OptTensor& weight, const OptTensor& bias, double eps,
+                                     const at::Tensor& act_scales, const at::Tensor& t,
+                                     int64_t rows_per_sample) {
+  detail::Checked c = detail::check_inputs(be, op, x, std::nullopt, std::nullopt, shift, scale,
+                                           weight, bias, eps);
+  const detail::DeviceScope scope(x);
+  AdaLNParams p;
+  detail::fill_inputs(p, c, eps);
+  at::Tensor q = at::empty(c.x.sizes(), c.x.options().dtype(at::kChar));
+  p.y_q = q.data_ptr<int8_t>();
+  p.act_scales = act_scales.data_ptr<float>();
+  p.t = t.data_ptr<int64_t>();
+  p.rows_per_sample = rows_per_sample;
+  if (p.B * p.N > 0) be.forward(p, c.x.scalar_type());
+  return q;
+}
+
 // Gradients of every tensor input: (grad_x, grad_h, grad_gate, grad_shift, grad_scale,
 // grad_weight, grad_bias). Those of absent inputs are empty tensors of shape [0].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -187,6 +214,7 @@ adaln_backward(const AdaLNBackend& be, const char* op, const OptTensor& grad_x_o
                const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& h,
                const OptTensor& gate, const OptTensor& shift, const OptTensor& scale,
                const OptTensor& weight, const OptTensor& bias, double eps) {
+  const NoAutocast no_autocast;
   detail::Checked c = detail::check_inputs(be, op, x, h, gate, shift, scale, weight, bias, eps);
   const detail::DeviceScope scope(x);
   detail::check_like_x(op, grad_y, "grad_y", x);

@@ -3,6 +3,8 @@
 // prints the offending shape, dtype or device.
 
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -31,6 +33,12 @@ inline at::Tensor rows_unit_stride(const at::Tensor& t) {
   if (t.dim() == 2 && t.stride(1) == 1) return t;
   return t.contiguous();
 }
+
+// Kernels written with ATen ops (matmuls, sums) run in the dtype they were given:
+// without this guard an enclosing torch.autocast would recast their internal ops.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline const void* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;

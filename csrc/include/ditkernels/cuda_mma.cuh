@@ -102,6 +102,16 @@ __device__ __forceinline__ void mma_1688<c10::Half>(float (&d)[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(b));
 }
 
+// D = A(16x32, row, s8) * B(32x8, col, s8) + D with exact int32 accumulation.
+__device__ __forceinline__ void mma_16832_s8(int (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // Two floats packed as one 32-bit register of T (low half = first).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

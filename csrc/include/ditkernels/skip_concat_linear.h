@@ -71,6 +71,7 @@ inline Checked check(const char* op, const at::Tensor& x, const at::Tensor& skip
 // dx = dy W[:, :D], dskip = dy W[:, D:], dW[:, :D] = dy^T x, dW[:, D:] = dy^T skip.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const Checked& c, bool has_bias) {
+  const NoAutocast no_autocast;
   at::Tensor dy = grad_y.reshape({-1, c.Dout});
   TORCH_CHECK(dy.size(0) == c.M, "skip_concat_linear_backward: grad_y must have shape ",
               c10::IntArrayRef(c.out_shape), ", got ", shape_str(grad_y));

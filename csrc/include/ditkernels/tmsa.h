@@ -147,6 +147,7 @@ inline at::Tensor block_scores(const Args& a, const at::Tensor& q, const at::Ten
 
 // (out [B, N, H, D] in the input dtype, lse [B, H, N] in fp32, or fp64 for fp64 input).
 inline std::tuple<at::Tensor, at::Tensor> forward_blocked(const Args& a) {
+  const NoAutocast no_autocast;
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, a.qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, a.qkv.options().dtype(compute_dtype(a.qkv)));
   if (a.B * a.N == 0) return {out, lse};
@@ -171,6 +172,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_blocked(const Args& a) {
 // which is deterministic on CPU and CUDA.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_blocked(
     const Args& a, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse) {
+  const NoAutocast no_autocast;
   const auto cdt = compute_dtype(a.qkv);
   at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, a.qkv.options());
   at::Tensor dq = at::empty({a.B, a.H, a.N, a.D}, a.qkv.options().dtype(cdt));

@@ -1,0 +1,159 @@
+"""TMSA family: ditkernels.tmsa (DiffiT's time-dependent attention with a relative
+position bias) against the ways to compute it with PyTorch, in the same run.
+
+Impls, each from qkv [B, N, 3, H, D] (a qkv projection reshaped in place), the time
+projection [B, 3, H, D] and the bias table [(2G-1)^2, H] of a G x G token grid:
+  ditkernels   ditkernels.tmsa: time add, bias gather and attention in one kernel
+  eager        ditkernels.reference.tmsa: materialized [H, N, N] bias and scores,
+               eager softmax (the index is rebuilt per call, as the reference does)
+  sdpa_mask    time add, then F.scaled_dot_product_attention with the gathered bias as
+               attn_mask (the index is precomputed, like a module buffer)
+  flex         FlexAttention, compiled, with a score_mod that reads the table (CUDA only,
+               and only when torch.compile baselines are on)
+  sdpa_nobias  SDPA on the same q, k, v without time add or bias: the attention alone,
+               the bound a fused TMSA can approach
+Attention FLOPs: 4 * B * H * N^2 * D forward (QK^T and PV), 2.5x that forward+backward.
+speedup_vs_sdpa_mask: sdpa_mask time / time; ratio_vs_sdpa_nobias: time / sdpa_nobias
+time.
+
+CUDA cases: N = 256, 1024, 4096 (16x16, 32x32, 64x64 grids), head dims 64 and 72 (as
+DiffiT-XL/2), B * H chosen so that every case has 2^25 (32M) attention scores, H <= 16.
+"""
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import ditkernels
+from ditkernels import reference
+from benchmarks.bench_adaln import pass_fn
+from benchmarks.common import BenchContext, maybe_compile, median_seconds
+
+SCORES_PER_CASE = 1 << 25
+MAX_HEADS = 16
+BASELINE, BOUND = "sdpa_mask", "sdpa_nobias"
+
+
+def cases(ctx: BenchContext):
+    """(B, H, G, D): batch, heads, grid side (N = G * G tokens), head dim."""
+    if ctx.quick:
+        return [(2, 2, 8, 32)]
+    out = []
+    for grid in (16, 32, 64):
+        heads_total = SCORES_PER_CASE // grid ** 4
+        heads = min(MAX_HEADS, heads_total)
+        for head_dim in (64, 72):
+            out.append((heads_total // heads, heads, grid, head_dim))
+    return out
+
+
+def _split(qkv: torch.Tensor, time_qkv: Optional[torch.Tensor]):
+    if time_qkv is not None:
+        qkv = qkv + time_qkv[:, None]
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # q, k, v: [B, H, N, D]
+
+
+def implementations(ctx: BenchContext, grid: int) -> Dict[str, Callable]:
+    index = reference.relative_position_index(grid, grid, device=ctx.device)
+
+    def fused(qkv, time_qkv, table):
+        return ditkernels.tmsa(qkv, time_qkv, table, grid)
+
+    def eager(qkv, time_qkv, table):
+        return reference.tmsa(qkv, time_qkv, table, grid)
+
+    def sdpa_mask(qkv, time_qkv, table):
+        q, k, v = _split(qkv, time_qkv)
+        bias = table[index].permute(2, 0, 1).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+
+    def sdpa_nobias(qkv):
+        q, k, v = _split(qkv, None)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    impls = {"ditkernels": fused, "eager": eager, BASELINE: sdpa_mask, BOUND: sdpa_nobias}
+    flex = _flex(ctx, grid)
+    if flex is not None:
+        impls["flex"] = flex
+    return impls
+
+
+def _flex(ctx: BenchContext, grid: int) -> Optional[Callable]:
+    if not ctx.is_cuda:
+        return None
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    span = 2 * grid - 1
+
+    def flex(qkv, time_qkv, table):
+        q, k, v = _split(qkv, time_qkv)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dy = q_idx // grid - kv_idx // grid + grid - 1
+            dx = q_idx % grid - kv_idx % grid + grid - 1
+            return score + table[dy * span + dx, h]
+
+        return flex_attention(q, k, v, score_mod=score_mod).transpose(1, 2)
+
+    return maybe_compile(flex, ctx)
+
+
+def _measure(make_step: Callable[[], Callable[[], object]], ctx: BenchContext,
+             may_fail: bool):
+    """(seconds, None) or (None, why it could not run). Only out-of-memory, and any
+    error where may_fail (a baseline this torch may not support, such as FlexAttention
+    at head dim 72), is reported instead of raised."""
+    try:
+        return median_seconds(make_step(), ctx.min_run_time), None
+    except torch.OutOfMemoryError:
+        return None, "out of memory"
+    except Exception as exc:
+        if not may_fail:
+            raise
+        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+    finally:
+        if ctx.is_cuda:
+            torch.cuda.empty_cache()
+
+
+def run(ctx: BenchContext) -> List[Dict]:
+    rows = []
+    for B, H, grid, D in cases(ctx):
+        N = grid * grid
+
+        def t(*shape):
+            return torch.randn(*shape, device=ctx.device, dtype=ctx.dtype)
+
+        qkv, time_qkv, table = t(B, N, 3, H, D), t(B, 3, H, D), t((2 * grid - 1) ** 2, H)
+        impls = implementations(ctx, grid)
+        for pass_name in ("fwd", "fwd+bwd"):
+            flops = 4 * B * H * N * N * D * (2.5 if pass_name == "fwd+bwd" else 1.0)
+            results = {}
+            for impl, fn in impls.items():
+                if impl == "flex":
+                    # Static shapes per case: compile's best case, not a dynamic kernel.
+                    torch._dynamo.reset()
+                inputs = (qkv,) if impl == BOUND else (qkv, time_qkv, table)
+                results[impl] = _measure(lambda: pass_fn(fn, inputs, pass_name), ctx,
+                                         may_fail=impl == "flex")
+            baseline, bound = results[BASELINE][0], results[BOUND][0]
+            for impl, (sec, note) in results.items():
+                row = {"family": "tmsa", "op": "tmsa", "shape": f"B{B} H{H} N{N} D{D}",
+                       "pass": pass_name, "impl": impl, "median_ms": None, "TFLOP/s": None,
+                       "speedup_vs_sdpa_mask": None, "ratio_vs_sdpa_nobias": None,
+                       "note": note}
+                if sec is not None:
+                    row.update(median_ms=sec * 1e3, **{"TFLOP/s": flops / sec / 1e12})
+                    if baseline:
+                        row["speedup_vs_sdpa_mask"] = baseline / sec
+                    if bound:
+                        row["ratio_vs_sdpa_nobias"] = sec / bound
+                rows.append(row)
+    return rows
+
+
+COLUMNS = ["op", "shape", "pass", "impl", "median_ms", "TFLOP/s", "speedup_vs_sdpa_mask",
+           "ratio_vs_sdpa_nobias", "note"]

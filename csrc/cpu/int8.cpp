@@ -1,0 +1,145 @@
+// CPU timestep-calibrated int8 ops: exact int32 accumulation of int8 products,
+// bit-identical to an integer reference; quantization rounds half to even, as
+// torch.round does.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "ditkernels/int8.h"
+
+namespace ditkernels {
+namespace {
+
+inline int8_t quantize_value(float v, float s) {
+  const float q = std::nearbyint(v / s);  // default rounding mode: half to even
+  return static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+}
+
+inline float row_scale(const int8::Rows& r, const float* act_scales, const int64_t* t,
+                       int64_t row) {
+  return act_scales[t[row / r.rows_per_sample]];
+}
+
+at::Tensor quantize_rows(const int8::Rows& r, const at::Tensor& act_scales) {
+  at::Tensor q = at::empty({r.M, r.K}, r.x2d.options().dtype(at::kChar));
+  const float* scales = act_scales.data_ptr<float>();
+  const int64_t* t = r.t.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x2d.scalar_type(), "quantize", [&] {
+    at::parallel_for(0, r.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(r.K, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const float s = row_scale(r, scales, t, row);
+        const scalar_t* src = r.x2d.data_ptr<scalar_t>() + row * r.x2d.stride(0);
+        int8_t* dst = q.data_ptr<int8_t>() + row * r.K;
+        for (int64_t k = 0; k < r.K; ++k) dst[k] = quantize_value(static_cast<float>(src[k]), s);
+      }
+    });
+  });
+  return q;
+}
+
+// y = (float(q w^T) * s_row) * w_scale + bias, in out_dtype.
+at::Tensor gemm_dequant(const int8::Rows& r, const at::Tensor& q, const at::Tensor& w_q,
+                        const at::Tensor& w_scale, const at::Tensor& act_scales,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t N = w_q.size(0), K = r.K;
+  const at::Tensor w = w_q.contiguous();
+  const at::Tensor ws = w_scale.contiguous();
+  at::Tensor y = at::empty({r.M, N}, q.options().dtype(out_dtype));
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const float* scales = act_scales.data_ptr<float>();
+  const int64_t* t = r.t.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "int8_gemm_dequant", [&] {
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, r.M, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int8_t* a = q.data_ptr<int8_t>() + row * q.stride(0);
+        const float s = row_scale(r, scales, t, row);
+        scalar_t* out = y.data_ptr<scalar_t>() + row * N;
+        for (int64_t n = 0; n < N; ++n) {
+          const int8_t* wr = w.data_ptr<int8_t>() + n * K;
+          int32_t acc = 0;
+          for (int64_t k = 0; k < K; ++k) acc += int32_t{a[k]} * int32_t{wr[k]};
+          float v = static_cast<float>(acc) * s;
+          v = v * ws.data_ptr<float>()[n];
+          if (bp) v = v + static_cast<float>(bp[n]);
+          out[n] = static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+void check_float(const char* op, const at::Tensor& x) {
+  const auto d = x.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16, op,
+              ": x has dtype ", d, "; the CPU kernels support float32, float64, float16 and "
+              "bfloat16");
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                           const at::Tensor& act_scales, const at::Tensor& t,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "int8_linear";
+  check_float(op, x);
+  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  int8::check_weights(op, r, x, w_q, w_scale, bias, x.scalar_type());
+  at::Tensor q = quantize_rows(r, act_scales);
+  return gemm_dequant(r, q, w_q, w_scale, act_scales, bias, x.scalar_type())
+      .view(int8::out_shape(r, w_q.size(0)));
+}
+
+at::Tensor int8_gemm_dequant_cpu(const at::Tensor& x_q, const at::Tensor& w_q,
+                                 const at::Tensor& w_scale, const at::Tensor& act_scales,
+                                 const at::Tensor& t, const std::optional<at::Tensor>& bias,
+                                 at::ScalarType out_dtype) {
+  const char* op = "int8_gemm_dequant";
+  TORCH_CHECK(x_q.scalar_type() == at::kChar, op, ": x_q must be int8, got ", x_q.scalar_type());
+  auto r = int8::check_rows(op, x_q, "x_q", act_scales, t);
+  int8::check_weights(op, r, x_q, w_q, w_scale, bias, out_dtype);
+  return gemm_dequant(r, r.x2d, w_q, w_scale, act_scales, bias, out_dtype)
+      .view(int8::out_shape(r, w_q.size(0)));
+}
+
+at::Tensor quantize_per_sample_cpu(const at::Tensor& x, const at::Tensor& act_scales,
+                                   const at::Tensor& t) {
+  const char* op = "quantize_per_sample";
+  check_float(op, x);
+  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  return quantize_rows(r, act_scales).view(x.sizes());
+}
+
+at::Tensor ln_modulate_int8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                const std::optional<at::Tensor>& scale, double eps,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias,
+                                const at::Tensor& act_scales, const at::Tensor& t) {
+  static auto ln_modulate =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ditkernels::ln_modulate", "")
+          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, double,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  TORCH_CHECK(x.dim() == 3, "ln_modulate_int8: x must have shape [B, N, C], got ", shape_str(x));
+  auto r = int8::check_rows("ln_modulate_int8", x, "x", act_scales, t);
+  at::Tensor y = ln_modulate.call(x, shift, scale, eps, weight, bias);
+  r.x2d = y.view({-1, r.K});
+  return quantize_rows(r, act_scales).view(x.sizes());
+}
+
+}  // namespace
+}  // namespace ditkernels
+
+TORCH_LIBRARY_IMPL(ditkernels, CPU, m) {
+  m.impl("int8_linear", &ditkernels::int8_linear_cpu);
+  m.impl("int8_gemm_dequant", &ditkernels::int8_gemm_dequant_cpu);
+  m.impl("quantize_per_sample", &ditkernels::quantize_per_sample_cpu);
+  m.impl("ln_modulate_int8", &ditkernels::ln_modulate_int8_cpu);
+}

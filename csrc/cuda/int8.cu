@@ -1,0 +1,361 @@
+// CUDA timestep-calibrated int8 GEMM (int8 tensor cores, mma.sync m16n8k32).
+//
+// y = (float(q(x) w_q^T) * s_row) * w_scale + bias, with s_row = act_scales[t[sample]].
+// A 128x128x64 tile, 8 warps of 64x32, double-buffered shared memory. In
+// int8_linear the quantization is fused into the A load: each thread reads its
+// float chunks of the next k-tile into registers before the current tile's mma
+// loop, and quantizes and stores them after it, so the loads overlap the math.
+// int8_gemm_dequant reads int8 A with cp.async like the weights. The dequantize
+// epilogue uses round-to-nearest fp32 ops in the CPU kernel's order (no FMA
+// contraction), so CUDA and CPU results agree bit for bit.
+// The fused int8 ln_modulate output lives with the adaLN kernels (csrc/cuda/adaln.cu).
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/dispatch.h"
+#include "ditkernels/int8.h"
+
+namespace ditkernels {
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 64, kThreads = 256;
+constexpr int kTileBytes = kBM * kBK;  // == kBN * kBK
+constexpr int kSmemBytes = 2 * 2 * kTileBytes;
+
+struct Int8GemmParams {
+  const void* a;           // x (float T) or x_q (int8), [M, K] with row stride lda
+  const int8_t* w;         // [N, K] contiguous
+  const float* w_scale;    // [N]
+  const float* act_scales; // [T]
+  const int64_t* t;        // [samples]
+  const void* bias;        // [N] in the output dtype, or null
+  void* y;                 // [M, N]
+  int64_t lda;
+  int64_t rows_per_sample;
+  int M, N, K;
+};
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of `row` in a [rows][64-byte] tile,
+// XOR-swizzled so ldmatrix phases hit eight distinct bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+__device__ __forceinline__ int8_t quantize_value(float v, float s) {
+  const int q = __float2int_rn(__fdiv_rn(v, s));  // round half to even, like the CPU
+  return static_cast<int8_t>(max(-127, min(127, q)));
+}
+
+template <typename T>
+struct AChunks {
+  // Eight consecutive k of a row per chunk; four chunks per thread per tile.
+  float v[4][8];
+};
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, float (&out)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(src)[0];
+    const float4 b = reinterpret_cast<const float4*>(src)[1];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  } else {
+    struct alignas(16) Pack { T v[8]; };
+    const Pack pk = *reinterpret_cast<const Pack*>(src);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(pk.v[j]);
+  }
+}
+
+// Thread `tid` owns chunks idx = tid + c * kThreads (c = 0..3): row idx / 8, k-chunk idx % 8.
+template <typename T>
+__device__ __forceinline__ void load_a_float(const Int8GemmParams& p, AChunks<T>& regs, int m0,
+                                             int k0, int tid) {
+  const T* a = static_cast<const T*>(p.a);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int idx = tid + c * kThreads, row = idx >> 3, kc = k0 + (idx & 7) * 8;
+    const int gm = m0 + row;
+    if (gm < p.M && kc < p.K) {
+      load8<T>(a + gm * p.lda + kc, regs.v[c]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) regs.v[c][j] = 0.f;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_a_quantized(const AChunks<T>& regs, const float (&s)[4],
+                                                  int8_t* sa, int tid) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int idx = tid + c * kThreads, row = idx >> 3, half = idx & 1, chunk = (idx & 7) >> 1;
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t q = static_cast<uint8_t>(quantize_value(regs.v[c][j], s[c]));
+      packed[j >> 2] |= q << (8 * (j & 3));
+    }
+    *reinterpret_cast<uint2*>(sa + swizzle(row, chunk) + half * 8) = make_uint2(packed[0], packed[1]);
+  }
+}
+
+__device__ __forceinline__ void load_int8_tile(const int8_t* src, int64_t ld, int rows_total,
+                                               int K, int r0, int k0, int8_t* dst, int tid) {
+#pragma unroll
+  for (int c = 0; c < (kBM * kBK / 16) / kThreads; ++c) {
+    const int idx = tid + c * kThreads, row = idx >> 2, chunk = idx & 3;
+    const int gr = r0 + row, kc = k0 + chunk * 16;
+    const bool valid = gr < rows_total && kc < K;
+    mma::cp_async_16(dst + swizzle(row, chunk), valid ? src + gr * ld + kc : src, valid ? 16 : 0);
+  }
+}
+
+template <typename T, typename OutT, bool kQuantizeA>
+__global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  int8_t* smem = reinterpret_cast<int8_t*>(smem_raw);
+  auto sa = [&](int st) { return smem + st * 2 * kTileBytes; };
+  auto sb = [&](int st) { return smem + st * 2 * kTileBytes + kTileBytes; };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
+  const int k_tiles = (p.K + kBK - 1) / kBK;
+
+  // Scales of the rows whose A chunks this thread quantizes.
+  float s_load[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
+    s_load[c] = p.act_scales[p.t[gm / p.rows_per_sample]];
+  }
+
+  AChunks<T> regs;
+  if constexpr (kQuantizeA) {
+    load_a_float<T>(p, regs, m0, 0, tid);
+    store_a_quantized<T>(regs, s_load, sa(0), tid);
+  } else {
+    load_int8_tile(static_cast<const int8_t*>(p.a), p.lda, p.M, p.K, m0, 0, sa(0), tid);
+  }
+  load_int8_tile(p.w, p.K, p.N, p.K, n0, 0, sb(0), tid);
+  mma::cp_async_commit();
+  mma::cp_async_wait<0>();
+  __syncthreads();
+
+  int acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int st = kt & 1;
+    const bool next = kt + 1 < k_tiles;
+    if (next) {
+      if constexpr (kQuantizeA) {
+        load_a_float<T>(p, regs, m0, (kt + 1) * kBK, tid);
+      } else {
+        load_int8_tile(static_cast<const int8_t*>(p.a), p.lda, p.M, p.K, m0, (kt + 1) * kBK,
+                       sa(st ^ 1), tid);
+      }
+      load_int8_tile(p.w, p.K, p.N, p.K, n0, (kt + 1) * kBK, sb(st ^ 1), tid);
+    }
+    mma::cp_async_commit();
+
+    const int8_t* a = sa(st);
+    const int8_t* b = sb(st);
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = warp_m * 64 + i * 16 + (lane & 15);
+        mma::ldmatrix_x4(af[i], a + swizzle(row, kk * 2 + (lane >> 4)));
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int row = warp_n * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        uint32_t r[4];
+        mma::ldmatrix_x4(r, b + swizzle(row, kk * 2 + ((lane >> 3) & 1)));
+        bf[2 * j][0] = r[0];
+        bf[2 * j][1] = r[1];
+        bf[2 * j + 1][0] = r[2];
+        bf[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma::mma_16832_s8(acc[i][j], af[i], bf[j]);
+    }
+    if constexpr (kQuantizeA) {
+      if (next) store_a_quantized<T>(regs, s_load, sa(st ^ 1), tid);
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  OutT* y = static_cast<OutT*>(p.y);
+  const OutT* bias = static_cast<const OutT*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + warp_m * 64 + i * 16 + (lane >> 2) + half * 8;
+      if (row >= p.M) continue;
+      const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + warp_n * 32 + j * 8 + (lane & 3) * 2 + e;
+          if (col >= p.N) continue;
+          float v = __fmul_rn(__int2float_rn(acc[i][j][half * 2 + e]), s);
+          v = __fmul_rn(v, p.w_scale[col]);
+          if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[col]));
+          y[static_cast<int64_t>(row) * p.N + col] = static_cast<OutT>(v);
+        }
+      }
+    }
+  }
+}
+
+void check_cuda_shapes(const char* op, const int8::Rows& r, const at::Tensor& w_q) {
+  TORCH_CHECK(r.K % 16 == 0 && w_q.size(0) % 16 == 0, op,
+              ": the CUDA int8 kernel needs K and N to be multiples of 16, got K = ", r.K,
+              " and N = ", w_q.size(0), " (w_q of shape ", shape_str(w_q), ")");
+  TORCH_CHECK((r.M + kBM - 1) / kBM <= 65535 && r.M < (int64_t{1} << 31), op, ": M = ", r.M,
+              " rows exceed the CUDA grid limit");
+}
+
+at::Tensor aligned_rows(const at::Tensor& t) {
+  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                  (t.stride(0) * t.element_size()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+template <typename T, typename OutT, bool kQuantizeA>
+void launch(const Int8GemmParams& p, cudaStream_t stream) {
+  auto kernel = int8_gemm_kernel<T, OutT, kQuantizeA>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      kSmemBytes));
+  const dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+}
+
+at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
+                    const at::Tensor& w_q, const at::Tensor& w_scale,
+                    const at::Tensor& act_scales, const std::optional<at::Tensor>& bias,
+                    at::ScalarType out_dtype, bool quantize_a) {
+  check_cuda_shapes(op, r, w_q);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const int64_t N = w_q.size(0);
+  at::Tensor y = at::empty({r.M, N}, a_in.options().dtype(out_dtype));
+  if (r.M == 0) return y;
+  at::Tensor a = aligned_rows(r.x2d);
+  at::Tensor w = aligned_rows(w_q.contiguous());
+  at::Tensor ws = w_scale.contiguous();
+  at::Tensor scales = act_scales.contiguous();
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  Int8GemmParams p;
+  p.a = a.data_ptr();
+  p.w = w.data_ptr<int8_t>();
+  p.w_scale = ws.data_ptr<float>();
+  p.act_scales = scales.data_ptr<float>();
+  p.t = r.t.data_ptr<int64_t>();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.lda = a.stride(0);
+  p.rows_per_sample = r.rows_per_sample;
+  p.M = static_cast<int>(r.M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(r.K);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  DK_DISPATCH_CUDA_FLOATS(out_dtype, op, [&] {
+    using OutT = scalar_t;
+    if (!quantize_a) {
+      launch<int8_t, OutT, false>(p, stream);
+    } else {
+      DK_DISPATCH_CUDA_FLOATS(a.scalar_type(), op, [&] { launch<scalar_t, OutT, true>(p, stream); });
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                            const at::Tensor& act_scales, const at::Tensor& t,
+                            const std::optional<at::Tensor>& bias) {
+  const char* op = "int8_linear";
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x has dtype ", x.scalar_type(),
+              "; the CUDA kernels support float32, float16 and bfloat16");
+  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  int8::check_weights(op, r, x, w_q, w_scale, bias, x.scalar_type());
+  return run_gemm(op, x, r, w_q, w_scale, act_scales, bias, x.scalar_type(), true)
+      .view(int8::out_shape(r, w_q.size(0)));
+}
+
+at::Tensor int8_gemm_dequant_cuda(const at::Tensor& x_q, const at::Tensor& w_q,
+                                  const at::Tensor& w_scale, const at::Tensor& act_scales,
+                                  const at::Tensor& t, const std::optional<at::Tensor>& bias,
+                                  at::ScalarType out_dtype) {
+  const char* op = "int8_gemm_dequant";
+  TORCH_CHECK(x_q.scalar_type() == at::kChar, op, ": x_q must be int8, got ", x_q.scalar_type());
+  auto r = int8::check_rows(op, x_q, "x_q", act_scales, t);
+  int8::check_weights(op, r, x_q, w_q, w_scale, bias, out_dtype);
+  return run_gemm(op, x_q, r, w_q, w_scale, act_scales, bias, out_dtype, false)
+      .view(int8::out_shape(r, w_q.size(0)));
+}
+
+template <typename T>
+__global__ void quantize_kernel(const T* x, int8_t* q, const float* act_scales, const int64_t* t,
+                                int64_t rows_per_sample, int64_t K, int64_t total) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / K;
+    q[i] = quantize_value(static_cast<float>(x[i]), act_scales[t[row / rows_per_sample]]);
+  }
+}
+
+at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_scales,
+                                    const at::Tensor& t) {
+  const char* op = "quantize_per_sample";
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x has dtype ", x.scalar_type(),
+              "; the CUDA kernels support float32, float16 and bfloat16");
+  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor xc = r.x2d.contiguous();
+  at::Tensor q = at::empty({r.M, r.K}, x.options().dtype(at::kChar));
+  const int64_t total = r.M * r.K;
+  if (total == 0) return q.view(x.sizes());
+  at::Tensor scales = act_scales.contiguous();
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65535));
+  DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+    quantize_kernel<scalar_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+        r.t.data_ptr<int64_t>(), r.rows_per_sample, r.K, total);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return q.view(x.sizes());
+}
+
+}  // namespace
+}  // namespace ditkernels
+
+TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+  m.impl("int8_linear", &ditkernels::int8_linear_cuda);
+  m.impl("int8_gemm_dequant", &ditkernels::int8_gemm_dequant_cuda);
+  m.impl("quantize_per_sample", &ditkernels::quantize_per_sample_cuda);
+}
