@@ -15,8 +15,8 @@
 //
 // Head dims 32, 64, 72, 96 and 128 are native: a k = 8 mma covers the tail of 72 in
 // Q K^T, and P V runs over D / 8 output tiles, so nothing is padded to 96 or 128.
-// float32, and the backward pass for now, use the blocked implementation in
-// csrc/include/ditkernels/tmsa.h.
+// float32 uses the blocked implementation in csrc/include/ditkernels/tmsa.h. The
+// backward kernel follows the forward one below.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -303,6 +303,374 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Backward (fp16/bf16): a CTA owns 64 keys of one (sample, head), each warp 16 of
+// them, and walks all query tiles, recomputing P from the saved log-sum-exp:
+//   S^T = K Q'^T (+ bias), P^T = exp(S^T - lse'), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - delta'), dK += dS^T Q', dQ += dS K, dtable[rel] += dS.
+// With the time term folded as in the forward pass, raw K and V suffice:
+// lse' = lse - scale * q'.tk, delta' = dO . (out - tv), and the tk term of dQ,
+// tk * sum_j dS_ij, is zero because rows of dS sum to zero.
+// dQ and the table gradient are sums over CTAs. They accumulate as int64 fixed
+// point with integer atomics, which are exact and so deterministic in any order;
+// the power-of-two scales come from bounds on the sums (computed on the device
+// from max |dO|, |v| and |k|), so they cannot overflow.
+// ---------------------------------------------------------------------------
+
+struct TmsaBwdParams {
+  const void* qkv;
+  const void* time_qkv;
+  const float* table;      // [H, T] fp32 or null
+  const void* grad_out;    // [B, N, H, D] contiguous
+  const float* lse;        // [B, H, N]
+  const float* delta;      // [B, H, N]: dO . (out - tv)
+  const int* exponents;    // [2]: fixed-point exponents of dQ and of the table gradient
+  unsigned long long* dq_acc;     // [B, H, N, D] int64
+  unsigned long long* table_acc;  // [H, T] int64, or null
+  void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
+  int64_t s_b, s_n, s_3, s_h;
+  int B, N, H;
+  int grid_h, grid_w, num_leading, table_size;
+  float scale, scale_log2;
+  bool table_in_smem;
+};
+
+template <int kD>
+constexpr int bwd_smem_bytes() {
+  // Q', K, V, dO tiles; dS^T tile; lse', delta' per query.
+  return 4 * 64 * smem_stride<kD>() * 2 + 64 * 72 * 2 + 2 * 64 * 4;
+}
+
+__device__ __forceinline__ unsigned long long to_fixed(float v, int e) {
+  return static_cast<unsigned long long>(__float2ll_rn(ldexpf(v, e)));
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams p) {
+  constexpr int kS = smem_stride<kD>();
+  constexpr int kDsS = 72;  // dS^T row stride: 9 chunks, conflict-free for ldmatrix
+  constexpr int kK16 = kD / 16;
+  constexpr bool kTail8 = kD % 16 == 8;
+  constexpr int kDTiles = kD / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + 64 * kS;
+  T* sv = sk + 64 * kS;
+  T* sdo = sv + 64 * kS;
+  T* sds = sdo + 64 * kS;
+  float* s_lse = reinterpret_cast<float*>(sds + 64 * kDsS);
+  float* s_delta = s_lse + 64;
+  unsigned long long* s_table = reinterpret_cast<unsigned long long*>(s_delta + 64);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int k0 = blockIdx.x * 64;
+  const int e_q = p.exponents[0], e_tab = p.exponents[1];
+  const T* qkv = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  const T* time = static_cast<const T*>(p.time_qkv);
+  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;
+  const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
+  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
+                                          : nullptr;
+  unsigned long long* table_acc =
+      p.table_acc != nullptr ? p.table_acc + static_cast<int64_t>(h) * p.table_size : nullptr;
+
+  // K and V tiles of this CTA, read in place.
+  for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+    const int row = idx / (kD / 8), chunk = idx % (kD / 8), j = k0 + row;
+    const bool valid = j < p.N;
+    const T* src = qkv + (valid ? j : 0) * p.s_n + chunk * 8;
+    mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+  }
+  mma::cp_async_commit();
+  if (table_acc != nullptr && p.table_in_smem) {
+    for (int i = tid; i < p.table_size; i += kThreads) s_table[i] = 0ull;
+  }
+
+  // This thread's two keys (rows of S^T) and their grid positions.
+  const int kj[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
+  int ky[2], kx[2];
+  bool k_valid[2], k_biased[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    k_valid[r] = kj[r] < p.N;
+    k_biased[r] = k_valid[r] && kj[r] >= p.num_leading;
+    const int g = kj[r] - p.num_leading;
+    ky[r] = g / p.grid_w;
+    kx[r] = g - ky[r] * p.grid_w;
+  }
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+#pragma unroll
+  for (int t = 0; t < kDTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+
+  const T* dout = static_cast<const T*>(p.grad_out);
+  for (int q0 = 0; q0 < p.N; q0 += 64) {
+    // dO tile (cp.async), Q' = q + tq tile, lse' and delta' of these queries.
+    for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+      const int row = idx / (kD / 8), chunk = idx % (kD / 8), i = q0 + row;
+      const bool valid = i < p.N;
+      const T* src = dout + ((static_cast<int64_t>(b) * p.N + (valid ? i : 0)) * p.H + h) * kD +
+                     chunk * 8;
+      mma::cp_async_16(sdo + row * kS + chunk * 8, src, valid ? 16 : 0);
+    }
+    mma::cp_async_commit();
+    for (int idx = tid; idx < 64 * kD; idx += kThreads) {
+      const int row = idx / kD, d = idx % kD, i = q0 + row;
+      float v = 0.f;
+      if (i < p.N) {
+        v = static_cast<float>(qkv[i * p.s_n + d]);
+        if (time != nullptr) v += static_cast<float>(time[time_base + d]);
+      }
+      sq[row * kS + d] = static_cast<T>(v);
+    }
+    __syncthreads();
+    if (tid < 64) {
+      const int i = q0 + tid;
+      float c = 0.f;
+      if (time != nullptr) {
+        for (int d = 0; d < kD; ++d) {
+          c += static_cast<float>(sq[tid * kS + d]) *
+               static_cast<float>(time[time_base + time_slot + d]);
+        }
+      }
+      const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
+      s_lse[tid] = i < p.N ? (p.lse[at] - c * p.scale) * kLog2e : 0.f;
+      s_delta[tid] = i < p.N ? p.delta[at] : 0.f;
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
+
+    // S^T for this warp's 16 keys x 64 queries.
+    float s[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kK16; ++ks) {
+      uint32_t a[4];
+      mma::ldmatrix_x4(a, sk + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        uint32_t r[4];
+        mma::ldmatrix_x4(r, sq + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
+                                ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(s[2 * pair], a, b0);
+        mma::mma_16816<T>(s[2 * pair + 1], a, b1);
+      }
+    }
+    if constexpr (kTail8) {
+      uint32_t a[2];
+      mma::ldmatrix_x2(a, sk + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        uint32_t r[2];
+        mma::ldmatrix_x2(r, sq + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+        mma::mma_1688<T>(s[2 * pair], a, r[0]);
+        mma::mma_1688<T>(s[2 * pair + 1], a, r[1]);
+      }
+    }
+
+    // P^T. The table index of a pair is recomputed below rather than kept: registers
+    // are the scarce resource here.
+    auto rel_index = [&](int r, int i) {
+      const int g = i - p.num_leading, qy = g / p.grid_w, qx = g - qy * p.grid_w;
+      return (qy - ky[r] + p.grid_h - 1) * (2 * p.grid_w - 1) + (qx - kx[r] + p.grid_w - 1);
+    };
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int qc = t * 8 + (lane & 3) * 2 + (e & 1), i = q0 + qc;
+        if (!k_valid[r] || i >= p.N) {
+          s[t][e] = 0.f;
+          continue;
+        }
+        float v = s[t][e] * p.scale_log2;
+        if (table != nullptr && k_biased[r] && i >= p.num_leading) {
+          v += __ldg(table + rel_index(r, i)) * kLog2e;
+        }
+        s[t][e] = exp2f(v - s_lse[qc]);
+      }
+    }
+
+    // dV += P^T dO (k = queries), and dP^T = V dO^T.
+    float dp[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      const uint32_t pa[4] = {mma::pack2<T>(s[2 * kb][0], s[2 * kb][1]),
+                              mma::pack2<T>(s[2 * kb][2], s[2 * kb][3]),
+                              mma::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
+                              mma::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
+      const int qrow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
+        uint32_t r[4];
+        mma::ldmatrix_x4_trans(r, sdo + qrow * kS + dpair * 16 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(dv[2 * dpair], pa, b0);
+        mma::mma_16816<T>(dv[2 * dpair + 1], pa, b1);
+      }
+      if constexpr (kDTiles % 2 == 1) {
+        uint32_t r[2];
+        mma::ldmatrix_x2_trans(r, sdo + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
+        mma::mma_16816<T>(dv[kDTiles - 1], pa, r);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kK16; ++ks) {
+      uint32_t a[4];
+      mma::ldmatrix_x4(a, sv + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        uint32_t r[4];
+        mma::ldmatrix_x4(r, sdo + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
+                                ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(dp[2 * pair], a, b0);
+        mma::mma_16816<T>(dp[2 * pair + 1], a, b1);
+      }
+    }
+    if constexpr (kTail8) {
+      uint32_t a[2];
+      mma::ldmatrix_x2(a, sv + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        uint32_t r[2];
+        mma::ldmatrix_x2(r, sdo + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+        mma::mma_1688<T>(dp[2 * pair], a, r[0]);
+        mma::mma_1688<T>(dp[2 * pair + 1], a, r[1]);
+      }
+    }
+
+    // dS^T = P^T (dP^T - delta'); the table gradient; dS^T to shared memory for dQ.
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int qc = t * 8 + (lane & 3) * 2 + (e & 1), i = q0 + qc;
+        const float ds = s[t][e] * (dp[t][e] - s_delta[qc]);
+        dp[t][e] = ds;
+        // P = 0 outside the valid pairs, so ds = 0 there and nothing is added.
+        if (table_acc != nullptr && ds != 0.f && k_biased[r] && i >= p.num_leading) {
+          const int idx = rel_index(r, i);
+          const unsigned long long v = to_fixed(ds, e_tab);
+          if (p.table_in_smem) {
+            atomicAdd(s_table + idx, v);
+          } else {
+            atomicAdd(table_acc + idx, v);
+          }
+        }
+      }
+      const int row = warp * 16 + (lane >> 2), col = t * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(sds + row * kDsS + col) = mma::pack2<T>(dp[t][0], dp[t][1]);
+      *reinterpret_cast<uint32_t*>(sds + (row + 8) * kDsS + col) = mma::pack2<T>(dp[t][2], dp[t][3]);
+    }
+
+    // dK += dS^T Q' (k = queries).
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      const uint32_t da[4] = {mma::pack2<T>(dp[2 * kb][0], dp[2 * kb][1]),
+                              mma::pack2<T>(dp[2 * kb][2], dp[2 * kb][3]),
+                              mma::pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]),
+                              mma::pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3])};
+      const int qrow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
+        uint32_t r[4];
+        mma::ldmatrix_x4_trans(r, sq + qrow * kS + dpair * 16 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma::mma_16816<T>(dk[2 * dpair], da, b0);
+        mma::mma_16816<T>(dk[2 * dpair + 1], da, b1);
+      }
+      if constexpr (kDTiles % 2 == 1) {
+        uint32_t r[2];
+        mma::ldmatrix_x2_trans(r, sq + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
+        mma::mma_16816<T>(dk[kDTiles - 1], da, r);
+      }
+    }
+    __syncthreads();
+
+    // dQ for this warp's 16 queries: dS (from the dS^T tile, transposed on load) K.
+    {
+      float dq[kDTiles][4];
+#pragma unroll
+      for (int t = 0; t < kDTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[t][e] = 0.f;
+#pragma unroll
+      for (int kb = 0; kb < 4; ++kb) {
+        uint32_t a[4];
+        mma::ldmatrix_x4_trans(a, sds + (kb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kDsS +
+                                      warp * 16 + ((lane >> 3) & 1) * 8);
+        const int krow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
+          uint32_t r[4];
+          mma::ldmatrix_x4_trans(r, sk + krow * kS + dpair * 16 + (lane >> 4) * 8);
+          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+          mma::mma_16816<T>(dq[2 * dpair], a, b0);
+          mma::mma_16816<T>(dq[2 * dpair + 1], a, b1);
+        }
+        if constexpr (kDTiles % 2 == 1) {
+          uint32_t r[2];
+          mma::ldmatrix_x2_trans(r, sk + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
+          mma::mma_16816<T>(dq[kDTiles - 1], a, r);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + (lane >> 2) + r * 8;
+        if (i >= p.N) continue;
+        unsigned long long* dst = p.dq_acc + ((static_cast<int64_t>(b) * p.H + h) * p.N + i) * kD;
+#pragma unroll
+        for (int t = 0; t < kDTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float v = dq[t][r * 2 + e] * p.scale;
+            if (v != 0.f) atomicAdd(dst + t * 8 + (lane & 3) * 2 + e, to_fixed(v, e_q));
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // dK (scaled) and dV of this warp's keys into slots 1 and 2 of grad_qkv.
+  T* gq = static_cast<T*>(p.grad_qkv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!k_valid[r]) continue;
+    T* row = gq + ((static_cast<int64_t>(b) * p.N + kj[r]) * 3) * p.H * kD + h * kD;
+#pragma unroll
+    for (int t = 0; t < kDTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = t * 8 + (lane & 3) * 2 + e;
+        row[p.H * kD + d] = static_cast<T>(dk[t][r * 2 + e] * p.scale);
+        row[2 * p.H * kD + d] = static_cast<T>(dv[t][r * 2 + e]);
+      }
+    }
+  }
+  if (table_acc != nullptr && p.table_in_smem) {
+    __syncthreads();
+    for (int i = tid; i < p.table_size; i += kThreads) {
+      if (s_table[i] != 0ull) atomicAdd(table_acc + i, s_table[i]);
+    }
+  }
+}
+
 bool cuda_supports(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -390,14 +758,137 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   return {out, lse};
 }
 
+template <typename T, int kD>
+void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) {
+  auto kernel = tmsa_bwd_kernel<T, kD>;
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+  const dim3 grid((p.N + 63) / 64, p.B * p.H);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+}
+
+template <int kD>
+size_t backward_smem_bytes() {
+  return bwd_smem_bytes<kD>();
+}
+
+// Power-of-two exponents e with bound * 2^e <= 2^62 for the dQ and table sums
+// (see the backward kernel's comment), computed on the device: no synchronisation.
+at::Tensor fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
+  const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).amax();
+  const at::Tensor v_max = a.qkv.select(2, 2).to(at::kFloat).norm(2, -1).amax();
+  const at::Tensor k_max = a.qkv.select(2, 1).to(at::kFloat).abs().amax();
+  const at::Tensor sum_ds = 2.0 * dout_max * v_max;  // bounds sum_j |dS_ij|
+  const at::Tensor bounds =
+      at::stack({sum_ds * k_max * a.scale, sum_ds * static_cast<double>(a.B * a.N)});
+  return (62.0 - at::log2(bounds.to(at::kDouble).clamp_min(1e-30)))
+      .floor()
+      .clamp(-60, 100)
+      .to(at::kInt);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
     const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
     int64_t grid_h, int64_t grid_w, int64_t num_leading, double scale) {
-  auto a = check_cuda("tmsa_bwd", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
-  tmsa::check_backward_tensors("tmsa_bwd", a, grad_out, out, lse);
+  const char* op = "tmsa_bwd";
+  auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
+  tmsa::check_backward_tensors(op, a, grad_out, out, lse);
   const c10::cuda::CUDAGuard guard(qkv.device());
-  return tmsa::backward_blocked(a, grad_out, out, lse);
+  if (qkv.scalar_type() == at::kFloat) return tmsa::backward_blocked(a, grad_out, out, lse);
+  const NoAutocast no_autocast;
+
+  TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), op, ": B * H = ", a.B * a.H, " or N = ",
+              a.N, " exceeds the CUDA grid limits");
+  at::Tensor packed = a.qkv;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+                       packed.stride(0) % 8 == 0 && packed.stride(1) % 8 == 0 &&
+                       packed.stride(2) % 8 == 0 && packed.stride(3) % 8 == 0;
+  if (!aligned) packed = packed.clone(at::MemoryFormat::Contiguous);
+  at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
+  if (a.B * a.N == 0) {
+    grad_qkv.zero_();
+    return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, qkv.options()),
+            a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, qkv.options())};
+  }
+  const at::Tensor dout = grad_out.contiguous();
+  at::Tensor out_minus_tv = out.to(at::kFloat);
+  if (a.time_qkv) out_minus_tv = out_minus_tv - a.time_qkv->select(1, 2).unsqueeze(1).to(at::kFloat);
+  const at::Tensor delta =
+      (dout.to(at::kFloat) * out_minus_tv).sum(-1).permute({0, 2, 1}).contiguous();
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
+  const at::Tensor exponents = fixed_point_exponents(a, dout);
+  at::Tensor dq_acc = at::zeros({a.B, a.H, a.N, a.D}, qkv.options().dtype(at::kLong));
+  at::Tensor table, table_acc;
+  if (a.rel_table) {
+    table = a.rel_table->t().to(at::kFloat).contiguous();
+    table_acc = at::zeros({a.H, table.size(1)}, qkv.options().dtype(at::kLong));
+  }
+
+  TmsaBwdParams p;
+  p.qkv = packed.data_ptr();
+  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
+  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  p.grad_out = dout.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.exponents = exponents.data_ptr<int>();
+  p.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
+  p.table_acc = table.defined() ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
+                                : nullptr;
+  p.grad_qkv = grad_qkv.data_ptr();
+  p.s_b = packed.stride(0);
+  p.s_n = packed.stride(1);
+  p.s_3 = packed.stride(2);
+  p.s_h = packed.stride(3);
+  p.B = static_cast<int>(a.B);
+  p.N = static_cast<int>(a.N);
+  p.H = static_cast<int>(a.H);
+  p.grid_h = static_cast<int>(a.grid_h);
+  p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
+  p.num_leading = static_cast<int>(a.num_leading);
+  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
+  p.scale = static_cast<float>(a.scale);
+  p.scale_log2 = p.scale * kLog2e;
+
+  size_t bytes = 0;
+  switch (a.D) {
+    case 32: bytes = backward_smem_bytes<32>(); break;
+    case 64: bytes = backward_smem_bytes<64>(); break;
+    case 72: bytes = backward_smem_bytes<72>(); break;
+    case 96: bytes = backward_smem_bytes<96>(); break;
+    default: bytes = backward_smem_bytes<128>(); break;
+  }
+  // The table's partial sums stay in shared memory when they fit, else go straight
+  // to global memory (same integer sums, more atomics).
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const size_t table_bytes = sizeof(unsigned long long) * p.table_size;
+  p.table_in_smem = table.defined() && bytes + table_bytes <= limit;
+  if (p.table_in_smem) bytes += table_bytes;
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  DK_DISPATCH_CUDA_FLOATS(qkv.scalar_type(), op, [&] {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      switch (a.D) {
+        case 32: launch_backward<scalar_t, 32>(p, bytes, stream); break;
+        case 64: launch_backward<scalar_t, 64>(p, bytes, stream); break;
+        case 72: launch_backward<scalar_t, 72>(p, bytes, stream); break;
+        case 96: launch_backward<scalar_t, 96>(p, bytes, stream); break;
+        default: launch_backward<scalar_t, 128>(p, bytes, stream); break;
+      }
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const at::Tensor unit = at::pow(2.0, -exponents.to(at::kDouble));  // [2]
+  grad_qkv.select(2, 0).copy_((dq_acc.to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
+  at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, qkv.options());
+  at::Tensor grad_table = table.defined()
+                              ? (table_acc.to(at::kDouble) * unit[1]).t().to(qkv.scalar_type())
+                              : at::empty({0}, qkv.options());
+  return {grad_qkv, grad_time, grad_table};
 }
 
 }  // namespace

@@ -10,8 +10,8 @@
 // This header holds the argument checks and a blocked implementation written with
 // ATen ops: queries are processed in blocks whose [B, H, block, N] scores are
 // bounded in size, so memory stays linear in N up to the block size. It is the CPU
-// kernel (BLAS), the CUDA float32 path and, for now, the CUDA backward pass. The
-// fused CUDA forward kernel lives in csrc/cuda/tmsa.cu.
+// kernel (BLAS) and the CUDA float32 path; the fused fp16/bf16 CUDA kernels live in
+// csrc/cuda/tmsa.cu.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
