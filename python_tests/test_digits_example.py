@@ -1,0 +1,96 @@
+"""Smoke run of the digits example: train a few steps, sample, score, write, reload."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+
+from PIL import Image  # noqa: E402
+
+from ditkernels.diffusion import GaussianDiffusion  # noqa: E402
+from ditkernels.examples import digits  # noqa: E402
+from ditkernels.models import DiT  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The smoke model is tiny: a second intra-op thread buys nothing, and on a loaded
+    # 2-core machine its barriers slow small ops down by an order of magnitude.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_grid_metrics_and_a_reloadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    metrics = digits.main(["--out", str(out), "--smoke", "--no-progress"])
+
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert 0.0 <= metrics["generated_accuracy"] <= 1.0
+    assert 0.0 <= metrics["classifier_test_accuracy"] <= 1.0
+    assert len(metrics["generated_accuracy_per_class"]) == digits.NUM_CLASSES
+    assert metrics["samples"] == digits.NUM_CLASSES * digits.SMOKE_DEFAULTS["samples_per_class"]
+
+    # One row per class, grid_columns samples per row, 1-pixel gutters.
+    size, cols = digits.SMOKE_DEFAULTS["image_size"], digits.SMOKE_DEFAULTS["grid_columns"]
+    grid = Image.open(out / "samples.png")
+    assert grid.size == (cols * (size + 1) + 1, digits.NUM_CLASSES * (size + 1) + 1)
+
+    loaded = digits.load_checkpoint(out / "digits_dit.pt")
+    assert isinstance(loaded.model, DiT) and not loaded.model.training
+    assert loaded.model_config["input_size"] == size
+    assert loaded.model.learn_sigma and loaded.diffusion.model_var_type == "learned_range"
+    assert isinstance(loaded.diffusion, GaussianDiffusion)
+    assert loaded.classifier is not None
+
+    # Sampling again from the checkpoint, without training, reproduces the samples.
+    again = digits.main(["--out", str(tmp_path / "again"), "--smoke", "--no-progress",
+                         "--sample-only", "--checkpoint", str(out / "digits_dit.pt")])
+    assert (tmp_path / "again" / "samples.png").read_bytes() == (out / "samples.png").read_bytes()
+    assert again["generated_accuracy"] == metrics["generated_accuracy"]
+    assert again["classifier_test_accuracy"] == metrics["classifier_test_accuracy"]
+
+
+def test_checkpoint_round_trip_preserves_the_model(tmp_path):
+    torch.manual_seed(0)
+    config = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,
+                  num_heads=2, num_classes=10, learn_sigma=False)
+    model = DiT(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "ck.pt"
+    digits.save_checkpoint(path, model, config, dict(learn_sigma=False, noise_schedule="cosine"))
+    loaded = digits.load_checkpoint(path)
+    assert loaded.classifier is None
+    assert loaded.diffusion.model_var_type == "fixed_large"
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 5, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x, t, y), model(x, t, y), atol=0, rtol=0)
+
+
+def test_smoke_defaults_yield_to_explicit_flags():
+    args = digits.parse_args(["--out", "x", "--smoke", "--image-size", "16"])
+    assert args.image_size == 16
+    assert args.hidden_size == digits.SMOKE_DEFAULTS["hidden_size"]
+    assert digits.parse_args(["--out", "x"]).image_size == 16
+
+
+def test_module_entry_point():
+    root = Path(digits.__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "ditkernels.examples.digits", "--help"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--train-steps", "--image-size", "--sampling-steps", "--cfg-scale",
+                 "--checkpoint", "--smoke"):
+        assert flag in result.stdout
