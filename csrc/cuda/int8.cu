@@ -41,12 +41,6 @@ struct Int8GemmParams {
   int M, N, K;
 };
 
-// Byte offset of 16-byte chunk `chunk` (0..3) of `row` in a [rows][64-byte] tile,
-// XOR-swizzled so ldmatrix phases hit eight distinct bank groups.
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4);
-}
-
 __device__ __forceinline__ int8_t quantize_value(float v, float s) {
   const int q = __float2int_rn(__fdiv_rn(v, s));  // round half to even, like the CPU
   return static_cast<int8_t>(max(-127, min(127, q)));
@@ -103,7 +97,7 @@ __device__ __forceinline__ void store_a_quantized(const AChunks<T>& regs, const 
       const uint32_t q = static_cast<uint8_t>(quantize_value(regs.v[c][j], s[c]));
       packed[j >> 2] |= q << (8 * (j & 3));
     }
-    *reinterpret_cast<uint2*>(sa + swizzle(row, chunk) + half * 8) = make_uint2(packed[0], packed[1]);
+    *reinterpret_cast<uint2*>(sa + mma::swizzle64(row, chunk) + half * 8) = make_uint2(packed[0], packed[1]);
   }
 }
 
@@ -114,7 +108,7 @@ __device__ __forceinline__ void load_int8_tile(const int8_t* src, int64_t ld, in
     const int idx = tid + c * kThreads, row = idx >> 2, chunk = idx & 3;
     const int gr = r0 + row, kc = k0 + chunk * 16;
     const bool valid = gr < rows_total && kc < K;
-    mma::cp_async_16(dst + swizzle(row, chunk), valid ? src + gr * ld + kc : src, valid ? 16 : 0);
+    mma::cp_async_16(dst + mma::swizzle64(row, chunk), valid ? src + gr * ld + kc : src, valid ? 16 : 0);
   }
 }
 
@@ -171,31 +165,11 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
     }
     mma::cp_async_commit();
 
-    const int8_t* a = sa(st);
-    const int8_t* b = sb(st);
-#pragma unroll
-    for (int kk = 0; kk < kBK / 32; ++kk) {
-      uint32_t af[4][4], bf[4][2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = warp_m * 64 + i * 16 + (lane & 15);
-        mma::ldmatrix_x4(af[i], a + swizzle(row, kk * 2 + (lane >> 4)));
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int row = warp_n * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
-        uint32_t r[4];
-        mma::ldmatrix_x4(r, b + swizzle(row, kk * 2 + ((lane >> 3) & 1)));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) mma::mma_16832_s8(acc[i][j], af[i], bf[j]);
-    }
+    mma::warp_tile_64x32(acc, reinterpret_cast<const unsigned char*>(sa(st)),
+                         reinterpret_cast<const unsigned char*>(sb(st)), lane, warp_m, warp_n,
+                         [](int (&d)[4], const uint32_t (&af)[4], const uint32_t (&bf)[2]) {
+                           mma::mma_16832_s8(d, af, bf);
+                         });
     if constexpr (kQuantizeA) {
       if (next) store_a_quantized<T>(regs, s_load, sa(st ^ 1), tid);
     }
@@ -234,12 +208,6 @@ void check_cuda_shapes(const char* op, const int8::Rows& r, const at::Tensor& w_
               " and N = ", w_q.size(0), " (w_q of shape ", shape_str(w_q), ")");
   TORCH_CHECK((r.M + kBM - 1) / kBM <= 65535 && r.M < (int64_t{1} << 31), op, ": M = ", r.M,
               " rows exceed the CUDA grid limit");
-}
-
-at::Tensor aligned_rows(const at::Tensor& t) {
-  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
-                  (t.stride(0) * t.element_size()) % 16 == 0;
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 template <typename T, typename OutT, bool kQuantizeA>

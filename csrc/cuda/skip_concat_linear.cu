@@ -39,13 +39,6 @@ constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256;
 constexpr int kStageElems = (kBM + kBN) * kBK;
 constexpr int kSmemBytes = kStages * kStageElems * 2;
 
-// Element offset of 16-byte chunk `chunk` (0..3) of `row` in a [rows][kBK] tile.
-// Rows are 64 bytes, so 8 consecutive rows span four 128-byte bank windows; the XOR
-// spreads the chunk an ldmatrix phase reads over all eight 16-byte bank groups.
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3);
-}
-
 template <typename T>
 __device__ __forceinline__ void load_stage(const SkipGemmParams& p, T* sA, T* sB, int m0, int n0,
                                            int k0, int tid) {
@@ -62,7 +55,7 @@ __device__ __forceinline__ void load_stage(const SkipGemmParams& p, T* sA, T* sB
       src = kc < p.D ? static_cast<const T*>(p.x) + gm * p.ld_x + kc
                      : static_cast<const T*>(p.skip) + gm * p.ld_skip + (kc - p.D);
     }
-    mma::cp_async_16(sA + swizzle(row, chunk), src, bytes);
+    mma::cp_async_16(reinterpret_cast<unsigned char*>(sA) + mma::swizzle64(row, chunk), src, bytes);
   }
 #pragma unroll
   for (int it = 0; it < (kBN * kBK / 8) / kThreads; ++it) {
@@ -75,7 +68,7 @@ __device__ __forceinline__ void load_stage(const SkipGemmParams& p, T* sA, T* sB
       bytes = 16;
       src = static_cast<const T*>(p.weight) + static_cast<int64_t>(gn) * K + kc;
     }
-    mma::cp_async_16(sB + swizzle(row, chunk), src, bytes);
+    mma::cp_async_16(reinterpret_cast<unsigned char*>(sB) + mma::swizzle64(row, chunk), src, bytes);
   }
 }
 
@@ -118,30 +111,10 @@ __global__ void __launch_bounds__(kThreads) skip_gemm_tc_kernel(const SkipGemmPa
     mma::cp_async_commit();
 
     const T* a = smem + (kt % kStages) * kStageElems;
-    const T* b = a + kBM * kBK;
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      uint32_t af[4][4], bf[4][2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = warp_m * 64 + i * 16 + (lane & 15);
-        mma::ldmatrix_x4(af[i], a + swizzle(row, kk * 2 + (lane >> 4)));
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int row = warp_n * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
-        uint32_t r[4];
-        mma::ldmatrix_x4(r, b + swizzle(row, kk * 2 + ((lane >> 3) & 1)));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) mma::mma_16816<T>(acc[i][j], af[i], bf[j]);
-    }
+    mma::warp_tile_64x32(acc, reinterpret_cast<const unsigned char*>(a),
+                         reinterpret_cast<const unsigned char*>(a + kBM * kBK), lane, warp_m,
+                         warp_n, [](float (&d)[4], const uint32_t (&af)[4],
+                                    const uint32_t (&bf)[2]) { mma::mma_16816<T>(d, af, bf); });
   }
   mma::cp_async_wait<0>();
 
@@ -236,13 +209,6 @@ skip_concat_linear::Checked check_cuda(const char* op, const at::Tensor& x, cons
                                        const at::Tensor& weight,
                                        const std::optional<at::Tensor>& bias) {
   return skip_concat_linear::check(op, x, skip, weight, bias, cuda_supports, kCudaDtypes, "CUDA");
-}
-
-// cp.async moves 16-byte chunks: rows must start on 16-byte boundaries.
-at::Tensor aligned_rows(const at::Tensor& t) {
-  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
-                  (t.stride(0) * t.element_size()) % 16 == 0;
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& weight,

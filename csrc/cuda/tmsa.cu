@@ -82,6 +82,71 @@ __device__ __forceinline__ void grid_pos(const TmsaFwdParams& p, int t, int& y, 
   x = g - y * p.grid_w;
 }
 
+// C[16 x 64] = A[16 x kD] B[64 x kD]^T, A and B both row-major in shared memory with
+// row stride kS (Q K^T-shaped products); k16 steps plus a k8 tail for kD = 72.
+template <typename T, int kD, int kS>
+__device__ __forceinline__ void rows16_times_tile64_t(float (&c)[8][4], const T* a, const T* b,
+                                                      int lane) {
+  constexpr int kK16 = kD / 16;
+#pragma unroll
+  for (int ks = 0; ks < kK16; ++ks) {
+    uint32_t af[4];
+    mma::ldmatrix_x4(af, a + (lane & 15) * kS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int pair = 0; pair < 4; ++pair) {
+      uint32_t r[4];
+      mma::ldmatrix_x4(r, b + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
+                              ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      mma::mma_16816<T>(c[2 * pair], af, b0);
+      mma::mma_16816<T>(c[2 * pair + 1], af, b1);
+    }
+  }
+  if constexpr (kD % 16 == 8) {
+    uint32_t af[2];
+    mma::ldmatrix_x2(af, a + (lane & 15) * kS + kK16 * 16);
+#pragma unroll
+    for (int pair = 0; pair < 4; ++pair) {
+      uint32_t r[2];
+      mma::ldmatrix_x2(r, b + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+      mma::mma_1688<T>(c[2 * pair], af, r[0]);
+      mma::mma_1688<T>(c[2 * pair + 1], af, r[1]);
+    }
+  }
+}
+
+// C[16 x kD] += A[16 x 16] B[16 x kD]: A as an mma fragment, B the 16 rows at b
+// (row-major, stride kS) read transposed by ldmatrix (P V-shaped products).
+template <typename T, int kD, int kS>
+__device__ __forceinline__ void frag_times_rows16(float (&c)[kD / 8][4], const uint32_t (&a)[4],
+                                                  const T* b, int lane) {
+  constexpr int kDTiles = kD / 8;
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int dp = 0; dp < kDTiles / 2; ++dp) {
+    uint32_t r[4];
+    mma::ldmatrix_x4_trans(r, b + row * kS + dp * 16 + (lane >> 4) * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    mma::mma_16816<T>(c[2 * dp], a, b0);
+    mma::mma_16816<T>(c[2 * dp + 1], a, b1);
+  }
+  if constexpr (kDTiles % 2 == 1) {
+    uint32_t r[2];
+    mma::ldmatrix_x2_trans(r, b + (lane & 15) * kS + (kDTiles - 1) * 8);
+    mma::mma_16816<T>(c[kDTiles - 1], a, r);
+  }
+}
+
+// Two adjacent n8 accumulator tiles (16 columns) as one k16 A fragment.
+template <typename T>
+__device__ __forceinline__ void tiles_as_fragment(uint32_t (&a)[4], const float (&lo)[4],
+                                                  const float (&hi)[4]) {
+  a[0] = mma::pack2<T>(lo[0], lo[1]);
+  a[1] = mma::pack2<T>(lo[2], lo[3]);
+  a[2] = mma::pack2<T>(hi[0], hi[1]);
+  a[3] = mma::pack2<T>(hi[2], hi[3]);
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams p) {
   constexpr int kS = smem_stride<kD>();
@@ -249,24 +314,9 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
     const T* vt = v_stage(stage);
 #pragma unroll
     for (int kb = 0; kb < kBc / 16; ++kb) {
-      const uint32_t pa[4] = {mma::pack2<T>(s[2 * kb][0], s[2 * kb][1]),
-                              mma::pack2<T>(s[2 * kb][2], s[2 * kb][3]),
-                              mma::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
-                              mma::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
-      const int key = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        uint32_t r[4];
-        mma::ldmatrix_x4_trans(r, vt + key * kS + dp * 16 + (lane >> 4) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(o[2 * dp], pa, b0);
-        mma::mma_16816<T>(o[2 * dp + 1], pa, b1);
-      }
-      if constexpr (kDTiles % 2 == 1) {
-        uint32_t r[2];
-        mma::ldmatrix_x2_trans(r, vt + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
-        mma::mma_16816<T>(o[kDTiles - 1], pa, r);
-      }
+      uint32_t pa[4];
+      tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
+      frag_times_rows16<T, kD, kS>(o, pa, vt + kb * 16 * kS, lane);
     }
     // Every warp is done with this stage before the next iteration refills it.
     __syncthreads();
@@ -349,8 +399,6 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams p) {
   constexpr int kS = smem_stride<kD>();
   constexpr int kDsS = 72;  // dS^T row stride: 9 chunks, conflict-free for ldmatrix
-  constexpr int kK16 = kD / 16;
-  constexpr bool kTail8 = kD % 16 == 8;
   constexpr int kDTiles = kD / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -450,31 +498,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kK16; ++ks) {
-      uint32_t a[4];
-      mma::ldmatrix_x4(a, sk + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int pair = 0; pair < 4; ++pair) {
-        uint32_t r[4];
-        mma::ldmatrix_x4(r, sq + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
-                                ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(s[2 * pair], a, b0);
-        mma::mma_16816<T>(s[2 * pair + 1], a, b1);
-      }
-    }
-    if constexpr (kTail8) {
-      uint32_t a[2];
-      mma::ldmatrix_x2(a, sk + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
-#pragma unroll
-      for (int pair = 0; pair < 4; ++pair) {
-        uint32_t r[2];
-        mma::ldmatrix_x2(r, sq + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
-        mma::mma_1688<T>(s[2 * pair], a, r[0]);
-        mma::mma_1688<T>(s[2 * pair + 1], a, r[1]);
-      }
-    }
+    rows16_times_tile64_t<T, kD, kS>(s, sk + warp * 16 * kS, sq, lane);
 
     // P^T. The table index of a pair is recomputed below rather than kept: registers
     // are the scarce resource here.
@@ -508,50 +532,11 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const uint32_t pa[4] = {mma::pack2<T>(s[2 * kb][0], s[2 * kb][1]),
-                              mma::pack2<T>(s[2 * kb][2], s[2 * kb][3]),
-                              mma::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
-                              mma::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
-      const int qrow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
-        uint32_t r[4];
-        mma::ldmatrix_x4_trans(r, sdo + qrow * kS + dpair * 16 + (lane >> 4) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(dv[2 * dpair], pa, b0);
-        mma::mma_16816<T>(dv[2 * dpair + 1], pa, b1);
-      }
-      if constexpr (kDTiles % 2 == 1) {
-        uint32_t r[2];
-        mma::ldmatrix_x2_trans(r, sdo + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
-        mma::mma_16816<T>(dv[kDTiles - 1], pa, r);
-      }
+      uint32_t pa[4];
+      tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
+      frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
     }
-#pragma unroll
-    for (int ks = 0; ks < kK16; ++ks) {
-      uint32_t a[4];
-      mma::ldmatrix_x4(a, sv + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int pair = 0; pair < 4; ++pair) {
-        uint32_t r[4];
-        mma::ldmatrix_x4(r, sdo + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
-                                ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(dp[2 * pair], a, b0);
-        mma::mma_16816<T>(dp[2 * pair + 1], a, b1);
-      }
-    }
-    if constexpr (kTail8) {
-      uint32_t a[2];
-      mma::ldmatrix_x2(a, sv + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
-#pragma unroll
-      for (int pair = 0; pair < 4; ++pair) {
-        uint32_t r[2];
-        mma::ldmatrix_x2(r, sdo + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
-        mma::mma_1688<T>(dp[2 * pair], a, r[0]);
-        mma::mma_1688<T>(dp[2 * pair + 1], a, r[1]);
-      }
-    }
+    rows16_times_tile64_t<T, kD, kS>(dp, sv + warp * 16 * kS, sdo, lane);
 
     // dS^T = P^T (dP^T - delta'); the table gradient; dS^T to shared memory for dQ.
 #pragma unroll
@@ -581,24 +566,9 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
     // dK += dS^T Q' (k = queries).
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const uint32_t da[4] = {mma::pack2<T>(dp[2 * kb][0], dp[2 * kb][1]),
-                              mma::pack2<T>(dp[2 * kb][2], dp[2 * kb][3]),
-                              mma::pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]),
-                              mma::pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3])};
-      const int qrow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-      for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
-        uint32_t r[4];
-        mma::ldmatrix_x4_trans(r, sq + qrow * kS + dpair * 16 + (lane >> 4) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(dk[2 * dpair], da, b0);
-        mma::mma_16816<T>(dk[2 * dpair + 1], da, b1);
-      }
-      if constexpr (kDTiles % 2 == 1) {
-        uint32_t r[2];
-        mma::ldmatrix_x2_trans(r, sq + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
-        mma::mma_16816<T>(dk[kDTiles - 1], da, r);
-      }
+      uint32_t da[4];
+      tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
+      frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
     }
     __syncthreads();
 
@@ -614,20 +584,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
         uint32_t a[4];
         mma::ldmatrix_x4_trans(a, sds + (kb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kDsS +
                                       warp * 16 + ((lane >> 3) & 1) * 8);
-        const int krow = kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
-          uint32_t r[4];
-          mma::ldmatrix_x4_trans(r, sk + krow * kS + dpair * 16 + (lane >> 4) * 8);
-          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-          mma::mma_16816<T>(dq[2 * dpair], a, b0);
-          mma::mma_16816<T>(dq[2 * dpair + 1], a, b1);
-        }
-        if constexpr (kDTiles % 2 == 1) {
-          uint32_t r[2];
-          mma::ldmatrix_x2_trans(r, sk + (kb * 16 + (lane & 15)) * kS + (kDTiles - 1) * 8);
-          mma::mma_16816<T>(dq[kDTiles - 1], a, r);
-        }
+        frag_times_rows16<T, kD, kS>(dq, a, sk + kb * 16 * kS, lane);
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -675,6 +632,40 @@ bool cuda_supports(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The packed projection with 16-byte aligned rows for cp.async (a contiguous copy
+// otherwise).
+at::Tensor aligned_qkv(const tmsa::Args& a) {
+  const at::Tensor& t = a.qkv;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                       t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+                       t.stride(3) % 8 == 0;
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// The fields the forward and backward parameter structs share.
+template <typename Params>
+void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
+                 const at::Tensor& table) {
+  TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), "tmsa: B * H = ", a.B * a.H, " or N = ",
+              a.N, " exceeds the CUDA grid limits of the fused kernels");
+  p.qkv = packed.data_ptr();
+  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
+  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  p.s_b = packed.stride(0);
+  p.s_n = packed.stride(1);
+  p.s_3 = packed.stride(2);
+  p.s_h = packed.stride(3);
+  p.B = static_cast<int>(a.B);
+  p.N = static_cast<int>(a.N);
+  p.H = static_cast<int>(a.H);
+  p.grid_h = static_cast<int>(a.grid_h);
+  p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
+  p.num_leading = static_cast<int>(a.num_leading);
+  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
+  p.scale = static_cast<float>(a.scale);
+  p.scale_log2 = p.scale * kLog2e;
+}
+
 tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
                       const std::optional<at::Tensor>& time_qkv,
                       const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
@@ -708,14 +699,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
 
-  TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), op, ": B * H = ", a.B * a.H,
-              " or N = ", a.N, " exceeds the CUDA grid limits");
-  // cp.async moves 16-byte chunks of K and V: the projection must be 16-byte aligned.
-  at::Tensor packed = a.qkv;
-  const bool aligned = reinterpret_cast<std::uintptr_t>(packed.data_ptr()) % 16 == 0 &&
-                       packed.stride(0) % 8 == 0 && packed.stride(1) % 8 == 0 &&
-                       packed.stride(2) % 8 == 0 && packed.stride(3) % 8 == 0;
-  if (!aligned) packed = packed.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor packed = aligned_qkv(a);
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
   if (a.B * a.N == 0) return {out, lse};
@@ -723,24 +707,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   if (a.rel_table) table = a.rel_table->t().to(at::kFloat).contiguous();  // [H, T]
 
   TmsaFwdParams p;
-  p.qkv = packed.data_ptr();
-  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
-  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  fill_layout(p, a, packed, table);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.s_b = packed.stride(0);
-  p.s_n = packed.stride(1);
-  p.s_3 = packed.stride(2);
-  p.s_h = packed.stride(3);
-  p.B = static_cast<int>(a.B);
-  p.N = static_cast<int>(a.N);
-  p.H = static_cast<int>(a.H);
-  p.grid_h = static_cast<int>(a.grid_h);
-  p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
-  p.num_leading = static_cast<int>(a.num_leading);
-  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
-  p.scale = static_cast<float>(a.scale);
-  p.scale_log2 = p.scale * kLog2e;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_FLOATS(qkv.scalar_type(), op, [&] {
@@ -800,13 +769,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (qkv.scalar_type() == at::kFloat) return tmsa::backward_blocked(a, grad_out, out, lse);
   const NoAutocast no_autocast;
 
-  TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), op, ": B * H = ", a.B * a.H, " or N = ",
-              a.N, " exceeds the CUDA grid limits");
-  at::Tensor packed = a.qkv;
-  const bool aligned = reinterpret_cast<std::uintptr_t>(packed.data_ptr()) % 16 == 0 &&
-                       packed.stride(0) % 8 == 0 && packed.stride(1) % 8 == 0 &&
-                       packed.stride(2) % 8 == 0 && packed.stride(3) % 8 == 0;
-  if (!aligned) packed = packed.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor packed = aligned_qkv(a);
   at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
   if (a.B * a.N == 0) {
     grad_qkv.zero_();
@@ -828,9 +791,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   }
 
   TmsaBwdParams p;
-  p.qkv = packed.data_ptr();
-  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
-  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  fill_layout(p, a, packed, table);
   p.grad_out = dout.data_ptr();
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
@@ -839,19 +800,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   p.table_acc = table.defined() ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
                                 : nullptr;
   p.grad_qkv = grad_qkv.data_ptr();
-  p.s_b = packed.stride(0);
-  p.s_n = packed.stride(1);
-  p.s_3 = packed.stride(2);
-  p.s_h = packed.stride(3);
-  p.B = static_cast<int>(a.B);
-  p.N = static_cast<int>(a.N);
-  p.H = static_cast<int>(a.H);
-  p.grid_h = static_cast<int>(a.grid_h);
-  p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
-  p.num_leading = static_cast<int>(a.num_leading);
-  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
-  p.scale = static_cast<float>(a.scale);
-  p.scale_log2 = p.scale * kLog2e;
 
   size_t bytes = 0;
   switch (a.D) {

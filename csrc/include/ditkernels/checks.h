@@ -7,6 +7,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -39,6 +40,14 @@ inline at::Tensor rows_unit_stride(const at::Tensor& t) {
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
+
+// Rows that start on 16-byte boundaries, for kernels that move 16-byte chunks
+// (cp.async, vector loads); a fresh contiguous copy otherwise.
+inline at::Tensor aligned_rows(const at::Tensor& t) {
+  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                  (t.stride(0) * t.element_size()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 inline const void* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;

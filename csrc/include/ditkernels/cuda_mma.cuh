@@ -112,6 +112,47 @@ __device__ __forceinline__ void mma_16832_s8(int (&d)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// GEMM tiles in shared memory with 64-byte rows (32 fp16/bf16 or 64 int8 along k).
+// Byte offset of 16-byte chunk `chunk` (0..3) of `row`: 8 consecutive rows span four
+// 128-byte bank windows, and the XOR spreads the chunk an ldmatrix phase reads over
+// all eight 16-byte bank groups.
+__device__ __forceinline__ int swizzle64(int row, int chunk) {
+  return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+// One 64-byte k-slab of a warp's 64x32 output tile: A rows warp_m * 64 + [0, 64) and
+// B rows (output columns) warp_n * 32 + [0, 32), both [rows][64 bytes] swizzled. The
+// slab is two mma k-steps of 32 bytes (k16 for 16-bit types, k32 for int8); `mma`
+// is called as mma(acc[i][j], a_fragment, b_fragment).
+template <typename Acc, typename Mma>
+__device__ __forceinline__ void warp_tile_64x32(Acc (&acc)[4][4][4], const unsigned char* a,
+                                                const unsigned char* b, int lane, int warp_m,
+                                                int warp_n, Mma&& mma) {
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    uint32_t af[4][4], bf[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = warp_m * 64 + i * 16 + (lane & 15);
+      ldmatrix_x4(af[i], a + swizzle64(row, kk * 2 + (lane >> 4)));
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int row = warp_n * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+      uint32_t r[4];
+      ldmatrix_x4(r, b + swizzle64(row, kk * 2 + ((lane >> 3) & 1)));
+      bf[2 * j][0] = r[0];
+      bf[2 * j][1] = r[1];
+      bf[2 * j + 1][0] = r[2];
+      bf[2 * j + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma(acc[i][j], af[i], bf[j]);
+  }
+}
+
 // Two floats packed as one 32-bit register of T (low half = first).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
