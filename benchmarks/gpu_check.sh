@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine (no package index needed): build in place, run the CUDA tests,
 # run compute-sanitizer memcheck over a small subset, then the benchmark suite.
-# Logs and tables go to OUT. Usage: benchmarks/gpu_check.sh OUT [extra run.py args]
+# Logs and tables go to OUT. Usage: benchmarks/gpu_check.sh OUT [run.py args]
+# Without run.py args every family runs with 0.2 s per measurement; pass e.g.
+# `--families adaln,tmsa` to fit a run into a shorter lease (results.json is written
+# after each family, so a run cut short keeps what it measured).
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: benchmarks/gpu_check.sh OUT [run.py args]}")
 shift
@@ -39,6 +42,7 @@ else
 fi
 
 echo "== benchmarks"
+if [ $# -eq 0 ]; then set -- --min-run-time 0.2; fi
 python benchmarks/run.py --out "$OUT" "$@" >"$OUT/bench.log" 2>&1 || status=1
 tail -3 "$OUT/bench.log"
 exit $status

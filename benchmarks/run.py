@@ -73,12 +73,11 @@ def main(argv=None):
         table = markdown_table(rows, module.COLUMNS)
         sections.append(f"## {family}\n\n{table}\n")
         print(f"\n## {family}\n{table}", flush=True)
-
-    (out / "results.json").write_text(json.dumps({"environment": env, "results": results},
-                                                 indent=1, default=str))
-    (out / "results.md").write_text("\n".join(sections))
+        # Written after every family, so a run cut short keeps what it measured.
+        (out / "results.json").write_text(json.dumps({"environment": env, "results": results},
+                                                     indent=1, default=str))
+        (out / "results.md").write_text("\n".join(sections))
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
-
 
 if __name__ == "__main__":
     main()
