@@ -27,7 +27,7 @@ from benchmarks.common import (  # noqa: E402
     measure_copy_gbps,
 )
 
-FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "dit", "uvit"]
+FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "int8", "dit", "uvit"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

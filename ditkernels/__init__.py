@@ -15,7 +15,7 @@ from . import ops, reference  # noqa: E402
 from .ops import (gated_residual_ln_modulate, int8_gemm_dequant, int8_linear,  # noqa: E402
                   ln_modulate, ln_modulate_int8, quantize_per_sample, skip_concat_linear, tmsa,
                   tmsa_windowed)
-from . import diffusion, models, nn  # noqa: E402
+from . import diffusion, models, nn, quant  # noqa: E402
 from .diffusion import as_denoiser, create_diffusion, ddim_sample, ddpm_sample  # noqa: E402
 from .models import (DiffiT, DiffiT_models, DiffiTBlock, DiffiTUNet, DiT,  # noqa: E402
                      DiT_models, TMSA, UViT, UViT_models)
@@ -53,4 +53,4 @@ __all__ = ["DiT", "DiTBlock", "DiT_models", "DiffiT", "DiffiTBlock", "DiffiTUNet
            "as_denoiser", "build_info", "create_diffusion", "ddim_sample", "ddpm_sample", "diffusion",
            "gated_residual_ln_modulate", "int8_gemm_dequant", "int8_linear",
            "ln_modulate", "ln_modulate_int8", "quantize_per_sample", "models", "nn", "ops",
-           "patch_dit", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]
+           "patch_dit", "quant", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]
