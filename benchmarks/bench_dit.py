@@ -7,13 +7,12 @@ torch.compile. Low-precision dtypes run as on a training setup: on CUDA, fp32 we
 under torch.autocast; on CPU, the models are cast to the dtype.
 """
 
-import contextlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
-from benchmarks.common import BenchContext, maybe_compile, median_seconds
+from benchmarks.common import MODEL_COLUMNS, BenchContext, model_rows
 from ditkernels import reference_models as ref
 from ditkernels.models import DIT_CONFIGS, DiT
 from ditkernels.nn import DiTBlock
@@ -22,7 +21,6 @@ INPUT_SIZE = 32  # 256x256 images through the 8x-downsampling VAE
 BATCHES = (8, 32, 128)
 MODELS = ("DiT-S/2", "DiT-XL/2")
 BLOCK_CONFIG = "DiT-XL/2"
-PASSES = ("fwd", "fwd+bwd")
 
 
 def _cases(ctx: BenchContext) -> List[Tuple[str, str, int]]:
@@ -31,12 +29,6 @@ def _cases(ctx: BenchContext) -> List[Tuple[str, str, int]]:
         return [("block", "DiT-S/2", 2), ("model", "DiT-S/2", 2)]
     return ([("block", BLOCK_CONFIG, b) for b in BATCHES]
             + [("model", name, b) for name in MODELS for b in BATCHES])
-
-
-def _autocast(ctx: BenchContext):
-    if ctx.is_cuda and ctx.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=ctx.dtype)
-    return contextlib.nullcontext()
 
 
 def _weights_dtype(ctx: BenchContext) -> torch.dtype:
@@ -52,8 +44,10 @@ def _build(ctx: BenchContext, what: str, name: str, batch: int):
     dtype = _weights_dtype(ctx)
     if what == "block":
         reference, ours = ref.DiTBlock(hidden, heads), DiTBlock(hidden, heads)
-        x = torch.randn(batch, tokens, hidden, device=ctx.device, dtype=dtype)
-        c = torch.randn(batch, hidden, device=ctx.device, dtype=dtype)
+        # Block inputs come from earlier layers and need gradients; latents do not.
+        x = torch.randn(batch, tokens, hidden, device=ctx.device, dtype=dtype,
+                        requires_grad=True)
+        c = torch.randn(batch, hidden, device=ctx.device, dtype=dtype, requires_grad=True)
         inputs, out_shape = (x, c), x.shape
         op, shape = f"DiTBlock ({name})", f"B={batch} N={tokens} D={hidden} H={heads}"
     else:
@@ -73,79 +67,13 @@ def _build(ctx: BenchContext, what: str, name: str, batch: int):
             op, shape)
 
 
-def _step(model: Callable, module: nn.Module, inputs, out_shape, backward: bool,
-          ctx: BenchContext) -> Callable[[], None]:
-    """One forward (no grad) or forward+backward of model (module, maybe compiled)."""
-    if not backward:
-        def forward():
-            with torch.no_grad(), _autocast(ctx):
-                model(*inputs)
-        return forward
-
-    # Block inputs come from earlier layers and need gradients; latents do not.
-    inputs = tuple(v.detach().requires_grad_(v.dim() != 4) if v.is_floating_point() else v
-                   for v in inputs)
-    grad_out = torch.randn(out_shape, device=ctx.device)
-
-    def forward_backward():
-        # set_to_none: accumulating into existing .grad would add a full pass over the
-        # weights (2.7 GB for DiT-XL/2) that a training step does not pay.
-        module.zero_grad(set_to_none=True)
-        with _autocast(ctx):
-            out = model(*inputs)
-        out.backward(grad_out.to(out.dtype))
-    return forward_backward
-
-
-def _measure(fn: Callable[[], None], ctx: BenchContext) -> Optional[float]:
-    try:
-        return median_seconds(fn, ctx.min_run_time)
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        if ctx.is_cuda:
-            torch.cuda.empty_cache()
-
-
-def _bench_case(ctx: BenchContext, what: str, name: str, batch: int) -> List[Dict]:
-    reference, ours, inputs, out_shape, op, shape = _build(ctx, what, name, batch)
-    rows = []
-    for pass_name in PASSES:
-        backward = pass_name == "fwd+bwd"
-        reference.train(backward)
-        ours.train(backward)
-        eager_s = None
-        for impl, module, compiled in (("eager", reference, False),
-                                       ("compile", reference, True),
-                                       ("ditkernels", ours, False),
-                                       ("ditkernels+compile", ours, True)):
-            model = module
-            if compiled:
-                # A fresh dynamo state per measurement: static shapes, and no recompile
-                # limit reached by the many models of one run.
-                torch._dynamo.reset()
-                model = maybe_compile(module, ctx)
-                if model is None:
-                    continue
-            seconds = _measure(_step(model, module, inputs, out_shape, backward, ctx), ctx)
-            if impl == "eager":
-                eager_s = seconds
-            row = {"family": "dit", "op": op, "shape": shape, "pass": pass_name, "impl": impl,
-                   "median_ms": None, "images_per_s": None, "speedup_vs_eager": None}
-            if seconds is None:
-                row["note"] = "out of memory"
-            else:
-                row.update(median_ms=seconds * 1e3, images_per_s=batch / seconds,
-                           speedup_vs_eager=eager_s / seconds if eager_s else None)
-            rows.append(row)
-    return rows
-
-
 def run(ctx: BenchContext) -> List[Dict]:
     rows = []
     for what, name, batch in _cases(ctx):
-        rows += _bench_case(ctx, what, name, batch)
+        reference, ours, inputs, out_shape, op, shape = _build(ctx, what, name, batch)
+        rows += model_rows(ctx, dict(family="dit", op=op, shape=shape), reference, ours,
+                           inputs, out_shape, batch)
     return rows
 
 
-COLUMNS = ["op", "shape", "pass", "impl", "median_ms", "images_per_s", "speedup_vs_eager", "note"]
+COLUMNS = MODEL_COLUMNS

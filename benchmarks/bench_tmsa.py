@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import ditkernels
 from ditkernels import reference
 from benchmarks.bench_adaln import pass_fn
-from benchmarks.common import BenchContext, maybe_compile, median_seconds
+from benchmarks.common import BenchContext, maybe_compile, measure
 
 SCORES_PER_CASE = 1 << 25
 MAX_HEADS = 16
@@ -101,24 +101,6 @@ def _flex(ctx: BenchContext, grid: int) -> Optional[Callable]:
     return maybe_compile(flex, ctx)
 
 
-def _measure(make_step: Callable[[], Callable[[], object]], ctx: BenchContext,
-             may_fail: bool):
-    """(seconds, None) or (None, why it could not run). Only out-of-memory, and any
-    error where may_fail (a baseline this torch may not support, such as FlexAttention
-    at head dim 72), is reported instead of raised."""
-    try:
-        return median_seconds(make_step(), ctx.min_run_time), None
-    except torch.OutOfMemoryError:
-        return None, "out of memory"
-    except Exception as exc:
-        if not may_fail:
-            raise
-        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
-    finally:
-        if ctx.is_cuda:
-            torch.cuda.empty_cache()
-
-
 def run(ctx: BenchContext) -> List[Dict]:
     rows = []
     for B, H, grid, D in cases(ctx):
@@ -137,8 +119,8 @@ def run(ctx: BenchContext) -> List[Dict]:
                     # Static shapes per case: compile's best case, not a dynamic kernel.
                     torch._dynamo.reset()
                 inputs = (qkv,) if impl == BOUND else (qkv, time_qkv, table)
-                results[impl] = _measure(lambda: pass_fn(fn, inputs, pass_name), ctx,
-                                         may_fail=impl == "flex")
+                results[impl] = measure(lambda: pass_fn(fn, inputs, pass_name), ctx,
+                                        may_fail=impl == "flex")
             baseline, bound = results[BASELINE][0], results[BOUND][0]
             for impl, (sec, note) in results.items():
                 row = {"family": "tmsa", "op": "tmsa", "shape": f"B{B} H{H} N{N} D{D}",

@@ -1,13 +1,17 @@
-"""Shared test fixtures: the device list, the `cuda` marker and tolerances.
+"""Shared test fixtures: the device list, the `cuda` marker, tolerances, and the
+helpers that judge whole models against their plain-PyTorch references.
 
 Nothing here touches the GPU at import time: whether CUDA is usable is asked only
 when a test that needs it is collected.
 """
 
+import copy
 import functools
+from typing import Callable, Optional, Tuple
 
 import pytest
 import torch
+import torch.nn as nn
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,3 +51,150 @@ NORM_TOL = {
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for modules whose tensors are all tiny: a second thread buys
+    nothing, and on a loaded 2-core machine its barriers slowed small ops down by an
+    order of magnitude (a diffusion training loop 30x). Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------
+# models against their plain-PyTorch references (test_dit, test_uvit, test_diffit)
+# ---------------------------------------------------------------------------
+
+# STYLE.md rule 7: against an fp64 run of the reference, ditkernels may be at most
+# EAGER_SLACK times as far off as the eager reference at the same precision.
+EAGER_SLACK = 2.0
+
+
+# (parameter name, module holding it) -> (mean, std) for that parameter, or None.
+ParamScale = Callable[[str, nn.Module], Optional[Tuple[float, float]]]
+
+
+def randomize_(model: nn.Module, scale: Optional[ParamScale] = None) -> nn.Module:
+    """Random values of realistic scale in every trainable parameter, including those a
+    model initialises to zero or constants (adaLN, final layers, biases), so that every
+    one of them matters: N(0, fan_in ** -0.5) for matrices, N(0, 0.1) otherwise, or
+    N(mean, std) where scale(name, module holding the parameter) gives (mean, std)."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            owner = model.get_submodule(name.rpartition(".")[0])
+            mean_std = scale(name, owner) if scale is not None else None
+            mean, std = mean_std or (0.0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.1)
+            p.copy_(mean + torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
+    return model
+
+
+def ditkernels_copy(reference_model: nn.Module, cls, config: dict) -> nn.Module:
+    """cls(**config) with reference_model's weights, device, dtype and train mode."""
+    like = next(reference_model.parameters())
+    model = cls(**config).to(like.device, like.dtype)
+    model.load_state_dict(reference_model.state_dict(), strict=True)
+    return model.train(reference_model.training)
+
+
+def image_model_inputs(batch: int, channels: int, size: int, num_classes: int, device,
+                       dtype=torch.float32):
+    """(x, t, y) for a diffusion model of [channels, size, size] images or latents:
+    timesteps in [0, 999), labels below num_classes; (x, t) where num_classes <= 0.
+    The same values at every call."""
+    gen = torch.Generator().manual_seed(99)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device, dtype)
+    t = (torch.rand(batch, generator=gen) * 999).to(device)
+    if num_classes <= 0:
+        return x, t
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    return x, t, y
+
+
+def forward_backward(model, inputs, autocast_dtype=None, *, every_input=False):
+    """Output and gradients of (out * w).sum() for a fixed random w: {"x": the first
+    input's} (every_input: {"input i": every floating input's}), then every trainable
+    parameter's by name.
+
+    Seeding first makes the label dropout of train mode draw the same labels everywhere.
+    """
+    model.zero_grad(set_to_none=True)
+    differentiated = len(inputs) if every_input else 1
+    inputs = [v.detach().clone().requires_grad_(True)
+              if i < differentiated and v.is_floating_point() else v
+              for i, v in enumerate(inputs)]
+    torch.manual_seed(0)
+    with torch.autocast(inputs[0].device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        out = model(*inputs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (out * w.to(out)).sum().backward()
+    if every_input:
+        grads = {f"input {i}": v.grad for i, v in enumerate(inputs) if v.requires_grad}
+    else:
+        grads = {"x": inputs[0].grad}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return out.detach(), grads
+
+
+def assert_within_eager_error(ours, eager, oracle, what, dtype):
+    """ours at most EAGER_SLACK times as far from the fp64 oracle as eager, plus a floor
+    of a few ulps of the oracle's magnitude for values eager gets right by luck."""
+    oracle = oracle.double()
+    eager_err = (eager.double() - oracle).abs().max().item()
+    our_err = (ours.double() - oracle).abs().max().item()
+    floor = 4 * torch.finfo(dtype).eps * oracle.abs().max().item()
+    assert our_err <= EAGER_SLACK * eager_err + floor, (
+        f"{what}: ditkernels error {our_err:.3g} vs eager error {eager_err:.3g} "
+        f"(floor {floor:.3g}) against the fp64 reference")
+
+
+def assert_matches_reference(ours_model, ref_model, inputs, autocast_dtype=None, *,
+                             every_input=False):
+    """Forward and backward of ours_model vs ref_model at the inputs' precision (or under
+    autocast), each judged against ref_model in fp64; every_input as in
+    forward_backward. Returns the fp64 gradients."""
+    ours_out, ours_grads = forward_backward(ours_model, inputs, autocast_dtype,
+                                            every_input=every_input)
+    eager_out, eager_grads = forward_backward(ref_model, inputs, autocast_dtype,
+                                              every_input=every_input)
+    oracle_inputs = [v.double() if v.is_floating_point() else v for v in inputs]
+    oracle_out, oracle_grads = forward_backward(copy.deepcopy(ref_model).double(),
+                                                oracle_inputs, every_input=every_input)
+    dtype = autocast_dtype or inputs[0].dtype
+    assert ours_out.dtype == eager_out.dtype and ours_out.shape == eager_out.shape
+    assert_within_eager_error(ours_out, eager_out, oracle_out, "output", dtype)
+    assert ours_grads.keys() == oracle_grads.keys()
+    for name, oracle_grad in oracle_grads.items():
+        assert ours_grads[name].dtype == eager_grads[name].dtype, name
+        assert_within_eager_error(ours_grads[name], eager_grads[name], oracle_grad,
+                                  f"grad of {name}", dtype)
+    return oracle_grads
+
+
+def assert_compiled_matches_eager(module, inputs, backend="inductor", *, every_input=False):
+    """torch.compile(module, fullgraph=True), from a fresh dynamo state, gives eager's
+    output and gradients (forward_backward, every_input as there) to 1e-5."""
+    eager_out, eager_grads = forward_backward(module, inputs, every_input=every_input)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    out, grads = forward_backward(compiled, inputs, every_input=every_input)
+    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def assert_same_state(a: nn.Module, b: nn.Module):
+    """The same state_dict keys in the same order, and bitwise the same values."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert list(state_a) == list(state_b)
+    for name, value in state_a.items():
+        torch.testing.assert_close(value, state_b[name], atol=0, rtol=0, msg=name)

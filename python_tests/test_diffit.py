@@ -1,24 +1,21 @@
 """DiffiT on the fused kernels (ditkernels.models.diffit) against the plain-PyTorch
 DiffiT in ditkernels.reference_diffit.
 
-Accuracy rule (STYLE.md rule 7): against an fp64 run of the reference, ditkernels may
-be at most SLACK times as far off as the eager reference at the same precision, plus
-a floor of a few ulps of the value's magnitude for values eager gets right by luck.
+Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
 
-import copy
+import functools
 
 import pytest
 import torch
 import torch.nn as nn
 
+import conftest
 import ditkernels.models.diffit as diffit
-from conftest import DEVICES
+from conftest import DEVICES, assert_same_state, ditkernels_copy, image_model_inputs
 from ditkernels import reference_diffit as ref
 from ditkernels.models.diffit import (DIFFIT_CONFIGS, DIFFIT_IMAGE_CONFIGS, TMSA, DiffiT,
                                       DiffiTBlock, DiffiT_models, DiffiTUNet)
-
-SLACK = 2.0
 
 # TMSA: a square grid (head_dim 32); a non-square grid after one leading token with
 # head_dim 72 (as DiffiT-XL) and an explicit scale; 4 x 4 windows on an 8 x 4 grid
@@ -44,79 +41,23 @@ IMAGE = {
 }
 
 
-def randomize_(model: nn.Module) -> nn.Module:
-    """Random values of realistic scale in every trainable parameter, including those
-    initialised to zero or constants (final layers, biases, GroupNorm affines), and a
-    bias table large enough to shape the attention."""
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            mean, std = 0.0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            if name.endswith("relative_position_bias_table"):
-                std = 0.5
-            elif name.endswith("embedding_table.weight"):
-                std = 0.5
-            elif isinstance(model.get_submodule(name.rpartition(".")[0]), nn.GroupNorm):
-                mean = 1.0 if name.endswith("weight") else 0.0
-            p.copy_(mean + torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
-    return model
+def _diffit_scale(name: str, owner: nn.Module):
+    """A bias table and label embeddings large enough to shape the output; GroupNorm
+    gains about 1."""
+    if name.endswith(("relative_position_bias_table", "embedding_table.weight")):
+        return 0.0, 0.5
+    if isinstance(owner, nn.GroupNorm) and name.endswith("weight"):
+        return 1.0, 0.1
+    return None
 
 
-def forward_backward(model, inputs, autocast_dtype=None):
-    """Output and gradients {every floating input by position, every trainable
-    parameter by name} of (out * w).sum() for a fixed random w.
-
-    Seeding first makes the label dropout of train mode draw the same labels everywhere.
-    """
-    model.zero_grad(set_to_none=True)
-    inputs = [v.detach().clone().requires_grad_(True) if v.is_floating_point() else v
-              for v in inputs]
-    torch.manual_seed(0)
-    with torch.autocast(inputs[0].device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
-        out = model(*inputs)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    (out * w.to(out)).sum().backward()
-    grads = {f"input {i}": v.grad for i, v in enumerate(inputs) if v.requires_grad}
-    grads.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    return out.detach(), grads
-
-
-def assert_within_eager_error(ours, eager, oracle, what, dtype):
-    oracle = oracle.double()
-    eager_err = (eager.double() - oracle).abs().max().item()
-    our_err = (ours.double() - oracle).abs().max().item()
-    floor = 4 * torch.finfo(dtype).eps * oracle.abs().max().item()
-    assert our_err <= SLACK * eager_err + floor, (
-        f"{what}: ditkernels error {our_err:.3g} vs eager error {eager_err:.3g} "
-        f"(floor {floor:.3g}) against the fp64 reference")
-
-
-def assert_matches_reference(ours_model, ref_model, inputs, autocast_dtype=None):
-    """Forward and backward of ours_model vs ref_model at the inputs' precision (or under
-    autocast), each judged against ref_model in fp64. Returns the fp64 gradients."""
-    ours_out, ours_grads = forward_backward(ours_model, inputs, autocast_dtype)
-    eager_out, eager_grads = forward_backward(ref_model, inputs, autocast_dtype)
-    oracle_inputs = [v.double() if v.is_floating_point() else v for v in inputs]
-    oracle_out, oracle_grads = forward_backward(copy.deepcopy(ref_model).double(), oracle_inputs)
-    dtype = autocast_dtype or inputs[0].dtype
-    assert ours_out.dtype == eager_out.dtype and ours_out.shape == eager_out.shape
-    assert_within_eager_error(ours_out, eager_out, oracle_out, "output", dtype)
-    assert ours_grads.keys() == oracle_grads.keys()
-    for name, oracle_grad in oracle_grads.items():
-        assert ours_grads[name].dtype == eager_grads[name].dtype, name
-        assert_within_eager_error(ours_grads[name], eager_grads[name], oracle_grad,
-                                  f"grad of {name}", dtype)
-    return oracle_grads
-
-
-def ditkernels_copy(reference_model: nn.Module, cls, config: dict) -> nn.Module:
-    like = next(reference_model.parameters())
-    model = cls(**config).to(like.device, like.dtype)
-    model.load_state_dict(reference_model.state_dict(), strict=True)
-    return model.train(reference_model.training)
+randomize_ = functools.partial(conftest.randomize_, scale=_diffit_scale)
+# DiffiT's inputs after x (timesteps, time embeddings) are floating and differentiable:
+# their gradients are judged too.
+assert_matches_reference = functools.partial(conftest.assert_matches_reference,
+                                             every_input=True)
+assert_compiled_matches_eager = functools.partial(conftest.assert_compiled_matches_eager,
+                                                  every_input=True)
 
 
 def tmsa_inputs(config: dict, batch: int, device):
@@ -129,15 +70,9 @@ def tmsa_inputs(config: dict, batch: int, device):
 
 
 def model_inputs(config: dict, batch: int, device, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(99)
     size = config.get("input_size", config.get("img_size"))
-    channels = config.get("in_channels", 4)
-    x = torch.randn(batch, channels, size, size, generator=gen).to(device, dtype)
-    t = (torch.rand(batch, generator=gen) * 999).to(device)
-    if config.get("num_classes", 0) <= 0:
-        return x, t
-    y = torch.randint(0, config["num_classes"], (batch,), generator=gen).to(device)
-    return x, t, y
+    return image_model_inputs(batch, config.get("in_channels", 4), size,
+                              config.get("num_classes", 0), device, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -150,13 +85,6 @@ STRUCTURES = {
     "latent": (DiffiT, ref.DiffiT, LATENT),
     "image": (DiffiTUNet, ref.DiffiTUNet, IMAGE["cond"]),
 }
-
-
-def assert_same_state(a: nn.Module, b: nn.Module):
-    state_a, state_b = a.state_dict(), b.state_dict()
-    assert list(state_a) == list(state_b)
-    for name, value in state_a.items():
-        torch.testing.assert_close(value, state_b[name], atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("kind", list(STRUCTURES))
@@ -374,15 +302,7 @@ def test_tmsa_compiles_fullgraph(device, case):
     config = TMSA_CASES[case]
     module = randomize_(TMSA(**config)).to(device)
     inputs = tmsa_inputs(config, 2, device)
-    eager_out, eager_grads = forward_backward(module, inputs)
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True)
-    out, grads = forward_backward(compiled, inputs)
-    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}
-    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_compiled_matches_eager(module, inputs)
 
 
 def test_models_have_no_graph_breaks():

@@ -28,19 +28,12 @@ from ditkernels.diffusion import (
     space_timesteps,
 )
 
+# Every tensor here is tiny: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Every tensor here is tiny: a second intra-op thread buys nothing, and on a loaded
-    # 2-core machine its barriers made the training loop 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _timestep_features(t, dim):

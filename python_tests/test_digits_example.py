@@ -18,15 +18,8 @@ from ditkernels.diffusion import GaussianDiffusion  # noqa: E402
 from ditkernels.examples import digits  # noqa: E402
 from ditkernels.models import DiT  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The smoke model is tiny: a second intra-op thread buys nothing, and on a loaded
-    # 2-core machine its barriers slow small ops down by an order of magnitude.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The smoke model is tiny: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_run_writes_grid_metrics_and_a_reloadable_checkpoint(tmp_path):

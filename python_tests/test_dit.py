@@ -1,24 +1,19 @@
 """DiT on the fused kernels (ditkernels.nn.DiTBlock, ditkernels.models.DiT, patch_dit)
 against the plain-PyTorch DiT in ditkernels.reference_models.
 
-Accuracy rule (STYLE.md rule 7): against an fp64 run of the reference, ditkernels may
-be at most SLACK times as far off as the eager reference at the same precision, plus
-a floor of a few ulps of the output's magnitude for values eager gets right by luck.
+Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
-
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICES
+from conftest import (DEVICES, assert_matches_reference, assert_same_state, ditkernels_copy,
+                      forward_backward, image_model_inputs, randomize_)
 from ditkernels import reference_models as ref
 from ditkernels.models import DIT_CONFIGS, DiT, DiT_models
 from ditkernels.nn import DiTBlock, LabelEmbedder, TimestepEmbedder
 from ditkernels.patching import patch_dit
-
-SLACK = 2.0
 
 # DiT-S/2 at 256x256 (latent 32x32, 256 tokens), and a small config with odd sizes:
 # 49 tokens, head_dim 72 (as DiT-XL), an MLP ratio that is not 4, 3 channels without
@@ -32,95 +27,18 @@ MODEL_CONFIGS = {
 TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 
 
-def randomize_(model: nn.Module) -> nn.Module:
-    """Unit-scale random weights everywhere, including the adaLN linears that DiT
-    initialises to zero, so that every gate, shift and scale matters."""
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad:
-                continue
-            std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
-    return model
-
-
 def dit_inputs(config: dict, batch: int, device, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(99)
-    size, channels = config["input_size"], config.get("in_channels", 4)
-    x = torch.randn(batch, channels, size, size, generator=gen).to(device, dtype)
-    t = (torch.rand(batch, generator=gen) * 999).to(device)
-    y = torch.randint(0, config.get("num_classes", 1000), (batch,), generator=gen).to(device)
-    return x, t, y
-
-
-def forward_backward(model, inputs, autocast_dtype=None):
-    """Output and gradients {x, every trainable parameter by name} of (out * w).sum()
-    for a fixed random w.
-
-    Seeding first makes the label dropout of train mode draw the same labels everywhere.
-    """
-    model.zero_grad(set_to_none=True)
-    x = inputs[0].detach().clone().requires_grad_(True)
-    torch.manual_seed(0)
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
-        out = model(x, *inputs[1:])
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    (out * w.to(out)).sum().backward()
-    grads = {"x": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    return out.detach(), grads
-
-
-def assert_within_eager_error(ours, eager, oracle, what, dtype):
-    oracle = oracle.double()
-    eager_err = (eager.double() - oracle).abs().max().item()
-    our_err = (ours.double() - oracle).abs().max().item()
-    floor = 4 * torch.finfo(dtype).eps * oracle.abs().max().item()
-    assert our_err <= SLACK * eager_err + floor, (
-        f"{what}: ditkernels error {our_err:.3g} vs eager error {eager_err:.3g} "
-        f"(floor {floor:.3g}) against the fp64 reference")
-
-
-def assert_matches_reference(ours_model, ref_model, inputs, autocast_dtype=None):
-    """Forward and backward of ours_model vs ref_model at the inputs' precision (or under
-    autocast), each judged against ref_model in fp64."""
-    ours_out, ours_grads = forward_backward(ours_model, inputs, autocast_dtype)
-    eager_out, eager_grads = forward_backward(ref_model, inputs, autocast_dtype)
-    oracle_inputs = [v.double() if v.is_floating_point() else v for v in inputs]
-    oracle_out, oracle_grads = forward_backward(copy.deepcopy(ref_model).double(), oracle_inputs)
-    dtype = autocast_dtype or inputs[0].dtype
-    assert ours_out.dtype == eager_out.dtype
-    assert_within_eager_error(ours_out, eager_out, oracle_out, "output", dtype)
-    assert ours_grads.keys() == oracle_grads.keys()
-    for name, oracle_grad in oracle_grads.items():
-        assert ours_grads[name].dtype == eager_grads[name].dtype, name
-        assert_within_eager_error(ours_grads[name], eager_grads[name], oracle_grad,
-                                  f"grad of {name}", dtype)
+    return image_model_inputs(batch, config.get("in_channels", 4), config["input_size"],
+                              config.get("num_classes", 1000), device, dtype)
 
 
 def reference_dit(config, device):
     return randomize_(ref.DiT(**config)).to(device)
 
 
-def ditkernels_copy(reference_model, config):
-    like = next(reference_model.parameters())
-    model = DiT(**config).to(like.device, like.dtype)
-    model.load_state_dict(reference_model.state_dict(), strict=True)
-    return model.train(reference_model.training)
-
-
 # ---------------------------------------------------------------------------
 # structure: state_dicts, initialisation, configs
 # ---------------------------------------------------------------------------
-
-
-def assert_same_state(a: nn.Module, b: nn.Module):
-    state_a, state_b = a.state_dict(), b.state_dict()
-    assert list(state_a) == list(state_b)
-    for name, value in state_a.items():
-        torch.testing.assert_close(value, state_b[name], atol=0, rtol=0, msg=name)
 
 
 def test_block_state_dict_loads_strictly_both_ways():
@@ -234,7 +152,7 @@ def test_block_matches_reference(device, tokens):
 def test_model_matches_reference(device, config_name):
     config = MODEL_CONFIGS[config_name]
     reference = reference_dit(config, device).train()  # train: label dropout active
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, DiT, config)
     assert_matches_reference(ours, reference, dit_inputs(config, 2, device))
 
 
@@ -242,7 +160,7 @@ def test_model_matches_reference(device, config_name):
 def test_bf16_autocast_forward_backward(device):
     config = MODEL_CONFIGS["small-odd"]
     reference = reference_dit(config, device).eval()
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, DiT, config)
     assert_matches_reference(ours, reference, dit_inputs(config, 3, device),
                              autocast_dtype=torch.bfloat16)
     assert all(p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
@@ -253,7 +171,7 @@ def test_bf16_autocast_forward_backward(device):
 def test_low_precision_model(device, dtype):
     config = MODEL_CONFIGS["small-odd"]
     reference = reference_dit(config, device).to(dtype).eval()
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, DiT, config)
     assert_matches_reference(ours, reference, dit_inputs(config, 3, device, dtype))
 
 
@@ -261,7 +179,7 @@ def test_low_precision_model(device, dtype):
 def test_forward_with_cfg(device):
     config = MODEL_CONFIGS["small-odd"] | dict(learn_sigma=True)
     reference = reference_dit(config, device).eval()
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, DiT, config)
     x, t, _ = dit_inputs(config, 4, device)
     y = torch.tensor([1, 6, 7, 7], device=device)  # [cond; uncond] with the null class 7
     guided = ours.forward_with_cfg(x, t, y, cfg_scale=4.0)
@@ -282,7 +200,7 @@ def test_forward_with_cfg(device):
 def test_blocks_are_chained_and_fall_back_for_hooks(monkeypatch):
     config = MODEL_CONFIGS["small-odd"]
     reference = reference_dit(config, "cpu").eval()
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, DiT, config)
     inputs = dit_inputs(config, 2, "cpu")
     expected = reference(*inputs)
 
@@ -347,7 +265,7 @@ def test_block_has_no_graph_breaks():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_model_matches_eager(device):
-    model = ditkernels_copy(reference_dit(TINY, device), TINY).eval()
+    model = ditkernels_copy(reference_dit(TINY, device), DiT, TINY).eval()
     inputs = dit_inputs(TINY, 2, device)
     eager_out, eager_grads = forward_backward(model, inputs)
     model.compile(fullgraph=True)

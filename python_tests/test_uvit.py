@@ -1,23 +1,21 @@
 """U-ViT on the fused kernels (ditkernels.models.uvit) against the plain-PyTorch U-ViT
 in ditkernels.reference_uvit.
 
-Accuracy rule (STYLE.md rule 7): against an fp64 run of the reference, ditkernels may
-be at most SLACK times as far off as the eager reference at the same precision, plus
-a floor of a few ulps of the value's magnitude for values eager gets right by luck.
+Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
 
-import copy
+import functools
 
 import pytest
 import torch
 import torch.nn as nn
 
+import conftest
 import ditkernels.models.uvit as uvit
-from conftest import DEVICES
+from conftest import (DEVICES, assert_compiled_matches_eager, assert_matches_reference,
+                      assert_same_state, ditkernels_copy, forward_backward, image_model_inputs)
 from ditkernels import reference_uvit as ref
 from ditkernels.models.uvit import UVIT_CONFIGS, UVIT_SIZES, Block, UViT, UViT_models
-
-SLACK = 2.0
 
 # Small configs that still cover every path. "cond": label + time tokens (27 tokens),
 # head_dim 72 (as U-ViT-H), an MLP ratio that is not 4, two skips, the final conv.
@@ -31,98 +29,31 @@ CONFIGS = {
 }
 
 
-def randomize_(model: nn.Module) -> nn.Module:
-    """Random values of realistic scale in every parameter, including the LayerNorm
-    affines, biases and pos_embed that U-ViT initialises to constants, so that all of
-    them matter."""
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            owner = model.get_submodule(name.rpartition(".")[0])
-            if isinstance(owner, nn.LayerNorm) and name.endswith("weight"):
-                mean, std = 1.0, 0.1
-            elif name in ("pos_embed", "label_emb.weight"):
-                mean, std = 0.0, 0.5
-            else:
-                mean, std = 0.0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(mean + torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
-    return model
+def _uvit_scale(name: str, owner: nn.Module):
+    """LayerNorm gains about 1; pos_embed and the label embedding, which U-ViT
+    initialises small, large enough to matter."""
+    if isinstance(owner, nn.LayerNorm) and name.endswith("weight"):
+        return 1.0, 0.1
+    if name in ("pos_embed", "label_emb.weight"):
+        return 0.0, 0.5
+    return None
+
+
+randomize_ = functools.partial(conftest.randomize_, scale=_uvit_scale)
 
 
 def reference_uvit(config: dict, device) -> ref.UViT:
     return randomize_(ref.UViT(**config)).to(device)
 
 
-def ditkernels_copy(reference_model: nn.Module, config: dict) -> UViT:
-    like = next(reference_model.parameters())
-    model = UViT(**config).to(like.device, like.dtype)
-    model.load_state_dict(reference_model.state_dict(), strict=True)
-    return model.train(reference_model.training)
-
-
 def uvit_inputs(config: dict, batch: int, device, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(99)
-    size, channels = config["img_size"], config["in_chans"]
-    x = torch.randn(batch, channels, size, size, generator=gen).to(device, dtype)
-    t = (torch.rand(batch, generator=gen) * 999).to(device)
-    if config.get("num_classes", -1) <= 0:
-        return x, t
-    y = torch.randint(0, config["num_classes"], (batch,), generator=gen).to(device)
-    return x, t, y
-
-
-def forward_backward(model, inputs, autocast_dtype=None):
-    """Output and gradients {x, every parameter by name} of (out * w).sum() for a fixed
-    random w."""
-    model.zero_grad(set_to_none=True)
-    x = inputs[0].detach().clone().requires_grad_(True)
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
-        out = model(x, *inputs[1:])
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    (out * w.to(out)).sum().backward()
-    grads = {"x": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads
-
-
-def assert_within_eager_error(ours, eager, oracle, what, dtype):
-    oracle = oracle.double()
-    eager_err = (eager.double() - oracle).abs().max().item()
-    our_err = (ours.double() - oracle).abs().max().item()
-    floor = 4 * torch.finfo(dtype).eps * oracle.abs().max().item()
-    assert our_err <= SLACK * eager_err + floor, (
-        f"{what}: ditkernels error {our_err:.3g} vs eager error {eager_err:.3g} "
-        f"(floor {floor:.3g}) against the fp64 reference")
-
-
-def assert_matches_reference(ours_model, ref_model, inputs, autocast_dtype=None):
-    """Forward and backward of ours_model vs ref_model at the inputs' precision (or under
-    autocast), each judged against ref_model in fp64."""
-    ours_out, ours_grads = forward_backward(ours_model, inputs, autocast_dtype)
-    eager_out, eager_grads = forward_backward(ref_model, inputs, autocast_dtype)
-    oracle_inputs = [v.double() if v.is_floating_point() else v for v in inputs]
-    oracle_out, oracle_grads = forward_backward(copy.deepcopy(ref_model).double(), oracle_inputs)
-    dtype = autocast_dtype or inputs[0].dtype
-    assert ours_out.dtype == eager_out.dtype
-    assert_within_eager_error(ours_out, eager_out, oracle_out, "output", dtype)
-    assert ours_grads.keys() == oracle_grads.keys()
-    for name, oracle_grad in oracle_grads.items():
-        assert ours_grads[name].dtype == eager_grads[name].dtype, name
-        assert_within_eager_error(ours_grads[name], eager_grads[name], oracle_grad,
-                                  f"grad of {name}", dtype)
+    return image_model_inputs(batch, config["in_chans"], config["img_size"],
+                              config.get("num_classes", -1), device, dtype)
 
 
 # ---------------------------------------------------------------------------
 # structure: state_dicts, initialisation, configs
 # ---------------------------------------------------------------------------
-
-
-def assert_same_state(a: nn.Module, b: nn.Module):
-    state_a, state_b = a.state_dict(), b.state_dict()
-    assert list(state_a) == list(state_b)
-    for name, value in state_a.items():
-        torch.testing.assert_close(value, state_b[name], atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
@@ -214,7 +145,7 @@ def test_timestep_embedding_is_u_vits():
 def test_model_matches_reference(device, config_name):
     config = CONFIGS[config_name]
     reference = reference_uvit(config, device).train()
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, UViT, config)
     assert_matches_reference(ours, reference, uvit_inputs(config, 2, device))
 
 
@@ -222,7 +153,7 @@ def test_model_matches_reference(device, config_name):
 def test_bf16_autocast_forward_backward(device):
     config = CONFIGS["cond"]
     reference = reference_uvit(config, device)
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, UViT, config)
     assert_matches_reference(ours, reference, uvit_inputs(config, 3, device),
                              autocast_dtype=torch.bfloat16)
     assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
@@ -232,14 +163,14 @@ def test_bf16_autocast_forward_backward(device):
 def test_without_skips_matches_reference(device):
     config = dict(CONFIGS["cond"], skip=False)
     reference = reference_uvit(config, device)
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, UViT, config)
     assert_matches_reference(ours, reference, uvit_inputs(config, 2, device))
 
 
 def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
     config = CONFIGS["cond"]
     reference = reference_uvit(config, "cpu")
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, UViT, config)
     inputs = uvit_inputs(config, 2, "cpu")
     expected = reference(*inputs)
     skip_concat_linear = uvit.skip_concat_linear
@@ -266,13 +197,13 @@ def test_hooks_and_checkpointing_fall_back_to_block_calls():
     expected_out, expected_grads = forward_backward(reference, inputs)
 
     # A hook expects the block to be called: U-ViT then runs the blocks one by one.
-    ours = ditkernels_copy(reference, config)
+    ours = ditkernels_copy(reference, UViT, config)
     seen = []
     ours.out_blocks[0].register_forward_hook(lambda module, args, out: seen.append(len(args)))
     torch.testing.assert_close(ours(*inputs), expected_out, atol=1e-4, rtol=1e-4)
     assert seen == [2]  # called with (x, skip)
 
-    checkpointed = ditkernels_copy(reference, dict(config, use_checkpoint=True))
+    checkpointed = ditkernels_copy(reference, UViT, dict(config, use_checkpoint=True))
     out, grads = forward_backward(checkpointed, inputs)
     torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-4)
     for name, grad in expected_grads.items():
@@ -289,19 +220,11 @@ def test_compiles_without_graph_breaks(device):
     # aot_eager traces forward and backward through the fake kernels and the autograd
     # formulas without generating code, which keeps this test fast on CPU.
     config = CONFIGS["cond"]
-    ours = ditkernels_copy(reference_uvit(config, device), config)
+    ours = ditkernels_copy(reference_uvit(config, device), UViT, config)
     inputs = uvit_inputs(config, 2, device)
     explanation = torch._dynamo.explain(ours)(*inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    eager_out, eager_grads = forward_backward(ours, inputs)
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
-    out, grads = forward_backward(compiled, inputs)
-    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}
-    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_compiled_matches_eager(ours, inputs, backend="aot_eager")
 
 
 # ---------------------------------------------------------------------------
