@@ -77,12 +77,15 @@ def test_smoke_defaults_yield_to_explicit_flags():
     assert digits.parse_args(["--out", "x"]).image_size == 16
 
 
-def test_module_entry_point():
+def test_module_entry_point(tmp_path):
+    # Run from outside the repository: `python -m` puts the working directory first on
+    # sys.path, and the source tree has no compiled _C when the package is installed.
     root = Path(digits.__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-m", "ditkernels.examples.digits", "--help"],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for flag in ("--train-steps", "--image-size", "--sampling-steps", "--cfg-scale",
                  "--checkpoint", "--smoke"):
