@@ -55,7 +55,7 @@ from torch import Tensor
 from ..nn.dit import LabelEmbedder, Mlp, TimestepEmbedder
 from ..ops import tmsa, tmsa_windowed
 from ..reference import relative_position_index
-from .dit import PatchEmbed, get_2d_sincos_pos_embed
+from .dit import PatchEmbed, check_latent_inputs, get_2d_sincos_pos_embed, unpatchify
 from .uvit import layer_norm, residual_layer_norm
 
 Size2d = Union[int, Sequence[int]]
@@ -258,22 +258,10 @@ class DiffiT(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, T, p*p*C] -> [B, C, H, W]."""
-        c, p = self.out_channels, self.patch_size
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.out_channels, self.patch_size, self.input_size)
 
     def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be [B, {', '.join(map(str, expected))}] latents for this "
-                             f"DiffiT (in_channels, input_size, input_size), got shape "
-                             f"{tuple(x.shape)}")
-        for name, v in (("t", t), ("y", y)):
-            if tuple(v.shape) != (x.shape[0],):
-                raise ValueError(f"{name} must be a [B] = [{x.shape[0]}] vector matching x of "
-                                 f"shape {tuple(x.shape)}, got shape {tuple(v.shape)}")
+        check_latent_inputs("DiffiT", x, t, y, self.in_channels, self.input_size)
 
     def _blocks_chainable(self) -> bool:
         """Whether the fused cross-block chain computes what calling each block would.

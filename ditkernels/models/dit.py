@@ -51,6 +51,30 @@ def _1d_sincos_pos_embed(embed_dim: int, positions: Tensor) -> Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+
+def unpatchify(x: Tensor, channels: int, patch_size: int, input_size: int) -> Tensor:
+    """Patch tokens [B, T, p*p*C] back to images [B, C, H, W] (DiT's layout)."""
+    p = patch_size
+    h = w = input_size // p
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def check_latent_inputs(model: str, x: Tensor, t: Tensor, y: Tensor, in_channels: int,
+                        input_size: int) -> None:
+    """Clear errors for a latent model's (x, t, y) of the wrong shapes."""
+    expected = (in_channels, input_size, input_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"x must be [B, {', '.join(map(str, expected))}] latents for this "
+                         f"{model} (in_channels, input_size, input_size), got shape "
+                         f"{tuple(x.shape)}")
+    for name, v in (("t", t), ("y", y)):
+        if tuple(v.shape) != (x.shape[0],):
+            raise ValueError(f"{name} must be a [B] = [{x.shape[0]}] vector matching x of "
+                             f"shape {tuple(x.shape)}, got shape {tuple(v.shape)}")
+
+
 class DiT(nn.Module):
     """Diffusion transformer: forward(x [B, C, H, W] latents, t [B] timesteps,
     y [B] class labels) -> [B, out_channels, H, W] (eps, then sigma when learn_sigma)."""
@@ -112,23 +136,10 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """[B, T, p*p*C] -> [B, C, H, W]."""
-        c = self.out_channels
-        p = self.patch_size
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.out_channels, self.patch_size, self.input_size)
 
     def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be [B, {', '.join(map(str, expected))}] latents for this "
-                             f"DiT (in_channels, input_size, input_size), got shape "
-                             f"{tuple(x.shape)}")
-        for name, v in (("t", t), ("y", y)):
-            if tuple(v.shape) != (x.shape[0],):
-                raise ValueError(f"{name} must be a [B] = [{x.shape[0]}] vector matching x of "
-                                 f"shape {tuple(x.shape)}, got shape {tuple(v.shape)}")
+        check_latent_inputs("DiT", x, t, y, self.in_channels, self.input_size)
 
     def _blocks_chainable(self) -> bool:
         """Whether the fused cross-block chain computes what calling each block would.
