@@ -77,11 +77,12 @@ at::Tensor gemm_dequant(const int8::Rows& r, const at::Tensor& q, const at::Tens
   return y;
 }
 
+bool cpu_supports(at::ScalarType d) {
+  return d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16;
+}
+
 void check_float(const char* op, const at::Tensor& x) {
-  const auto d = x.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16, op,
-              ": x has dtype ", d, "; the CPU kernels support float32, float64, float16 and "
-              "bfloat16");
+  int8::check_float_input(op, x, cpu_supports, "CPU", "float32, float64, float16 and bfloat16");
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
@@ -89,8 +90,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
                            const std::optional<at::Tensor>& bias) {
   const char* op = "int8_linear";
   check_float(op, x);
-  auto r = int8::check_rows(op, x, "x", act_scales, t);
-  int8::check_weights(op, r, x, w_q, w_scale, bias, x.scalar_type());
+  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
   at::Tensor q = quantize_rows(r, act_scales);
   return gemm_dequant(r, q, w_q, w_scale, act_scales, bias, x.scalar_type())
       .view(int8::out_shape(r, w_q.size(0)));
@@ -101,9 +101,8 @@ at::Tensor int8_gemm_dequant_cpu(const at::Tensor& x_q, const at::Tensor& w_q,
                                  const at::Tensor& t, const std::optional<at::Tensor>& bias,
                                  at::ScalarType out_dtype) {
   const char* op = "int8_gemm_dequant";
-  TORCH_CHECK(x_q.scalar_type() == at::kChar, op, ": x_q must be int8, got ", x_q.scalar_type());
-  auto r = int8::check_rows(op, x_q, "x_q", act_scales, t);
-  int8::check_weights(op, r, x_q, w_q, w_scale, bias, out_dtype);
+  int8::check_int8_input(op, x_q);
+  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
   return gemm_dequant(r, r.x2d, w_q, w_scale, act_scales, bias, out_dtype)
       .view(int8::out_shape(r, w_q.size(0)));
 }

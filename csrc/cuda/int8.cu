@@ -259,16 +259,20 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   return y;
 }
 
+bool cuda_supports(at::ScalarType d) {
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
+}
+
+void check_float(const char* op, const at::Tensor& x) {
+  int8::check_float_input(op, x, cuda_supports, "CUDA", "float32, float16 and bfloat16");
+}
+
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                             const at::Tensor& act_scales, const at::Tensor& t,
                             const std::optional<at::Tensor>& bias) {
   const char* op = "int8_linear";
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              op, ": x has dtype ", x.scalar_type(),
-              "; the CUDA kernels support float32, float16 and bfloat16");
-  auto r = int8::check_rows(op, x, "x", act_scales, t);
-  int8::check_weights(op, r, x, w_q, w_scale, bias, x.scalar_type());
+  check_float(op, x);
+  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
   return run_gemm(op, x, r, w_q, w_scale, act_scales, bias, x.scalar_type(), true)
       .view(int8::out_shape(r, w_q.size(0)));
 }
@@ -278,9 +282,8 @@ at::Tensor int8_gemm_dequant_cuda(const at::Tensor& x_q, const at::Tensor& w_q,
                                   const at::Tensor& t, const std::optional<at::Tensor>& bias,
                                   at::ScalarType out_dtype) {
   const char* op = "int8_gemm_dequant";
-  TORCH_CHECK(x_q.scalar_type() == at::kChar, op, ": x_q must be int8, got ", x_q.scalar_type());
-  auto r = int8::check_rows(op, x_q, "x_q", act_scales, t);
-  int8::check_weights(op, r, x_q, w_q, w_scale, bias, out_dtype);
+  int8::check_int8_input(op, x_q);
+  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
   return run_gemm(op, x_q, r, w_q, w_scale, act_scales, bias, out_dtype, false)
       .view(int8::out_shape(r, w_q.size(0)));
 }
@@ -298,10 +301,7 @@ __global__ void quantize_kernel(const T* x, int8_t* q, const float* act_scales, 
 at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_scales,
                                     const at::Tensor& t) {
   const char* op = "quantize_per_sample";
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              op, ": x has dtype ", x.scalar_type(),
-              "; the CUDA kernels support float32, float16 and bfloat16");
+  check_float(op, x);
   auto r = int8::check_rows(op, x, "x", act_scales, t);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xc = r.x2d.contiguous();

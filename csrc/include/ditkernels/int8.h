@@ -88,6 +88,30 @@ inline void check_weights(const char* op, const Rows& r, const at::Tensor& x,
   }
 }
 
+// The float activations of int8_linear / quantize_per_sample, on a backend that
+// supports `dtype_names`.
+inline void check_float_input(const char* op, const at::Tensor& x,
+                              bool (*supports)(at::ScalarType), const char* device_name,
+                              const char* dtype_names) {
+  TORCH_CHECK(supports(x.scalar_type()), op, ": x has dtype ", x.scalar_type(), "; the ",
+              device_name, " kernels support ", dtype_names);
+}
+
+// Everything an int8 GEMM op checks: activations `a` (float x or int8 x_q) against t
+// and the scale table, then the weights; returns a's rows.
+inline Rows check_gemm(const char* op, const at::Tensor& a, const char* a_name,
+                       const at::Tensor& w_q, const at::Tensor& w_scale,
+                       const at::Tensor& act_scales, const at::Tensor& t,
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  Rows r = check_rows(op, a, a_name, act_scales, t);
+  check_weights(op, r, a, w_q, w_scale, bias, out_dtype);
+  return r;
+}
+
+inline void check_int8_input(const char* op, const at::Tensor& x_q) {
+  TORCH_CHECK(x_q.scalar_type() == at::kChar, op, ": x_q must be int8, got ", x_q.scalar_type());
+}
+
 inline std::vector<int64_t> out_shape(const Rows& r, int64_t N) {
   std::vector<int64_t> s(r.lead);
   s.push_back(N);
