@@ -2,9 +2,9 @@
 // csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu; autograd and fake (meta)
 // implementations live in ditkernels/ops.py.
 
-#include <torch/library.h>
+#include "ditkernels/library.h"
 
-TORCH_LIBRARY(ditkernels, m) {
+DK_TORCH_LIBRARY(m) {
   // ---- fused adaLN family (csrc/include/ditkernels/adaln.h) ----
   // y = LayerNorm(x; weight, bias) * (1 + scale[:, None]) + shift[:, None]
   m.def(

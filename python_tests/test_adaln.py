@@ -134,15 +134,19 @@ def _make_strided(t):
 @pytest.mark.parametrize("op", OPS)
 def test_non_contiguous_and_misaligned_inputs(device, op):
     for dtype in DTYPES[device]:
-        args = make_inputs(op, 3, 17, 64, dtype, device, requires_grad=False)
-        strided = {k: (_make_strided(v) if isinstance(v, torch.Tensor) else v)
-                   for k, v in args.items()}
-        assert not strided["x"].is_contiguous()
-        # x starting one element past a 16-byte boundary forces the scalar path.
-        flat = torch.empty(args["x"].numel() + 1, dtype=dtype, device=device)
-        misaligned = dict(args, x=flat[1:].view_as(args["x"]).copy_(args["x"]))
-        for variant in (strided, misaligned):
-            check_forward(call(ditkernels, op, variant), args)
+        check_non_contiguous_and_misaligned(device, dtype, op)
+
+
+def check_non_contiguous_and_misaligned(device, dtype, op):
+    args = make_inputs(op, 3, 17, 64, dtype, device, requires_grad=False)
+    strided = {k: (_make_strided(v) if isinstance(v, torch.Tensor) else v)
+               for k, v in args.items()}
+    assert not strided["x"].is_contiguous()
+    # x starting one element past a 16-byte boundary forces the scalar path.
+    flat = torch.empty(args["x"].numel() + 1, dtype=dtype, device=device)
+    misaligned = dict(args, x=flat[1:].view_as(args["x"]).copy_(args["x"]))
+    for variant in (strided, misaligned):
+        check_forward(call(ditkernels, op, variant), args)
 
 
 # ---------------------------------------------------------------------------
@@ -173,20 +177,24 @@ def test_backward_matches_reference(device, op, B, N, C):
     """Gradients of every input against fp64 autograd of the reference. Low-precision
     errors may be at most 2x those of eager PyTorch in the same dtype (STYLE.md rule 7)."""
     for dtype in DTYPES[device]:
-        args = make_inputs(op, B, N, C, dtype, device)
-        n_out = 2 if op == "gated_residual_ln_modulate" else 1
-        seeds = [torch.randn(B, N, C, dtype=torch.float64, device=device) for _ in range(n_out)]
-        # The seed grads are rounded to dtype first, so all three see the same values.
-        seeds = [s.to(dtype).double() for s in seeds]
-        ours = _grads(ditkernels, op, _leaf(args), seeds)
-        exact = _grads(reference, op, _leaf(args, torch.float64), seeds)
-        eager = _grads(reference, op, _leaf(args), seeds)
-        for name, g in ours.items():
-            assert g.dtype == dtype and g.shape == args[name].shape, name
-            err, eager_err = rel_err(g, exact[name]), rel_err(eager[name], exact[name])
-            bound = {torch.float64: 1e-10, torch.float32: 1e-5}.get(
-                dtype, max(2 * eager_err, torch.finfo(dtype).eps))
-            assert err <= bound, f"{dtype} grad of {name}: rel err {err:.2e} > {bound:.2e}"
+        check_backward(device, dtype, op, B, N, C)
+
+
+def check_backward(device, dtype, op, B, N, C):
+    args = make_inputs(op, B, N, C, dtype, device)
+    n_out = 2 if op == "gated_residual_ln_modulate" else 1
+    seeds = [torch.randn(B, N, C, dtype=torch.float64, device=device) for _ in range(n_out)]
+    # The seed grads are rounded to dtype first, so all three see the same values.
+    seeds = [s.to(dtype).double() for s in seeds]
+    ours = _grads(ditkernels, op, _leaf(args), seeds)
+    exact = _grads(reference, op, _leaf(args, torch.float64), seeds)
+    eager = _grads(reference, op, _leaf(args), seeds)
+    for name, g in ours.items():
+        assert g.dtype == dtype and g.shape == args[name].shape, name
+        err, eager_err = rel_err(g, exact[name]), rel_err(eager[name], exact[name])
+        bound = {torch.float64: 1e-10, torch.float32: 1e-5}.get(
+            dtype, max(2 * eager_err, torch.finfo(dtype).eps))
+        assert err <= bound, f"{dtype} grad of {name}: rel err {err:.2e} > {bound:.2e}"
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -37,22 +37,30 @@ CASES = [((2, 17), 64, 48, False), ((3, 129), 96, 160, False), ((33,), 32, 16, F
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_bit_identical_to_integer_reference(device, lead, K, N, one_t, bias):
     for dtype in DTYPES[device]:
-        args = make_gemm_inputs(lead, K, N, dtype, device, bias, one_t)
-        y = ditkernels.int8_linear(**args)
-        ref = reference.int8_linear(**args)
-        assert y.dtype == dtype and y.shape == (*lead, N)
-        assert torch.equal(y, ref), (y - ref).abs().max()
+        check_int8_linear(device, dtype, lead, K, N, one_t, bias)
+
+
+def check_int8_linear(device, dtype, lead, K, N, one_t, bias):
+    args = make_gemm_inputs(lead, K, N, dtype, device, bias, one_t)
+    y = ditkernels.int8_linear(**args)
+    ref = reference.int8_linear(**args)
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert torch.equal(y, ref), (y - ref).abs().max()
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead,K,N,one_t", CASES[:3])
 def test_int8_gemm_dequant_and_quantize(device, lead, K, N, one_t):
+    check_gemm_dequant_and_quantize(device, DTYPES[device], lead, K, N, one_t)
+
+
+def check_gemm_dequant_and_quantize(device, out_dtypes, lead, K, N, one_t):
     args = make_gemm_inputs(lead, K, N, torch.float32, device, True, one_t)
     x_q = ditkernels.quantize_per_sample(args["x"], args["act_scales"], args["t"])
     assert x_q.dtype == torch.int8
     assert torch.equal(x_q, reference.quantize_per_sample(args["x"], args["act_scales"],
                                                           args["t"]))
-    for out_dtype in DTYPES[device]:
+    for out_dtype in out_dtypes:
         gemm_args = dict(args, x_q=x_q, bias=args["bias"].to(out_dtype), out_dtype=out_dtype)
         del gemm_args["x"]
         y = ditkernels.int8_gemm_dequant(**gemm_args)
@@ -62,9 +70,10 @@ def test_int8_gemm_dequant_and_quantize(device, lead, K, N, one_t):
 
 def test_quantize_rounds_half_to_even_and_clamps():
     s = torch.tensor([0.5])
-    x = torch.tensor([[0.25, 0.75, -0.25, 1.25, 200.0, -200.0, 0.0]])
+    # x / s overflows to +-inf for the last two.
+    x = torch.tensor([[0.25, 0.75, -0.25, 1.25, 200.0, -200.0, 0.0, 3e38, -3e38]])
     q = ditkernels.quantize_per_sample(x, s, torch.tensor([0]))
-    assert q.tolist() == [[0, 2, 0, 2, 127, -127, 0]]
+    assert q.tolist() == [[0, 2, 0, 2, 127, -127, 0, 127, -127]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,19 +94,23 @@ def test_mixed_timesteps_in_one_batch(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_ln_modulate_int8_matches_quantized_ln_modulate(device):
     for dtype in DTYPES[device]:
-        B, N, C = 3, 17, 72
-        x = torch.randn(B, N, C, device=device).to(dtype)
-        ada = torch.randn(B, 2 * C, device=device).to(dtype)
-        shift, scale = ada[:, :C], ada[:, C:]
-        act_scales = torch.rand(T_STEPS, device=device) * 0.05 + 0.01
-        t = torch.tensor([3, 700, 999], device=device)
-        q = ditkernels.ln_modulate_int8(x, shift, scale, act_scales, t)
-        y = ditkernels.ln_modulate(x, shift, scale)
-        assert q.dtype == torch.int8
-        assert torch.equal(q, reference.quantize_per_sample(y, act_scales, t))
-        # Against the plain-PyTorch norm: at most one step where rounding of y differs.
-        ref = reference.ln_modulate_int8(x, shift, scale, act_scales, t)
-        assert (q.int() - ref.int()).abs().max() <= 1
+        check_ln_modulate_int8(device, dtype)
+
+
+def check_ln_modulate_int8(device, dtype):
+    B, N, C = 3, 17, 72
+    x = torch.randn(B, N, C, device=device).to(dtype)
+    ada = torch.randn(B, 2 * C, device=device).to(dtype)
+    shift, scale = ada[:, :C], ada[:, C:]
+    act_scales = torch.rand(T_STEPS, device=device) * 0.05 + 0.01
+    t = torch.tensor([3, 700, 999], device=device)
+    q = ditkernels.ln_modulate_int8(x, shift, scale, act_scales, t)
+    y = ditkernels.ln_modulate(x, shift, scale)
+    assert q.dtype == torch.int8
+    assert torch.equal(q, reference.quantize_per_sample(y, act_scales, t))
+    # Against the plain-PyTorch norm: at most one step where rounding of y differs.
+    ref = reference.ln_modulate_int8(x, shift, scale, act_scales, t)
+    assert (q.int() - ref.int()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

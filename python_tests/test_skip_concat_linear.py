@@ -36,53 +36,65 @@ CASES = [((2, 258), 64, 64), ((1,), 8, 8), ((3, 7), 40, 24), ((5, 97), 136, 130)
          ((1, 129), 256, 200), ((2, 65), 1152, 1152), ((300,), 8, 3)]
 
 
+def check_forward(device, dtype, lead, D, Dout, bias):
+    args = make_inputs(lead, D, Dout, dtype, device, bias)
+    y = ditkernels.skip_concat_linear(**args)
+    ref = reference.skip_concat_linear(**upcast(args))
+    assert y.dtype == dtype and y.shape == (*lead, Dout)
+    torch.testing.assert_close(y.double(), ref, **GEMM_TOL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead,D,Dout", CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_reference(device, lead, D, Dout, bias):
     for dtype in DTYPES[device]:
-        args = make_inputs(lead, D, Dout, dtype, device, bias)
-        y = ditkernels.skip_concat_linear(**args)
-        ref = reference.skip_concat_linear(**upcast(args))
-        assert y.dtype == dtype and y.shape == (*lead, Dout)
+        check_forward(device, dtype, lead, D, Dout, bias)
+
+
+def check_non_contiguous_and_misaligned(device, dtype):
+    args = make_inputs((4, 33), 48, 40, dtype, device)
+    ref = reference.skip_concat_linear(**upcast(args))
+    strided = dict(args, x=args["x"].transpose(0, 1).contiguous().transpose(0, 1),
+                   skip=torch.cat([args["skip"], args["skip"]], -1)[..., :48],
+                   weight=args["weight"].t().contiguous().t())
+    flat = torch.empty(args["x"].numel() + 1, dtype=dtype, device=device)
+    misaligned = dict(args, x=flat[1:].view_as(args["x"]).copy_(args["x"]))
+    for variant in (strided, misaligned):
+        y = ditkernels.skip_concat_linear(**variant)
         torch.testing.assert_close(y.double(), ref, **GEMM_TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_and_misaligned_inputs(device):
     for dtype in DTYPES[device]:
-        args = make_inputs((4, 33), 48, 40, dtype, device)
-        ref = reference.skip_concat_linear(**upcast(args))
-        strided = dict(args, x=args["x"].transpose(0, 1).contiguous().transpose(0, 1),
-                       skip=torch.cat([args["skip"], args["skip"]], -1)[..., :48],
-                       weight=args["weight"].t().contiguous().t())
-        flat = torch.empty(args["x"].numel() + 1, dtype=dtype, device=device)
-        misaligned = dict(args, x=flat[1:].view_as(args["x"]).copy_(args["x"]))
-        for variant in (strided, misaligned):
-            y = ditkernels.skip_concat_linear(**variant)
-            torch.testing.assert_close(y.double(), ref, **GEMM_TOL[dtype])
+        check_non_contiguous_and_misaligned(device, dtype)
+
+
+def check_backward(device, dtype, bias):
+    args = make_inputs((3, 17), 40, 24, dtype, device, bias)
+    grad = torch.randn(3, 17, 24, dtype=torch.float64).to(device=device, dtype=dtype)
+    names = [k for k, v in args.items() if v is not None]
+
+    def grads(fn, a):
+        leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+                  for k, v in a.items()}
+        out = fn(**leaves)
+        return torch.autograd.grad(out, [leaves[k] for k in names], grad.to(out.dtype))
+
+    ours = grads(ditkernels.skip_concat_linear, args)
+    ref = grads(reference.skip_concat_linear, upcast(args))
+    for name, g, r in zip(names, ours, ref):
+        assert g.dtype == dtype and g.shape == args[name].shape, name
+        # dW and db sum over all 51 rows.
+        torch.testing.assert_close(g.double(), r, **GEMM_TOL[dtype], msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_backward_matches_reference(device, bias):
     for dtype in DTYPES[device]:
-        args = make_inputs((3, 17), 40, 24, dtype, device, bias)
-        grad = torch.randn(3, 17, 24, dtype=torch.float64).to(device=device, dtype=dtype)
-        names = [k for k, v in args.items() if v is not None]
-
-        def grads(fn, a):
-            leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
-                      for k, v in a.items()}
-            out = fn(**leaves)
-            return torch.autograd.grad(out, [leaves[k] for k in names], grad.to(out.dtype))
-
-        ours = grads(ditkernels.skip_concat_linear, args)
-        ref = grads(reference.skip_concat_linear, upcast(args))
-        for name, g, r in zip(names, ours, ref):
-            assert g.dtype == dtype and g.shape == args[name].shape, name
-            # dW and db sum over all 51 rows.
-            torch.testing.assert_close(g.double(), r, **GEMM_TOL[dtype], msg=name)
+        check_backward(device, dtype, bias)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -11,16 +11,15 @@
 // reduces in a fixed order. No atomics, so the gradients are deterministic.
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
+#include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/adaln.h"
 #include "ditkernels/dispatch.h"
+#include "ditkernels/library.h"
 #include "ditkernels/int8.h"
 
 namespace ditkernels {
@@ -228,7 +227,8 @@ __global__ void __launch_bounds__(1024)
   // Partial sums sit in shared memory rather than registers so that a 1024-thread
   // team fits the register file. Each thread only touches its own columns, so the
   // accumulators need no synchronisation.
-  extern __shared__ float acc_smem[];
+  DK_DYNAMIC_SMEM(16, acc_smem_raw);
+  float* const acc_smem = reinterpret_cast<float*>(acc_smem_raw);
   __shared__ float smem[64];
   const Team<kWarpTeam> team;
   const int C = static_cast<int>(p.C);
@@ -373,7 +373,8 @@ void launch_forward(const AdaLNParams& p, cudaStream_t stream) {
   const int64_t rows_per_block = kWarpTeam ? kWarpTeamBlock / 32 : 1;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= INT32_MAX, "ln_modulate: too many rows (", rows, ")");
-  adaln_forward_kernel<T, VEC, kWarpTeam><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+  auto kernel = adaln_forward_kernel<T, VEC, kWarpTeam>;
+  DK_LAUNCH(kernel, static_cast<unsigned>(blocks), threads, 0, stream)(p);
 }
 
 // Tokens of one sample are split into slots of at least kMinRowsPerSlot rows per
@@ -408,7 +409,7 @@ void launch_backward(const AdaLNParams& p, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_bytes)));
   }
-  kernel<<<grid, threads, smem_bytes, stream>>>(p, layout);
+  DK_LAUNCH(kernel, grid, threads, smem_bytes, stream)(p, layout);
 }
 
 template <typename T, template <typename, int, bool> class Launch>
@@ -481,7 +482,7 @@ at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Te
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+DK_TORCH_LIBRARY_IMPL_CUDA(m) {
   DK_REGISTER_ADALN_OPS(m, ::ditkernels::kCudaBackend);
   m.impl("ln_modulate_int8", &ditkernels::ln_modulate_int8_cuda);
 }

@@ -11,14 +11,13 @@
 // The fused int8 ln_modulate output lives with the adaLN kernels (csrc/cuda/adaln.cu).
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
+#include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/dispatch.h"
+#include "ditkernels/library.h"
 #include "ditkernels/int8.h"
 
 namespace ditkernels {
@@ -114,7 +113,7 @@ __device__ __forceinline__ void load_int8_tile(const int8_t* src, int64_t ld, in
 
 template <typename T, typename OutT, bool kQuantizeA>
 __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  DK_DYNAMIC_SMEM(128, smem_raw);
   int8_t* smem = reinterpret_cast<int8_t*>(smem_raw);
   auto sa = [&](int st) { return smem + st * 2 * kTileBytes; };
   auto sb = [&](int st) { return smem + st * 2 * kTileBytes + kTileBytes; };
@@ -216,7 +215,7 @@ void launch(const Int8GemmParams& p, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       kSmemBytes));
   const dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
 }
 
 at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
@@ -311,7 +310,8 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
   at::Tensor scales = act_scales.contiguous();
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65535));
   DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
-    quantize_kernel<scalar_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    auto kernel = quantize_kernel<scalar_t>;
+    DK_LAUNCH(kernel, blocks, 256, 0, at::cuda::getCurrentCUDAStream())(
         xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
         r.t.data_ptr<int64_t>(), r.rows_per_sample, r.K, total);
   });
@@ -322,7 +322,7 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+DK_TORCH_LIBRARY_IMPL_CUDA(m) {
   m.impl("int8_linear", &ditkernels::int8_linear_cuda);
   m.impl("int8_gemm_dequant", &ditkernels::int8_gemm_dequant_cuda);
   m.impl("quantize_per_sample", &ditkernels::quantize_per_sample_cuda);

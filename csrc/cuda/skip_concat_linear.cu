@@ -11,14 +11,13 @@
 // (csrc/include/ditkernels/skip_concat_linear.h).
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
+#include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/dispatch.h"
+#include "ditkernels/library.h"
 #include "ditkernels/skip_concat_linear.h"
 
 namespace ditkernels {
@@ -74,7 +73,7 @@ __device__ __forceinline__ void load_stage(const SkipGemmParams& p, T* sA, T* sB
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) skip_gemm_tc_kernel(const SkipGemmParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  DK_DYNAMIC_SMEM(128, smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;
@@ -246,14 +245,14 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
                   static_cast<unsigned>(m_tiles));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (f32) {
-    skip_gemm_f32_kernel<<<grid, kFThreads, 0, stream>>>(p);
+    DK_LAUNCH(skip_gemm_f32_kernel, grid, kFThreads, 0, stream)(p);
   } else {
     DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
       if constexpr (!std::is_same_v<scalar_t, float>) {
         auto kernel = skip_gemm_tc_kernel<scalar_t>;
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             kSmemBytes));
-        kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+        DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
       }
     });
   }
@@ -275,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+DK_TORCH_LIBRARY_IMPL_CUDA(m) {
   m.impl("skip_concat_linear", &ditkernels::forward_cuda);
   m.impl("skip_concat_linear_backward", &ditkernels::backward_cuda);
 }

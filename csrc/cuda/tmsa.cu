@@ -19,14 +19,13 @@
 // backward kernel follows the forward one below.
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
+#include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/dispatch.h"
+#include "ditkernels/library.h"
 #include "ditkernels/tmsa.h"
 
 namespace ditkernels {
@@ -153,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   constexpr int kK16 = kD / 16;           // full k16 steps of Q K^T
   constexpr bool kTail8 = kD % 16 == 8;   // one k8 step more (D = 72)
   constexpr int kDTiles = kD / 8;         // n8 output tiles of P V
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DK_DYNAMIC_SMEM(16, smem_raw);
   T* sq = reinterpret_cast<T*>(smem_raw);
   // Stage s of K at sq + (kBr + s * kBc) * kS, of V at sq + (kBr + (2 + s) * kBc) * kS.
   auto k_stage = [&](int st) { return sq + (kBr + st * kBc) * kS; };
@@ -400,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
   constexpr int kS = smem_stride<kD>();
   constexpr int kDsS = 72;  // dS^T row stride: 9 chunks, conflict-free for ldmatrix
   constexpr int kDTiles = kD / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DK_DYNAMIC_SMEM(16, smem_raw);
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sk = sq + 64 * kS;
   T* sv = sk + 64 * kS;
@@ -686,7 +685,7 @@ void launch_forward(const TmsaFwdParams& p, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
   const dim3 grid((p.N + kBr - 1) / kBr, p.B * p.H);
-  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
@@ -735,7 +734,7 @@ void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) 
                                         static_cast<int>(bytes)));
   }
   const dim3 grid((p.N + 63) / 64, p.B * p.H);
-  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
 
 template <int kD>
@@ -842,7 +841,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CUDA, m) {
+DK_TORCH_LIBRARY_IMPL_CUDA(m) {
   m.impl("tmsa_fwd", &ditkernels::forward_cuda);
   m.impl("tmsa_bwd", &ditkernels::backward_cuda);
 }

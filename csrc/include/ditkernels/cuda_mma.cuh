@@ -1,16 +1,23 @@
 #pragma once
 // Warp-level tensor-core and async-copy primitives (sm_80+), shared by the GEMM
 // and attention kernels. Fragment layouts follow the PTX ISA for
-// mma.sync.aligned.m16n8k16 with .row.col operands.
+// mma.sync.aligned.m16n8k16 with .row.col operands. The emulation library swaps
+// the inline PTX for csrc/emu/ptx_emu.h, which computes the same fragments.
 
+#include "ditkernels/cuda_runtime.cuh"
+#ifndef DITKERNELS_EMULATE_CUDA
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 
+#ifdef DITKERNELS_EMULATE_CUDA
+#include "emu/ptx_emu.h"  // cp_async_*, ldmatrix_*, mma_* below, emulated
+#else
 namespace ditkernels {
 namespace mma {
 
@@ -111,6 +118,13 @@ __device__ __forceinline__ void mma_16832_s8(int (&d)[4], const uint32_t (&a)[4]
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+}  // namespace mma
+}  // namespace ditkernels
+#endif  // DITKERNELS_EMULATE_CUDA
+
+namespace ditkernels {
+namespace mma {
 
 // GEMM tiles in shared memory with 64-byte rows (32 fp16/bf16 or 64 int8 along k).
 // Byte offset of 16-byte chunk `chunk` (0..3) of `row`: 8 consecutive rows span four

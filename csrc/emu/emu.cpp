@@ -1,0 +1,433 @@
+// The CPU emulator's runtime (see cuda_emu.h): blocks of fibers, barriers, warp
+// collectives, deferred cp.async, launch checks.
+
+#include "emu/cuda_emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace ditkernels {
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+// A fiber's saved execution context. On x86-64 a switch saves the callee-saved
+// registers on the old stack and swaps stack pointers (no signal-mask system call,
+// which makes ucontext's swapcontext ten times slower); elsewhere, ucontext.
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void dk_emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl dk_emu_switch
+  .hidden dk_emu_switch
+  .type dk_emu_switch, @function
+dk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size dk_emu_switch, .-dk_emu_switch
+)");
+void switch_context(Context& from, Context& to) { dk_emu_switch(&from.sp, to.sp); }
+// The first switch to the fiber "returns" into entry with the stack aligned as at
+// a call; entry must never return.
+void make_context(Context& ctx, char* stack, size_t bytes, void (*entry)()) {
+  auto top = reinterpret_cast<std::uintptr_t>(stack + bytes) & ~std::uintptr_t{15};
+  auto* sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;                               // entry's return address: none
+  *--sp = reinterpret_cast<void*>(entry);        // popped by dk_emu_switch's ret
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;   // rbp, rbx, r12-r15
+  ctx.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+void make_context(Context& ctx, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&ctx.uc);
+  ctx.uc.uc_stack.ss_sp = stack;
+  ctx.uc.uc_stack.ss_size = bytes;
+  ctx.uc.uc_link = nullptr;
+  makecontext(&ctx.uc, entry, 0);
+}
+#endif
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+};
+
+struct Fiber {
+  Context ctx;
+  dim3 tid;
+  int lane = 0, warp = 0;
+  bool done = false;
+  const unsigned* wait_on = nullptr;  // runnable again once *wait_on != wait_value
+  unsigned wait_value = 0;
+  std::vector<PendingCopy> open_group;
+  std::deque<std::vector<PendingCopy>> groups;
+};
+
+struct Warp {
+  int lanes = 0, alive = 0, arrived = 0;
+  unsigned gen = 0;
+  const char* what = nullptr;
+  alignas(16) unsigned char slots[32 * kSlotBytes];
+};
+
+struct LaunchState {
+  const char* name;
+  dim3 grid, block;
+  size_t smem_bytes;
+  std::mutex error_mutex;
+  std::string error;
+};
+
+// What one host thread is running.
+struct Worker {
+  LaunchState* launch = nullptr;
+  dim3 block_idx;
+  std::vector<Fiber> fibers;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  std::vector<Warp> warps;
+  int alive = 0, arrived = 0;
+  unsigned gen = 0;
+  Fiber* current = nullptr;
+  Context scheduler;
+  const std::function<void()>* body = nullptr;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  std::unique_ptr<unsigned char, decltype(&std::free)> smem_buffer{nullptr, &std::free};
+  size_t smem_capacity = 0;
+};
+
+thread_local Worker worker;
+
+std::mutex attribute_mutex;
+std::unordered_map<const void*, int> max_dynamic_smem;
+
+Worker& w() { return worker; }
+Fiber& me() { return *w().current; }
+
+std::string where() {
+  const Worker& k = w();
+  char buf[160];
+  if (k.current == nullptr) return "host";
+  std::snprintf(buf, sizeof(buf), "block (%u, %u, %u) thread (%u, %u, %u)", k.block_idx.x,
+                k.block_idx.y, k.block_idx.z, k.current->tid.x, k.current->tid.y,
+                k.current->tid.z);
+  return buf;
+}
+
+void report_str(const std::string& msg) {
+  LaunchState* l = w().launch;
+  if (l == nullptr) return;
+  std::lock_guard<std::mutex> lock(l->error_mutex);
+  if (l->error.empty()) l->error = msg + " (" + where() + ")";
+}
+
+void wait_until_changed(const unsigned* gen) {
+  Fiber& f = me();
+  f.wait_on = gen;
+  f.wait_value = *gen;
+  switch_context(f.ctx, w().scheduler);
+}
+
+void apply(const std::vector<PendingCopy>& group) {
+  for (const PendingCopy& c : group) std::memcpy(c.dst, c.data, 16);
+}
+
+// Arrives at the warp barrier of the calling lane; the last lane to arrive releases it.
+void warp_barrier(const char* what) {
+  Warp& wp = w().warps[me().warp];
+  if (wp.arrived == 0) {
+    wp.what = what;
+  } else if (wp.what != what && std::strcmp(wp.what, what) != 0) {
+    report_str(std::string("divergent warp collectives: ") + what + " while other lanes are in " +
+               wp.what);
+  }
+  if (++wp.arrived == wp.alive) {
+    wp.arrived = 0;
+    ++wp.gen;
+    return;
+  }
+  wait_until_changed(&wp.gen);
+}
+
+void on_exit(Fiber& f) {
+  Worker& k = w();
+  for (auto& group : f.groups) apply(group);
+  apply(f.open_group);
+  f.groups.clear();
+  f.open_group.clear();
+  Warp& wp = k.warps[f.warp];
+  --wp.alive;
+  if (wp.arrived > 0) {
+    report_str(std::string("a lane exited while the rest of its warp waits in ") + wp.what);
+    if (wp.arrived == wp.alive) {
+      wp.arrived = 0;
+      ++wp.gen;
+    }
+  }
+  --k.alive;
+  if (k.arrived > 0 && k.arrived == k.alive) {
+    k.arrived = 0;
+    ++k.gen;
+  }
+  f.done = true;
+}
+
+[[noreturn]] void fiber_entry() {
+  Worker& k = w();
+  (*k.body)();
+  on_exit(*k.current);
+  switch_context(k.current->ctx, k.scheduler);
+  std::abort();  // a finished fiber is never resumed
+}
+
+void run_block(Worker& k, const dim3& block_idx, bool reverse) {
+  const dim3 block = k.launch->block;
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  k.block_idx = block_idx;
+  k.fibers.assign(n, Fiber{});
+  while (static_cast<int>(k.stacks.size()) < n) k.stacks.emplace_back(new char[kStackBytes]);
+  const int nwarps = (n + 31) / 32;
+  k.warps.assign(nwarps, Warp{});
+  for (int i = 0; i < nwarps; ++i) k.warps[i].lanes = k.warps[i].alive = std::min(32, n - 32 * i);
+  k.alive = n;
+  k.arrived = 0;
+  k.gen = 0;
+  if (k.smem_bytes > 0) std::memset(k.smem, 0xff, k.smem_bytes);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = k.fibers[i];
+    f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    f.lane = i % 32;
+    f.warp = i / 32;
+    make_context(f.ctx, k.stacks[i].get(), kStackBytes, fiber_entry);
+  }
+  while (k.alive > 0) {
+    bool progressed = false;
+    for (int j = 0; j < n; ++j) {
+      Fiber& f = k.fibers[reverse ? n - 1 - j : j];
+      if (f.done || (f.wait_on != nullptr && *f.wait_on == f.wait_value)) continue;
+      f.wait_on = nullptr;
+      k.current = &f;
+      switch_context(k.scheduler, f.ctx);
+      k.current = nullptr;
+      progressed = true;
+    }
+    if (!progressed) {
+      int at_block = 0;
+      for (const Fiber& f : k.fibers) at_block += !f.done && f.wait_on == &k.gen;
+      report_str("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
+                 std::to_string(k.alive - at_block) +
+                 " at warp collectives that can never complete");
+      break;
+    }
+  }
+}
+
+void run_blocks(LaunchState& l, const std::function<void()>& body, int64_t first, int64_t step) {
+  Worker& k = w();
+  k.launch = &l;
+  k.body = &body;
+  k.smem_bytes = l.smem_bytes;
+  if (k.smem_capacity < l.smem_bytes) {
+    const size_t bytes = (l.smem_bytes + 127) / 128 * 128;
+    k.smem_buffer.reset(static_cast<unsigned char*>(std::aligned_alloc(128, bytes)));
+    k.smem_capacity = bytes;
+  }
+  k.smem = k.smem_buffer.get();
+  const int64_t total = int64_t{l.grid.x} * l.grid.y * l.grid.z;
+  for (int64_t i = first; i < total; i += step) {
+    const dim3 b(static_cast<unsigned>(i % l.grid.x), static_cast<unsigned>((i / l.grid.x) % l.grid.y),
+                 static_cast<unsigned>(i / (int64_t{l.grid.x} * l.grid.y)));
+    run_block(k, b, i % 2 == 1);
+    {
+      std::lock_guard<std::mutex> lock(l.error_mutex);
+      if (!l.error.empty()) break;
+    }
+  }
+  k.launch = nullptr;
+  k.body = nullptr;
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return me().tid; }
+const dim3& block_idx() { return w().block_idx; }
+const dim3& block_dim() { return w().launch->block; }
+const dim3& grid_dim() { return w().launch->grid; }
+int lane_id() { return me().lane; }
+unsigned char* dynamic_smem() { return w().smem; }
+
+void syncthreads() {
+  Worker& k = w();
+  if (++k.arrived == k.alive) {
+    k.arrived = 0;
+    ++k.gen;
+    return;
+  }
+  wait_until_changed(&k.gen);
+}
+
+const unsigned char* warp_gather(const void* in, size_t bytes, unsigned mask, const char* what) {
+  Warp& wp = w().warps[me().warp];
+  const unsigned expected = wp.lanes == 32 ? 0xffffffffu : (1u << wp.lanes) - 1u;
+  if ((mask & expected) != expected) report_str(std::string(what) + ": partial lane masks are not emulated");
+  if (wp.alive != wp.lanes) report_str(std::string(what) + " with exited lanes in the warp");
+  std::memcpy(wp.slots + me().lane * kSlotBytes, in, bytes);
+  warp_barrier(what);
+  return wp.slots;
+}
+
+void warp_release() { warp_barrier("(end of warp collective)"); }
+
+bool check_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  const Worker& k = w();
+  const auto* c = static_cast<const unsigned char*>(p);
+  char buf[200];
+  if (c < k.smem || c + bytes > k.smem + k.smem_bytes) {
+    std::snprintf(buf, sizeof(buf), "%s: shared address %+lld is outside the %zu bytes of dynamic "
+                  "shared memory", what, static_cast<long long>(c - k.smem), k.smem_bytes);
+    report_str(buf);
+    return false;
+  }
+  if (reinterpret_cast<std::uintptr_t>(p) % align != 0) {
+    std::snprintf(buf, sizeof(buf), "%s: shared offset %lld is not %zu-byte aligned", what,
+                  static_cast<long long>(c - k.smem), align);
+    report_str(buf);
+    return false;
+  }
+  return true;
+}
+
+void cp_async(void* smem, const void* gmem, int src_bytes) {
+  if (!check_smem(smem, 16, 16, "cp.async")) return;
+  if (src_bytes < 0 || src_bytes > 16) {
+    report_str("cp.async: src size " + std::to_string(src_bytes) + " outside [0, 16]");
+    return;
+  }
+  if (src_bytes > 0 && reinterpret_cast<std::uintptr_t>(gmem) % 16 != 0) {
+    report_str("cp.async.cg 16: global source address is not 16-byte aligned");
+    return;
+  }
+  PendingCopy c;
+  c.dst = smem;
+  std::memset(c.data, 0, 16);
+  if (src_bytes > 0) std::memcpy(c.data, gmem, src_bytes);
+  me().open_group.push_back(c);
+}
+
+void cp_async_commit() {
+  Fiber& f = me();
+  f.groups.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+void cp_async_wait(int pending_groups) {
+  Fiber& f = me();
+  while (static_cast<int>(f.groups.size()) > pending_groups) {
+    apply(f.groups.front());
+    f.groups.pop_front();
+  }
+}
+
+void report(const char* fmt, ...) {
+  char buf[512];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_end(args);
+  report_str(buf);
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > DeviceProperties{}.sharedMemPerBlockOptin) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(attribute_mutex);
+  max_dynamic_smem[kernel] = bytes;
+  return cudaSuccess;
+}
+
+void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
+            const std::function<void()>& body) {
+  const int64_t threads = int64_t{block.x} * block.y * block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64,
+              "emulated CUDA launch of ", name, ": invalid block (", block.x, ", ", block.y, ", ",
+              block.z, ")");
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 2147483647u &&
+                  grid.y <= 65535 && grid.z <= 65535,
+              "emulated CUDA launch of ", name, ": invalid grid (", grid.x, ", ", grid.y, ", ",
+              grid.z, ")");
+  size_t allowed = kDefaultDynamicSmem;
+  {
+    std::lock_guard<std::mutex> lock(attribute_mutex);
+    auto it = max_dynamic_smem.find(kernel);
+    if (it != max_dynamic_smem.end()) allowed = std::max<size_t>(allowed, it->second);
+  }
+  TORCH_CHECK(smem_bytes <= allowed, "emulated CUDA launch of ", name, ": ", smem_bytes,
+              " bytes of dynamic shared memory but the kernel allows ", allowed,
+              " (cudaFuncSetAttribute MaxDynamicSharedMemorySize)");
+
+  LaunchState state;
+  state.name = name;
+  state.grid = grid;
+  state.block = block;
+  state.smem_bytes = smem_bytes;
+  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  static const int workers = [] {
+    const char* env = std::getenv("DITKERNELS_EMU_THREADS");
+    const int n = env != nullptr ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, n);
+  }();
+  const int nthreads = static_cast<int>(std::min<int64_t>(workers, blocks));
+  if (nthreads <= 1) {
+    run_blocks(state, body, 0, 1);
+  } else {
+    std::vector<std::thread> pool;
+    for (int i = 0; i < nthreads; ++i) {
+      pool.emplace_back([&, i] { run_blocks(state, body, i, nthreads); });
+    }
+    for (auto& t : pool) t.join();
+  }
+  TORCH_CHECK(state.error.empty(), "emulated CUDA kernel ", name, " <<<(", grid.x, ", ", grid.y,
+              ", ", grid.z, "), (", block.x, ", ", block.y, ", ", block.z, "), ", smem_bytes,
+              ">>>: ", state.error);
+}
+
+}  // namespace emu
+}  // namespace ditkernels
