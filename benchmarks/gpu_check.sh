@@ -1,48 +1,90 @@
 #!/usr/bin/env bash
-# On a GPU machine (no package index needed): build in place, run the CUDA tests,
-# run compute-sanitizer memcheck over a small subset, then the benchmark suite.
-# Logs and tables go to OUT. Usage: benchmarks/gpu_check.sh OUT [run.py args]
-# Without run.py args every family runs with 0.2 s per measurement; pass e.g.
-# `--families adaln,tmsa` to fit a run into a shorter lease (results.json is written
-# after each family, so a run cut short keeps what it measured).
+# Everything a GPU session owes, in one device call that ends within BUDGET seconds
+# (default 540: a 10-minute call with room to copy the results back). On the GPU
+# machine (no package index needed) it builds in place for this GPU only, then runs,
+# most valuable first and each cut off by what is left of the budget:
+#   1. the kernel CUDA tests (adaln, tmsa, skip_concat_linear, int8)
+#   2. compute-sanitizer memcheck over a small TMSA + GEMM subset
+#   3. the benchmarks, families in FAMILIES order (results.json is rewritten after
+#      each family, so a run cut short keeps what it measured)
+#   4. the remaining CUDA tests (models, quantization, diffusion)
+# OUT gets at most 8 files: summary.txt (device, build info, each phase's outcome and
+# seconds), build.log, tests.log, memcheck.log, bench.log, results.json, results.md.
+# Usage: benchmarks/gpu_check.sh OUT [BUDGET_S] [run.py args]
 set -uo pipefail
-OUT=$(realpath -m "${1:?usage: benchmarks/gpu_check.sh OUT [run.py args]}")
-shift
+OUT=$(realpath -m "${1:?usage: benchmarks/gpu_check.sh OUT [BUDGET_S] [run.py args]}")
+BUDGET=${2:-540}
+shift $(( $# >= 2 ? 2 : 1 ))
+FAMILIES=${FAMILIES:-tmsa,dit,skip_concat_linear,int8,uvit,adaln}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 status=0
+summary="$OUT/summary.txt"
+: >"$summary"
 
-# Only this machine's architecture: a quarter of the default build time.
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+# phase NAME MAX_S LOG CMD...: runs CMD for at most min(MAX_S, budget left - 20) s.
+phase() {
+  local name=$1 max=$2 log=$3
+  shift 3
+  local limit=$(( $(left) - 20 ))
+  if (( limit < 10 )); then
+    echo "$name: skipped, budget spent" | tee -a "$summary"
+    return 1
+  fi
+  (( limit > max )) && limit=$max
+  local t0=$(date +%s) rc=0
+  echo "== $name (at most ${limit}s)" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1 || rc=$?
+  local verdict="ok"
+  (( rc == 124 || rc == 137 )) && verdict="cut off at ${limit}s"
+  (( rc != 0 && rc != 124 && rc != 137 )) && verdict="failed (exit $rc)"
+  echo "$name: $verdict in $(( $(date +%s) - t0 ))s" | tee -a "$summary"
+  (( rc == 0 )) || status=1
+  return $rc
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} >>"$summary" 2>&1
+
+# Only this machine's architecture: half the default build time.
 cap=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-if ! python setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+if ! phase "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" 300 "$OUT/build.log" \
+    python setup.py build_ext --inplace; then
   tail -40 "$OUT/build.log"
   exit 1
 fi
-python -c "import ditkernels, json; print(json.dumps(ditkernels.build_info()))" | tee "$OUT/build_info.json"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
+python -c "import ditkernels, json; print(json.dumps(ditkernels.build_info()))" >>"$summary" 2>&1
 
-echo "== CUDA tests"
-python -m pytest python_tests -m cuda -q -rs -p no:cacheprovider >"$OUT/tests_cuda.log" 2>&1 || status=1
-tail -5 "$OUT/tests_cuda.log"
+kernel_tests="python_tests/test_adaln.py python_tests/test_tmsa.py python_tests/test_skip_concat_linear.py python_tests/test_int8.py"
+# shellcheck disable=SC2086
+phase "kernel CUDA tests" 150 "$OUT/tests.log" \
+  python -m pytest $kernel_tests -m cuda -q -rs -p no:cacheprovider
+tail -3 "$OUT/tests.log"
 
-echo "== compute-sanitizer memcheck (subset)"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$sanitizer" ]; then
+phase "compute-sanitizer memcheck" 90 "$OUT/memcheck.log" \
   "$sanitizer" --tool memcheck --error-exitcode 3 --print-limit 20 \
-    python -m pytest python_tests/test_adaln.py -m cuda -q -p no:cacheprovider \
-    -k "cuda and (feature_sizes or non_contiguous or empty or deterministic)" \
-    >"$OUT/memcheck.log" 2>&1 || status=1
-  tail -5 "$OUT/memcheck.log"
-else
-  echo "compute-sanitizer not found" | tee "$OUT/memcheck.log"
-  status=1
-fi
+  python -m pytest python_tests/test_tmsa.py python_tests/test_skip_concat_linear.py \
+  python_tests/test_int8.py python_tests/test_adaln.py -m cuda -q -p no:cacheprovider \
+  -k "optional_time_and_table or in_place or non_contiguous or mixed_timesteps or empty"
+tail -3 "$OUT/memcheck.log"
 
-echo "== benchmarks"
 if [ $# -eq 0 ]; then set -- --min-run-time 0.2; fi
-python benchmarks/run.py --out "$OUT" "$@" >"$OUT/bench.log" 2>&1 || status=1
+phase "benchmarks ($FAMILIES)" 400 "$OUT/bench.log" \
+  python benchmarks/run.py --out "$OUT" --families "$FAMILIES" "$@"
 tail -3 "$OUT/bench.log"
+
+# shellcheck disable=SC2086
+phase "other CUDA tests" 300 "$OUT/tests.log" \
+  python -m pytest python_tests -m cuda -q -rs -p no:cacheprovider \
+  $(for f in $kernel_tests; do printf -- '--ignore=%s ' "$f"; done)
+tail -3 "$OUT/tests.log"
+
+echo "total: $(( $(date +%s) - start ))s of $BUDGET" | tee -a "$summary"
 exit $status
