@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "ditkernels/cuda_runtime.cuh"
@@ -37,7 +38,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct TmsaFwdParams {
   const void* qkv;       // [B, N, 3, H, D], unit stride along D
   const void* time_qkv;  // [B, 3, H, D] contiguous, or null
-  const float* table;    // [H, T] fp32, or null
+  const float* table;    // [H, T] fp32 times log2 e, or null
   void* out;             // [B, N, H, D] contiguous
   float* lse;            // [B, H, N]
   int64_t s_b, s_n, s_3, s_h;  // qkv strides in elements
@@ -54,9 +55,10 @@ constexpr int smem_stride() {
   return (kD / 8) % 2 == 1 ? kD : kD + 8;
 }
 
+// Q tile, two stages of K and V, the per-row shift and two stages of key offsets.
 template <int kD>
 constexpr int smem_bytes() {
-  return (kBr + 4 * kBc) * smem_stride<kD>() * 2 + kBr * 4;
+  return (kBr + 4 * kBc) * smem_stride<kD>() * 2 + kBr * 4 + 2 * kBc * 4;
 }
 
 template <typename T, int kD>
@@ -75,10 +77,41 @@ __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, T* sk, T* s
   }
 }
 
-__device__ __forceinline__ void grid_pos(const TmsaFwdParams& p, int t, int& y, int& x) {
-  const int g = t - p.num_leading;
-  y = g / p.grid_w;
-  x = g - y * p.grid_w;
+// The bias of query i and key j at grid positions (qy, qx) and (ky, kx) is
+//   table[(qy - ky + Gh - 1) (2 Gw - 1) + (qx - kx + Gw - 1)] = table[query_base(i) - key_offset(j)],
+// so a tile needs one division per token rather than one per score. Leading tokens
+// and tokens past N have no grid position: kNoBias.
+constexpr int kNoBias = INT_MIN;
+
+template <typename Params>
+__device__ __forceinline__ int key_offset(const Params& p, int j) {
+  if (j < p.num_leading || j >= p.N) return kNoBias;
+  const int g = j - p.num_leading, y = g / p.grid_w;
+  return y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
+}
+
+template <typename Params>
+__device__ __forceinline__ int query_base(const Params& p, int i) {
+  if (i < p.num_leading || i >= p.N) return kNoBias;
+  const int g = i - p.num_leading, y = g / p.grid_w;
+  return (y + p.grid_h - 1) * (2 * p.grid_w - 1) + (g - y * p.grid_w) + p.grid_w - 1;
+}
+
+// c_i = q'_i . tk for this warp's 16 rows of the tile at sq (two lanes a row), the
+// term the folded time embedding adds to every score of row i; lanes 0-15 get row
+// warp * 16 + lane.
+template <typename T, int kD, int kS>
+__device__ __forceinline__ float row_time_dot(const T* sq, const T* tk, int warp, int lane) {
+  const int row = warp * 16 + (lane & 15), d0 = (lane >> 4) * (kD / 2);
+  float c[2] = {0.f, 0.f};
+  if (tk != nullptr) {
+#pragma unroll 4
+    for (int d = 0; d < kD / 2; ++d) {
+      c[d & 1] += static_cast<float>(sq[row * kS + d0 + d]) * static_cast<float>(tk[d0 + d]);
+    }
+  }
+  const float sum = c[0] + c[1];
+  return sum + __shfl_xor_sync(0xffffffffu, sum, 16);
 }
 
 // C[16 x 64] = A[16 x kD] B[64 x kD]^T, A and B both row-major in shared memory with
@@ -158,6 +191,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   auto k_stage = [&](int st) { return sq + (kBr + st * kBc) * kS; };
   auto v_stage = [&](int st) { return sq + (kBr + (2 + st) * kBc) * kS; };
   float* row_shift = reinterpret_cast<float*>(sq + (kBr + 4 * kBc) * kS);
+  int* key_offsets = reinterpret_cast<int*>(row_shift + kBr);  // [2 stages][kBc]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -166,8 +200,11 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;  // [b, 0, h, :]
   const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
 
+  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
+                                          : nullptr;
   load_kv_tile<T, kD>(p, k_stage(0), v_stage(0), b, h, 0);
   mma::cp_async_commit();
+  if (table != nullptr && tid < kBc) key_offsets[tid] = key_offset(p, tid);
 
   // Q tile with the time term, rounded to T as the unfused q + tq would be.
   {
@@ -181,16 +218,11 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   }
   __syncthreads();
   // scale * c_i = scale * (q_i + tq) . tk, added back to the log-sum-exp (see the
-  // file comment).
-  if (tid < kBr) {
-    float c = 0.f;
-    if (time != nullptr) {
-      for (int d = 0; d < kD; ++d) {
-        c += static_cast<float>(sq[tid * kS + d]) *
-             static_cast<float>(time[time_base + time_slot + d]);
-      }
-    }
-    row_shift[tid] = c * p.scale;
+  // file comment). Each warp reads it back for its own rows only.
+  {
+    const float c = row_time_dot<T, kD, kS>(
+        sq, time != nullptr ? time + time_base + time_slot : nullptr, warp, lane);
+    if (lane < 16) row_shift[warp * 16 + lane] = c * p.scale;
   }
 
   uint32_t qf[kK16][4];
@@ -203,18 +235,10 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
     mma::ldmatrix_x2(qf8, sq + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
   }
 
-  // This thread's two query rows and their grid positions. Leading tokens and the
+  // This thread's two query rows and their table bases. Leading tokens and the
   // padding rows past N take no bias (and padding rows must not index the table).
   const int qi[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
-  int qy[2], qx[2];
-  bool q_biased[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    q_biased[r] = qi[r] >= p.num_leading && qi[r] < p.N;
-    grid_pos(p, qi[r], qy[r], qx[r]);
-  }
-  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
-                                          : nullptr;
+  const int qbase[2] = {query_base(p, qi[0]), query_base(p, qi[1])};
 
   float o[kDTiles][4];
 #pragma unroll
@@ -228,6 +252,10 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
     const int stage = jt & 1;
     if (jt + 1 < n_tiles) {
       load_kv_tile<T, kD>(p, k_stage(stage ^ 1), v_stage(stage ^ 1), b, h, (jt + 1) * kBc);
+      // The stage's last reader finished at the barrier closing the previous tile.
+      if (table != nullptr && tid < kBc) {
+        key_offsets[(stage ^ 1) * kBc + tid] = key_offset(p, (jt + 1) * kBc + tid);
+      }
     }
     mma::cp_async_commit();
     mma::cp_async_wait<1>();
@@ -259,22 +287,20 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
       }
     }
 
-    // Scale, bias, mask, then the online softmax update (log2 domain).
+    // Scale, bias (the table is stored times log2 e), mask, then the online softmax
+    // update (log2 domain).
+    const int* koff = key_offsets + stage * kBc;
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int t = 0; t < kBc / 8; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int j = jt * kBc + t * 8 + (lane & 3) * 2 + (e & 1);
+        const int r = e >> 1, jc = t * 8 + (lane & 3) * 2 + (e & 1);
         float v = s[t][e] * p.scale_log2;
-        if (j >= p.N) {
+        if (jt * kBc + jc >= p.N) {
           v = -INFINITY;
-        } else if (table != nullptr && q_biased[r] && j >= p.num_leading) {
-          int ky, kx;
-          grid_pos(p, j, ky, kx);
-          const int idx = (qy[r] - ky + p.grid_h - 1) * (2 * p.grid_w - 1) + (qx[r] - kx + p.grid_w - 1);
-          v += __ldg(table + idx) * kLog2e;
+        } else if (table != nullptr && qbase[r] != kNoBias && koff[jc] != kNoBias) {
+          v += __ldg(table + qbase[r] - koff[jc]);
         }
         s[t][e] = v;
         row_max[r] = fmaxf(row_max[r], v);
@@ -369,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
 struct TmsaBwdParams {
   const void* qkv;
   const void* time_qkv;
-  const float* table;      // [H, T] fp32 or null
+  const float* table;      // [H, T] fp32 times log2 e, or null
   const void* grad_out;    // [B, N, H, D] contiguous
   const float* lse;        // [B, H, N]
   const float* delta;      // [B, H, N]: dO . (out - tv)
@@ -386,8 +412,8 @@ struct TmsaBwdParams {
 
 template <int kD>
 constexpr int bwd_smem_bytes() {
-  // Q', K, V, dO tiles; dS^T tile; lse', delta' per query.
-  return 4 * 64 * smem_stride<kD>() * 2 + 64 * 72 * 2 + 2 * 64 * 4;
+  // Q', K, V, dO tiles; dS^T tile; lse', delta' and query_base per query.
+  return 4 * 64 * smem_stride<kD>() * 2 + 64 * 72 * 2 + 3 * 64 * 4;
 }
 
 __device__ __forceinline__ unsigned long long to_fixed(float v, int e) {
@@ -407,7 +433,8 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
   T* sds = sdo + 64 * kS;
   float* s_lse = reinterpret_cast<float*>(sds + 64 * kDsS);
   float* s_delta = s_lse + 64;
-  unsigned long long* s_table = reinterpret_cast<unsigned long long*>(s_delta + 64);
+  int* s_qbase = reinterpret_cast<int*>(s_delta + 64);
+  unsigned long long* s_table = reinterpret_cast<unsigned long long*>(s_qbase + 64);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -435,18 +462,10 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
     for (int i = tid; i < p.table_size; i += kThreads) s_table[i] = 0ull;
   }
 
-  // This thread's two keys (rows of S^T) and their grid positions.
+  // This thread's two keys (rows of S^T) and their table offsets.
   const int kj[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
-  int ky[2], kx[2];
-  bool k_valid[2], k_biased[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    k_valid[r] = kj[r] < p.N;
-    k_biased[r] = k_valid[r] && kj[r] >= p.num_leading;
-    const int g = kj[r] - p.num_leading;
-    ky[r] = g / p.grid_w;
-    kx[r] = g - ky[r] * p.grid_w;
-  }
+  const bool k_valid[2] = {kj[0] < p.N, kj[1] < p.N};
+  const int koff[2] = {key_offset(p, kj[0]), key_offset(p, kj[1])};
 
   float dk[kDTiles][4], dv[kDTiles][4];
 #pragma unroll
@@ -475,18 +494,16 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       sq[row * kS + d] = static_cast<T>(v);
     }
     __syncthreads();
-    if (tid < 64) {
-      const int i = q0 + tid;
-      float c = 0.f;
-      if (time != nullptr) {
-        for (int d = 0; d < kD; ++d) {
-          c += static_cast<float>(sq[tid * kS + d]) *
-               static_cast<float>(time[time_base + time_slot + d]);
-        }
+    {
+      const float c = row_time_dot<T, kD, kS>(
+          sq, time != nullptr ? time + time_base + time_slot : nullptr, warp, lane);
+      if (lane < 16) {
+        const int row = warp * 16 + lane, i = q0 + row;
+        const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
+        s_lse[row] = i < p.N ? (p.lse[at] - c * p.scale) * kLog2e : 0.f;
+        s_delta[row] = i < p.N ? p.delta[at] : 0.f;
+        s_qbase[row] = query_base(p, i);
       }
-      const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
-      s_lse[tid] = i < p.N ? (p.lse[at] - c * p.scale) * kLog2e : 0.f;
-      s_delta[tid] = i < p.N ? p.delta[at] : 0.f;
     }
     mma::cp_async_wait<0>();
     __syncthreads();
@@ -499,12 +516,8 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
     rows16_times_tile64_t<T, kD, kS>(s, sk + warp * 16 * kS, sq, lane);
 
-    // P^T. The table index of a pair is recomputed below rather than kept: registers
-    // are the scarce resource here.
-    auto rel_index = [&](int r, int i) {
-      const int g = i - p.num_leading, qy = g / p.grid_w, qx = g - qy * p.grid_w;
-      return (qy - ky[r] + p.grid_h - 1) * (2 * p.grid_w - 1) + (qx - kx[r] + p.grid_w - 1);
-    };
+    // P^T (the table is stored times log2 e). A pair's table index is re-read below
+    // rather than kept: registers are the scarce resource here.
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
 #pragma unroll
@@ -516,8 +529,8 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
           continue;
         }
         float v = s[t][e] * p.scale_log2;
-        if (table != nullptr && k_biased[r] && i >= p.num_leading) {
-          v += __ldg(table + rel_index(r, i)) * kLog2e;
+        if (table != nullptr && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
+          v += __ldg(table + s_qbase[qc] - koff[r]);
         }
         s[t][e] = exp2f(v - s_lse[qc]);
       }
@@ -543,12 +556,12 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const int qc = t * 8 + (lane & 3) * 2 + (e & 1), i = q0 + qc;
+        const int qc = t * 8 + (lane & 3) * 2 + (e & 1);
         const float ds = s[t][e] * (dp[t][e] - s_delta[qc]);
         dp[t][e] = ds;
         // P = 0 outside the valid pairs, so ds = 0 there and nothing is added.
-        if (table_acc != nullptr && ds != 0.f && k_biased[r] && i >= p.num_leading) {
-          const int idx = rel_index(r, i);
+        if (table_acc != nullptr && ds != 0.f && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
+          const int idx = s_qbase[qc] - koff[r];
           const unsigned long long v = to_fixed(ds, e_tab);
           if (p.table_in_smem) {
             atomicAdd(s_table + idx, v);
@@ -641,6 +654,12 @@ at::Tensor aligned_qkv(const tmsa::Args& a) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// The bias table as the kernels read it: [H, T] fp32, times log2 e (they work in
+// the exp2 domain).
+at::Tensor tmsa_table_log2(const at::Tensor& rel_table) {
+  return (rel_table.t().to(at::kFloat) * kLog2e).contiguous();
+}
+
 // The fields the forward and backward parameter structs share.
 template <typename Params>
 void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
@@ -703,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
   if (a.B * a.N == 0) return {out, lse};
   at::Tensor table;
-  if (a.rel_table) table = a.rel_table->t().to(at::kFloat).contiguous();  // [H, T]
+  if (a.rel_table) table = tmsa_table_log2(*a.rel_table);
 
   TmsaFwdParams p;
   fill_layout(p, a, packed, table);
@@ -785,7 +804,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor dq_acc = at::zeros({a.B, a.H, a.N, a.D}, qkv.options().dtype(at::kLong));
   at::Tensor table, table_acc;
   if (a.rel_table) {
-    table = a.rel_table->t().to(at::kFloat).contiguous();
+    table = tmsa_table_log2(*a.rel_table);
     table_acc = at::zeros({a.H, table.size(1)}, qkv.options().dtype(at::kLong));
   }
 

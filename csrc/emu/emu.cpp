@@ -6,6 +6,9 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -231,6 +234,11 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
   k.gen = 0;
   if (k.smem_bytes > 0) std::memset(k.smem, 0xff, k.smem_bytes);
   for (int i = 0; i < n; ++i) {
+#if defined(__SANITIZE_ADDRESS__)
+    // Frames a fiber never returned from (a deadlocked launch, fiber_entry itself)
+    // leave their redzones poisoned in the reused stack.
+    ASAN_UNPOISON_MEMORY_REGION(k.stacks[i].get(), kStackBytes);
+#endif
     Fiber& f = k.fibers[i];
     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
     f.lane = i % 32;
