@@ -1,4 +1,6 @@
-"""skip_concat_linear against torch.cat + F.linear (cuBLAS) and torch.compile of it.
+"""skip_concat_linear against torch.cat + F.linear (cuBLAS), torch.compile of it, and
+two cuBLAS GEMMs accumulating into one output (x W1^T + b, then += skip W2^T: no concat
+either), the choice a dispatcher would have for shapes where our kernel loses.
 
 FLOPs: forward 2 * M * (2D) * Dout; forward+backward three times that (dX and dW).
 Shapes follow U-ViT: M = B * 258 tokens (256 patches + time and label tokens).
@@ -18,9 +20,15 @@ def shapes(ctx: BenchContext):
     return [(B * 258, D) for D in (512, 768, 1024, 1152) for B in (8, 32, 128, 256)]
 
 
+def two_gemms(x, skip, weight, bias):
+    D = x.shape[-1]
+    return torch.addmm(bias, x, weight[:, :D].t()).addmm_(skip, weight[:, D:].t())
+
+
 def run(ctx: BenchContext):
     impls = {"cat+linear": reference.skip_concat_linear,
-             "ditkernels": ditkernels.skip_concat_linear}
+             "ditkernels": ditkernels.skip_concat_linear,
+             "2 GEMMs": two_gemms}
     compiled = maybe_compile(reference.skip_concat_linear, ctx)
     if compiled is not None:
         impls["torch.compile"] = compiled
