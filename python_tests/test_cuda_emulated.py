@@ -15,6 +15,9 @@ register limits and the compiler's view of the code are not modelled.
 
 The library is found at $DITKERNELS_EMU_LIB, else build/emu/libditkernels_emu.so.
 Without it these tests are skipped, unless DITKERNELS_EMU_LIB is set (as in CI).
+.ci/run runs them again against the AddressSanitizer build of the library, and the
+`racecheck` cases against the ThreadSanitizer build (README, "Testing CUDA kernels
+without a GPU").
 """
 
 import os
@@ -33,6 +36,17 @@ import test_tmsa
 
 CUDA_DTYPES = DTYPES["cuda"]
 LOW_PRECISION = [torch.bfloat16, torch.float16]
+# One case of every kernel (each TMSA head dim, both adaLN teams), small enough for
+# the ThreadSanitizer run of .ci/run (pytest -m racecheck), which is ~10x slower.
+RACECHECK = pytest.mark.racecheck
+
+
+
+
+def racecheck(*values):
+    return pytest.param(*values, marks=RACECHECK)
+
+
 OPS = ["ln_modulate", "gated_residual_ln_modulate", "ln_modulate_backward",
        "gated_residual_ln_modulate_backward", "ln_modulate_int8", "skip_concat_linear",
        "skip_concat_linear_backward", "tmsa_fwd", "tmsa_bwd", "int8_linear",
@@ -51,9 +65,6 @@ def _emu_library():
 
 
 _LIB = _emu_library()
-pytestmark = pytest.mark.skipif(
-    _LIB is None, reason="no emulation library: cmake -S . -B build/emu -G Ninja "
-    "-DDITKERNELS_CUDA=OFF -DDITKERNELS_EMULATE_CUDA=ON && cmake --build build/emu")
 if _LIB is not None:
     torch.ops.load_library(str(_LIB))
 
@@ -69,7 +80,12 @@ def emulated_cuda():
     lib._destroy()
 
 
-pytestmark = [pytestmark, pytest.mark.usefixtures("emulated_cuda")]
+pytestmark = [
+    pytest.mark.skipif(_LIB is None, reason="no emulation library: cmake -S . -B build/emu -G "
+                       "Ninja -DDITKERNELS_CUDA=OFF -DDITKERNELS_EMULATE_CUDA=ON && "
+                       "cmake --build build/emu"),
+    pytest.mark.usefixtures("emulated_cuda"),
+]
 
 
 def test_fixture_routes_to_the_cuda_code():
@@ -89,6 +105,7 @@ def _selftest(name, a=None, b=None):
     return torch.ops.ditkernels_emu.emulator_selftest(name, a, b)
 
 
+@RACECHECK
 def test_emulated_mma_tile_is_a_matrix_product():
     """cp.async -> ldmatrix -> mma.sync -> accumulator layout gives A B^T; integer
     inputs make the fp32 result exact."""
@@ -101,6 +118,14 @@ def test_emulated_cp_async_lands_at_its_wait():
     """Read before cp.async.wait_group, the tile still holds the 0xff fill (NaN)."""
     a, b = torch.ones(16, 16), torch.ones(8, 16)
     assert _selftest("mma_without_wait", a, b).isnan().all()
+
+
+@RACECHECK
+def test_emulator_racecheck_control():
+    """A kernel with a shared-memory race. It runs here; under the ThreadSanitizer
+    build (DITKERNELS_EMU_SANITIZE=thread) its report is the control that shows
+    racecheck works (.ci/run requires it)."""
+    assert _selftest("shared_memory_race")[0].item() == 1.0
 
 
 @pytest.mark.parametrize("name,message", [
@@ -119,8 +144,8 @@ def test_emulator_reports_faults(name, message):
 # ---------------------------------------------------------------------------
 
 # Warp teams (C <= 256) and block teams, 16-byte vectors (C % 8 == 0) and scalars.
-ADALN_SHAPES = [(2, 17, 1), (2, 17, 7), (2, 258, 384), (1, 5, 257), (2, 9, 1152), (1, 3, 4097),
-                (1, 2, 8192)]
+ADALN_SHAPES = [(2, 17, 1), racecheck(2, 17, 7), (2, 258, 384), racecheck(1, 5, 257),
+                (2, 9, 1152), (1, 3, 4097), (1, 2, 8192)]
 
 
 @pytest.mark.parametrize("op", test_adaln.OPS)
@@ -145,7 +170,8 @@ def test_adaln_non_contiguous_and_misaligned(op):
 
 
 @pytest.mark.parametrize("op", test_adaln.OPS)
-@pytest.mark.parametrize("B,N,C", [(2, 1, 1), (3, 17, 7), (2, 258, 384), (1, 17, 4097)])
+@pytest.mark.parametrize("B,N,C", [(2, 1, 1), racecheck(3, 17, 7), (2, 258, 384),
+                                   racecheck(1, 17, 1031), (1, 17, 4097)])
 def test_adaln_backward(op, B, N, C):
     for dtype in CUDA_DTYPES:
         test_adaln.check_backward("cpu", dtype, op, B, N, C)
@@ -168,7 +194,8 @@ def test_adaln_empty(op):
 CUDA_HEAD_DIMS = test_tmsa.HEAD_DIMS["cuda"]
 
 
-@pytest.mark.parametrize("grid,leading", test_tmsa.CASES)
+@pytest.mark.parametrize("grid,leading", [racecheck(*c) if c == ((8, 8), 2) else c
+                                          for c in test_tmsa.CASES])
 def test_tmsa_forward(grid, leading):
     for dtype in CUDA_DTYPES:
         for D in CUDA_HEAD_DIMS if dtype in LOW_PRECISION else [64]:
@@ -192,7 +219,7 @@ def test_tmsa_qkv_read_in_place_from_projection():
         test_tmsa.check_qkv_read_in_place("cpu", dtype)
 
 
-@pytest.mark.parametrize("grid,leading", [((2, 3), 1), ((8, 8), 2), ((9, 11), 0)])
+@pytest.mark.parametrize("grid,leading", [((2, 3), 1), racecheck((8, 8), 2), ((9, 11), 0)])
 @pytest.mark.parametrize("D", test_tmsa.BACKWARD_HEAD_DIMS["cuda"])
 def test_tmsa_backward(grid, leading, D):
     for dtype in LOW_PRECISION:
@@ -211,7 +238,8 @@ def test_tmsa_backward_is_deterministic():
 
 # test_skip_concat_linear.CASES without its largest GEMM (2 x 65 x 2304 x 1152),
 # which takes minutes under emulation; D = 1152 stays, at fewer rows.
-SKIP_CASES = [c for c in test_skip_concat_linear.CASES if c[1] < 1152] + [((1, 9), 1152, 72)]
+SKIP_CASES = ([racecheck(*c) if c == ((3, 7), 40, 24) else c
+               for c in test_skip_concat_linear.CASES if c[1] < 1152] + [((1, 9), 1152, 72)])
 
 
 @pytest.mark.parametrize("lead,D,Dout", SKIP_CASES)
@@ -240,7 +268,8 @@ def test_skip_concat_linear_empty():
 # timestep-calibrated int8: bit for bit with the integer reference
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES)
+@pytest.mark.parametrize("lead,K,N,one_t", [racecheck(*c) if i == 0 else c
+                                            for i, c in enumerate(test_int8.CASES)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_bit_identical(lead, K, N, one_t, bias):
     for dtype in CUDA_DTYPES:
@@ -260,6 +289,7 @@ def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
 
 
+@RACECHECK
 def test_ln_modulate_int8():
     for dtype in CUDA_DTYPES:
         test_int8.check_ln_modulate_int8("cpu", dtype)

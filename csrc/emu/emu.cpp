@@ -9,6 +9,11 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
+#if defined(DITKERNELS_EMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -28,6 +33,33 @@ namespace emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
+
+// ThreadSanitizer as racecheck (CMake DITKERNELS_EMU_SANITIZE=thread): the kernels
+// are instrumented, this file is not, and each fiber is a TSan fiber whose switches
+// carry no happens-before edge. The edges are exactly CUDA's: block barriers, warp
+// collectives, a block's start (after the shared-memory fill) and its end. Any
+// shared- or global-memory access pair not ordered by them is reported as a race.
+namespace tsan {
+#if defined(DITKERNELS_EMU_TSAN)
+void* current() { return __tsan_get_current_fiber(); }
+void* create() { return __tsan_create_fiber(0); }
+void destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
+void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+void acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+void reads(const void* p, size_t n) { __tsan_read_range(const_cast<void*>(p), n); }
+void writes(void* p, size_t n) { __tsan_write_range(p, n); }
+#else
+void* current() { return nullptr; }
+void* create() { return nullptr; }
+void destroy(void*) {}
+void switch_to(void*) {}
+void release(const void*) {}
+void acquire(const void*) {}
+void reads(const void*, size_t) {}
+void writes(void*, size_t) {}
+#endif
+}  // namespace tsan
 
 // A fiber's saved execution context. On x86-64 a switch saves the callee-saved
 // registers on the old stack and swaps stack pointers (no signal-mask system call,
@@ -94,6 +126,7 @@ struct PendingCopy {
 
 struct Fiber {
   Context ctx;
+  void* tsan_fiber = nullptr;
   dim3 tid;
   int lane = 0, warp = 0;
   bool done = false;
@@ -129,6 +162,8 @@ struct Worker {
   unsigned gen = 0;
   Fiber* current = nullptr;
   Context scheduler;
+  void* tsan_scheduler = nullptr;
+  char block_start = 0, block_end = 0;  // TSan sync addresses
   const std::function<void()>* body = nullptr;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
@@ -161,15 +196,23 @@ void report_str(const std::string& msg) {
   if (l->error.empty()) l->error = msg + " (" + where() + ")";
 }
 
+void to_scheduler(Fiber& f) {
+  tsan::switch_to(w().tsan_scheduler);
+  switch_context(f.ctx, w().scheduler);
+}
+
 void wait_until_changed(const unsigned* gen) {
   Fiber& f = me();
   f.wait_on = gen;
   f.wait_value = *gen;
-  switch_context(f.ctx, w().scheduler);
+  to_scheduler(f);
 }
 
 void apply(const std::vector<PendingCopy>& group) {
-  for (const PendingCopy& c : group) std::memcpy(c.dst, c.data, 16);
+  for (const PendingCopy& c : group) {
+    tsan::writes(c.dst, 16);
+    std::memcpy(c.dst, c.data, 16);
+  }
 }
 
 // Arrives at the warp barrier of the calling lane; the last lane to arrive releases it.
@@ -181,12 +224,14 @@ void warp_barrier(const char* what) {
     report_str(std::string("divergent warp collectives: ") + what + " while other lanes are in " +
                wp.what);
   }
+  tsan::release(&wp);
   if (++wp.arrived == wp.alive) {
     wp.arrived = 0;
     ++wp.gen;
-    return;
+  } else {
+    wait_until_changed(&wp.gen);
   }
-  wait_until_changed(&wp.gen);
+  tsan::acquire(&wp);
 }
 
 void on_exit(Fiber& f) {
@@ -214,9 +259,11 @@ void on_exit(Fiber& f) {
 
 [[noreturn]] void fiber_entry() {
   Worker& k = w();
+  tsan::acquire(&k.block_start);
   (*k.body)();
   on_exit(*k.current);
-  switch_context(k.current->ctx, k.scheduler);
+  tsan::release(&k.block_end);
+  to_scheduler(*k.current);
   std::abort();  // a finished fiber is never resumed
 }
 
@@ -244,7 +291,9 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
     f.lane = i % 32;
     f.warp = i / 32;
     make_context(f.ctx, k.stacks[i].get(), kStackBytes, fiber_entry);
+    f.tsan_fiber = tsan::create();
   }
+  tsan::release(&k.block_start);
   while (k.alive > 0) {
     bool progressed = false;
     for (int j = 0; j < n; ++j) {
@@ -252,6 +301,7 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
       if (f.done || (f.wait_on != nullptr && *f.wait_on == f.wait_value)) continue;
       f.wait_on = nullptr;
       k.current = &f;
+      tsan::switch_to(f.tsan_fiber);
       switch_context(k.scheduler, f.ctx);
       k.current = nullptr;
       progressed = true;
@@ -262,15 +312,26 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
       report_str("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
                  std::to_string(k.alive - at_block) +
                  " at warp collectives that can never complete");
+      // The abandoned fibers never reach their end: release on their behalf, so that
+      // the host reusing what they read is no race to ThreadSanitizer.
+      for (Fiber& f : k.fibers) {
+        if (f.done) continue;
+        tsan::switch_to(f.tsan_fiber);
+        tsan::release(&k.block_end);
+      }
+      tsan::switch_to(k.tsan_scheduler);
       break;
     }
   }
+  tsan::acquire(&k.block_end);
+  for (Fiber& f : k.fibers) tsan::destroy(f.tsan_fiber);
 }
 
 void run_blocks(LaunchState& l, const std::function<void()>& body, int64_t first, int64_t step) {
   Worker& k = w();
   k.launch = &l;
   k.body = &body;
+  k.tsan_scheduler = tsan::current();
   k.smem_bytes = l.smem_bytes;
   if (k.smem_capacity < l.smem_bytes) {
     const size_t bytes = (l.smem_bytes + 127) / 128 * 128;
@@ -303,12 +364,14 @@ unsigned char* dynamic_smem() { return w().smem; }
 
 void syncthreads() {
   Worker& k = w();
+  tsan::release(&k.gen);
   if (++k.arrived == k.alive) {
     k.arrived = 0;
     ++k.gen;
-    return;
+  } else {
+    wait_until_changed(&k.gen);
   }
-  wait_until_changed(&k.gen);
+  tsan::acquire(&k.gen);
 }
 
 const unsigned char* warp_gather(const void* in, size_t bytes, unsigned mask, const char* what) {
@@ -355,7 +418,10 @@ void cp_async(void* smem, const void* gmem, int src_bytes) {
   PendingCopy c;
   c.dst = smem;
   std::memset(c.data, 0, 16);
-  if (src_bytes > 0) std::memcpy(c.data, gmem, src_bytes);
+  if (src_bytes > 0) {
+    tsan::reads(gmem, src_bytes);
+    std::memcpy(c.data, gmem, src_bytes);
+  }
   me().open_group.push_back(c);
 }
 

@@ -65,6 +65,16 @@ __global__ void divergent_barrier_kernel(float* out) {
   }
 }
 
+// Thread 1 reads what thread 0 wrote with no barrier between: the emulator's
+// schedule happens to order them, a GPU need not, and ThreadSanitizer (the
+// emulator's racecheck) must say so.
+__global__ void shared_memory_race_kernel(float* out) {
+  DK_DYNAMIC_SMEM(16, smem);
+  float* s = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) s[0] = 1.f;
+  if (threadIdx.x == 1) out[0] = s[0];
+}
+
 __global__ void big_smem_kernel(float* out) {
   DK_DYNAMIC_SMEM(16, smem);
   out[0] = smem[0];
@@ -91,6 +101,8 @@ at::Tensor emulator_selftest(c10::string_view name_view, const at::Tensor& a_in,
     DK_LAUNCH(exited_lane_shuffle_kernel, 1, 32, 0, nullptr)(out.data_ptr<float>());
   } else if (name == "divergent_barrier") {
     DK_LAUNCH(divergent_barrier_kernel, 1, 64, 0, nullptr)(out.data_ptr<float>());
+  } else if (name == "shared_memory_race") {
+    DK_LAUNCH(shared_memory_race_kernel, 1, 32, 16, nullptr)(out.data_ptr<float>());
   } else if (name == "smem_without_attribute") {
     DK_LAUNCH(big_smem_kernel, 1, 32, 64 * 1024, nullptr)(out.data_ptr<float>());
   } else {
