@@ -96,12 +96,15 @@ def test_qkv_read_in_place_from_projection(device):
 
 
 def check_qkv_read_in_place(device, dtype):
-    """qkv as the reshaped output of a Linear, and a non-contiguous layout."""
+    """qkv as the reshaped output of a Linear, a non-contiguous layout, and a time
+    term that starts one element past a 16-byte boundary."""
     B, N, H, D = 2, 17, 2, 32
     x = torch.randn(B, N, 3 * H * D + 8, dtype=torch.float64).to(device, dtype)
     qkv = x[..., :3 * H * D].reshape(B, N, 3, H, D)  # a strided view
     assert not qkv.is_contiguous()
-    args = dict(qkv=qkv, time_qkv=torch.randn(B, 3, H, D, dtype=torch.float64).to(device, dtype),
+    flat = torch.empty(B * 3 * H * D + 1, dtype=dtype, device=device)
+    time_qkv = flat[1:].view(B, 3, H, D).copy_(torch.randn(B, 3, H, D, dtype=torch.float64))
+    args = dict(qkv=qkv, time_qkv=time_qkv,
                 rel_table=torch.randn(7 * 7, H, dtype=torch.float64).to(device, dtype),
                 grid_size=(4, 4), num_leading=1)
     check_against_reference(ditkernels.tmsa(**args), args, reference.tmsa(**args))

@@ -97,6 +97,35 @@ __device__ __forceinline__ int query_base(const Params& p, int i) {
   return (y + p.grid_h - 1) * (2 * p.grid_w - 1) + (g - y * p.grid_w) + p.grid_w - 1;
 }
 
+// The 64-row tile Q' = q + tq at rows q0.. of q (row stride s_n), rounded to T as
+// the unfused sum would be, zeros past N; in 16-byte chunks (q's rows and tq are
+// 16-byte aligned).
+template <typename T, int kD, int kS>
+__device__ __forceinline__ void load_q_time_tile(T* sq, const T* q, int64_t s_n, const T* tq,
+                                                 int q0, int N, int tid) {
+  struct alignas(16) Chunk {
+    T v[8];
+  };
+  // Not unrolled: the backward kernel's dK and dV accumulators are live here, and
+  // unrolling costs it registers (sm_90, kD = 64: 215 instead of 168).
+#pragma unroll 1
+  for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+    const int row = idx / (kD / 8), d0 = idx % (kD / 8) * 8, i = q0 + row;
+    Chunk c{};
+    if (i < N) {
+      c = *reinterpret_cast<const Chunk*>(q + i * s_n + d0);
+      if (tq != nullptr) {
+        const Chunk t = *reinterpret_cast<const Chunk*>(tq + d0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          c.v[e] = static_cast<T>(static_cast<float>(c.v[e]) + static_cast<float>(t.v[e]));
+        }
+      }
+    }
+    *reinterpret_cast<Chunk*>(sq + row * kS + d0) = c;
+  }
+}
+
 // c_i = q'_i . tk for this warp's 16 rows of the tile at sq (two lanes a row), the
 // term the folded time embedding adds to every score of row i; lanes 0-15 get row
 // warp * 16 + lane.
@@ -206,16 +235,9 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
   mma::cp_async_commit();
   if (table != nullptr && tid < kBc) key_offsets[tid] = key_offset(p, tid);
 
-  // Q tile with the time term, rounded to T as the unfused q + tq would be.
-  {
-    const T* base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
-    for (int idx = tid; idx < kBr * kD; idx += kThreads) {
-      const int row = idx / kD, d = idx % kD, i = q0 + row;
-      float v = i < p.N ? static_cast<float>(base[i * p.s_n + d]) : 0.f;
-      if (time != nullptr) v += static_cast<float>(time[time_base + d]);
-      sq[row * kS + d] = static_cast<T>(v);
-    }
-  }
+  static_assert(kBr == 64, "load_q_time_tile loads 64 rows");
+  load_q_time_tile<T, kD, kS>(sq, static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h, p.s_n,
+                              time != nullptr ? time + time_base : nullptr, q0, p.N, tid);
   __syncthreads();
   // scale * c_i = scale * (q_i + tq) . tk, added back to the log-sum-exp (see the
   // file comment). Each warp reads it back for its own rows only.
@@ -484,15 +506,8 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       mma::cp_async_16(sdo + row * kS + chunk * 8, src, valid ? 16 : 0);
     }
     mma::cp_async_commit();
-    for (int idx = tid; idx < 64 * kD; idx += kThreads) {
-      const int row = idx / kD, d = idx % kD, i = q0 + row;
-      float v = 0.f;
-      if (i < p.N) {
-        v = static_cast<float>(qkv[i * p.s_n + d]);
-        if (time != nullptr) v += static_cast<float>(time[time_base + d]);
-      }
-      sq[row * kS + d] = static_cast<T>(v);
-    }
+    load_q_time_tile<T, kD, kS>(sq, qkv, p.s_n, time != nullptr ? time + time_base : nullptr, q0,
+                                p.N, tid);
     __syncthreads();
     {
       const float c = row_time_dot<T, kD, kS>(
@@ -663,11 +678,11 @@ at::Tensor tmsa_table_log2(const at::Tensor& rel_table) {
 // The fields the forward and backward parameter structs share.
 template <typename Params>
 void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
-                 const at::Tensor& table) {
+                 const at::Tensor& time, const at::Tensor& table) {
   TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), "tmsa: B * H = ", a.B * a.H, " or N = ",
               a.N, " exceeds the CUDA grid limits of the fused kernels");
   p.qkv = packed.data_ptr();
-  p.time_qkv = a.time_qkv ? a.time_qkv->data_ptr() : nullptr;
+  p.time_qkv = time.defined() ? time.data_ptr() : nullptr;
   p.table = table.defined() ? table.data_ptr<float>() : nullptr;
   p.s_b = packed.stride(0);
   p.s_n = packed.stride(1);
@@ -718,6 +733,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
 
   const at::Tensor packed = aligned_qkv(a);
+  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
   if (a.B * a.N == 0) return {out, lse};
@@ -725,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   if (a.rel_table) table = tmsa_table_log2(*a.rel_table);
 
   TmsaFwdParams p;
-  fill_layout(p, a, packed, table);
+  fill_layout(p, a, packed, time, table);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
 
@@ -788,6 +804,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const NoAutocast no_autocast;
 
   const at::Tensor packed = aligned_qkv(a);
+  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
   at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
   if (a.B * a.N == 0) {
     grad_qkv.zero_();
@@ -809,7 +826,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   }
 
   TmsaBwdParams p;
-  fill_layout(p, a, packed, table);
+  fill_layout(p, a, packed, time, table);
   p.grad_out = dout.data_ptr();
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();

@@ -99,19 +99,14 @@ void cp_async(void* smem, const void* gmem, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 
-// Records the first error of the current launch; the launch throws it at its end.
-void report(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             const std::function<void()>& body);
 
-// A host-side stand-in for cudaDeviceProp: the numbers of an H100 SXM.
+// The fields of cudaDeviceProp the launchers read, with an H100 SXM's values.
 struct DeviceProperties {
   int multiProcessorCount = 132;
   size_t sharedMemPerBlockOptin = 227 * 1024;
-  size_t sharedMemPerBlock = 48 * 1024;
-  int major = 9, minor = 0;
 };
 
 template <typename Kernel>

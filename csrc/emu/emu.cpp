@@ -17,7 +17,6 @@ extern "C" void __tsan_write_range(void* addr, unsigned long size);
 
 #include <algorithm>
 #include <atomic>
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -189,7 +188,7 @@ std::string where() {
   return buf;
 }
 
-void report_str(const std::string& msg) {
+void report(const std::string& msg) {
   LaunchState* l = w().launch;
   if (l == nullptr) return;
   std::lock_guard<std::mutex> lock(l->error_mutex);
@@ -221,7 +220,7 @@ void warp_barrier(const char* what) {
   if (wp.arrived == 0) {
     wp.what = what;
   } else if (wp.what != what && std::strcmp(wp.what, what) != 0) {
-    report_str(std::string("divergent warp collectives: ") + what + " while other lanes are in " +
+    report(std::string("divergent warp collectives: ") + what + " while other lanes are in " +
                wp.what);
   }
   tsan::release(&wp);
@@ -243,7 +242,7 @@ void on_exit(Fiber& f) {
   Warp& wp = k.warps[f.warp];
   --wp.alive;
   if (wp.arrived > 0) {
-    report_str(std::string("a lane exited while the rest of its warp waits in ") + wp.what);
+    report(std::string("a lane exited while the rest of its warp waits in ") + wp.what);
     if (wp.arrived == wp.alive) {
       wp.arrived = 0;
       ++wp.gen;
@@ -309,7 +308,7 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
     if (!progressed) {
       int at_block = 0;
       for (const Fiber& f : k.fibers) at_block += !f.done && f.wait_on == &k.gen;
-      report_str("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
+      report("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
                  std::to_string(k.alive - at_block) +
                  " at warp collectives that can never complete");
       // The abandoned fibers never reach their end: release on their behalf, so that
@@ -377,8 +376,8 @@ void syncthreads() {
 const unsigned char* warp_gather(const void* in, size_t bytes, unsigned mask, const char* what) {
   Warp& wp = w().warps[me().warp];
   const unsigned expected = wp.lanes == 32 ? 0xffffffffu : (1u << wp.lanes) - 1u;
-  if ((mask & expected) != expected) report_str(std::string(what) + ": partial lane masks are not emulated");
-  if (wp.alive != wp.lanes) report_str(std::string(what) + " with exited lanes in the warp");
+  if ((mask & expected) != expected) report(std::string(what) + ": partial lane masks are not emulated");
+  if (wp.alive != wp.lanes) report(std::string(what) + " with exited lanes in the warp");
   std::memcpy(wp.slots + me().lane * kSlotBytes, in, bytes);
   warp_barrier(what);
   return wp.slots;
@@ -393,13 +392,13 @@ bool check_smem(const void* p, size_t bytes, size_t align, const char* what) {
   if (c < k.smem || c + bytes > k.smem + k.smem_bytes) {
     std::snprintf(buf, sizeof(buf), "%s: shared address %+lld is outside the %zu bytes of dynamic "
                   "shared memory", what, static_cast<long long>(c - k.smem), k.smem_bytes);
-    report_str(buf);
+    report(buf);
     return false;
   }
   if (reinterpret_cast<std::uintptr_t>(p) % align != 0) {
     std::snprintf(buf, sizeof(buf), "%s: shared offset %lld is not %zu-byte aligned", what,
                   static_cast<long long>(c - k.smem), align);
-    report_str(buf);
+    report(buf);
     return false;
   }
   return true;
@@ -408,11 +407,11 @@ bool check_smem(const void* p, size_t bytes, size_t align, const char* what) {
 void cp_async(void* smem, const void* gmem, int src_bytes) {
   if (!check_smem(smem, 16, 16, "cp.async")) return;
   if (src_bytes < 0 || src_bytes > 16) {
-    report_str("cp.async: src size " + std::to_string(src_bytes) + " outside [0, 16]");
+    report("cp.async: src size " + std::to_string(src_bytes) + " outside [0, 16]");
     return;
   }
   if (src_bytes > 0 && reinterpret_cast<std::uintptr_t>(gmem) % 16 != 0) {
-    report_str("cp.async.cg 16: global source address is not 16-byte aligned");
+    report("cp.async.cg 16: global source address is not 16-byte aligned");
     return;
   }
   PendingCopy c;
@@ -437,15 +436,6 @@ void cp_async_wait(int pending_groups) {
     apply(f.groups.front());
     f.groups.pop_front();
   }
-}
-
-void report(const char* fmt, ...) {
-  char buf[512];
-  va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(buf, sizeof(buf), fmt, args);
-  va_end(args);
-  report_str(buf);
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
