@@ -4,7 +4,9 @@ CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) i
 found; otherwise the extension is CPU-only. Whether a GPU is visible never
 matters. Environment:
   DITKERNELS_FORCE_CPU=1   build CPU-only even with a CUDA toolkit
-  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0": A100, H100/H200)
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0a": A100, H100/H200; the
+                           Hopper wgmma kernels need 9.0a, with plain 9.0 Hopper runs
+                           the mma.sync kernels)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
   CUDA_HOME                toolkit root (default: CUDA_PATH, /usr/local/cuda, or nvcc's)
 """
@@ -18,7 +20,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 
 def _truthy(name):
@@ -76,6 +78,11 @@ def arch_token(arch_list):
     return "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs)
 
 
+def has_sm90a(arch_list):
+    """Whether the list builds sm_90a code, which the wgmma kernels need."""
+    return any(a.replace("+PTX", "") == "9.0a" for a in re.split(r"[;\s,]+", arch_list))
+
+
 def cuda_wheel_include_dirs():
     """cuBLAS/cuSPARSE headers that ATen's CUDA headers include.
 
@@ -105,10 +112,13 @@ def make_extension():
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
         )
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     macros += [
         ("DITKERNELS_WITH_CUDA", None),
-        ("DITKERNELS_CUDA_ARCHS", arch_token(os.environ["TORCH_CUDA_ARCH_LIST"])),
+        ("DITKERNELS_CUDA_ARCHS", arch_token(arch_list)),
     ]
+    if has_sm90a(arch_list):
+        macros.append(("DITKERNELS_SM90A", None))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     return CUDAExtension(
         "ditkernels._C",

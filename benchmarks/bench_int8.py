@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import ditkernels
-from benchmarks.common import BenchContext, median_seconds
+from benchmarks.common import (MMA_SYNC, BenchContext, hopper_wgmma_build, median_seconds,
+                               median_seconds_with)
 from ditkernels.models import DIT_CONFIGS, DiT
 from ditkernels.quant import (TimestepCalibratedInt8Config, TimestepCalibration, quantize_,
                               quantization_targets, skip_keys)
@@ -64,11 +65,21 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
     L = 64 if ctx.quick else TOKENS
     for label, B, K, N in _cases(ctx):
         a = _inputs(B, L, K, N, ctx)
+        x_q = ditkernels.quantize_per_sample(a["x"], a["act_scales"], a["t"])
         impls = {
             f"F.linear ({dtype_name})": lambda: F.linear(a["x"], a["w"], a["bias"]),
             "ditkernels.int8_linear": lambda: ditkernels.int8_linear(
                 a["x"], a["w_q"], a["w_scale"], a["act_scales"], a["t"], a["bias"]),
+            # The GEMM alone, as the models run it after ln_modulate_int8.
+            "ditkernels.int8_gemm_dequant": lambda: ditkernels.int8_gemm_dequant(
+                x_q, a["w_q"], a["w_scale"], a["act_scales"], a["t"], a["bias"], ctx.dtype),
         }
+        # On Hopper: also the mma.sync kernels, whose int8_linear quantizes in its A load.
+        env = {}
+        if hopper_wgmma_build(ctx):
+            for impl in ("ditkernels.int8_linear", "ditkernels.int8_gemm_dequant"):
+                impls[f"{impl} (mma.sync)"] = impls[impl]
+                env[f"{impl} (mma.sync)"] = MMA_SYNC
         w_q_t = a["w_q"].t()
         try:
             eager_int8_linear(a["x"], w_q_t, a["w_scale"], a["act_scales"], a["t"], a["bias"])
@@ -77,7 +88,8 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
         else:
             impls["eager int8 (_int_mm)"] = lambda: eager_int8_linear(
                 a["x"], w_q_t, a["w_scale"], a["act_scales"], a["t"], a["bias"])
-        times = {impl: median_seconds(fn, ctx.min_run_time) for impl, fn in impls.items()}
+        times = {impl: median_seconds_with(fn, ctx.min_run_time, env.get(impl))
+                 for impl, fn in impls.items()}
         fp = times[f"F.linear ({dtype_name})"]
         eager = times.get("eager int8 (_int_mm)")
         M = B * L

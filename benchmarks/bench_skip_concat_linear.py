@@ -11,7 +11,8 @@ import torch
 import ditkernels
 from ditkernels import reference
 from benchmarks.bench_adaln import pass_fn
-from benchmarks.common import BenchContext, maybe_compile, median_seconds
+from benchmarks.common import (MMA_SYNC, BenchContext, hopper_wgmma_build, maybe_compile,
+                               median_seconds_with)
 
 
 def shapes(ctx: BenchContext):
@@ -29,6 +30,14 @@ def run(ctx: BenchContext):
     impls = {"cat+linear": reference.skip_concat_linear,
              "ditkernels": ditkernels.skip_concat_linear,
              "2 GEMMs": two_gemms}
+    # On Hopper the op runs its wgmma kernel (tile width picked per Dout); the same run
+    # times the mma.sync kernel and the 128-wide wgmma tile, forward only.
+    env = {}
+    if hopper_wgmma_build(ctx):
+        impls["ditkernels (mma.sync)"] = ditkernels.skip_concat_linear
+        impls["ditkernels (wgmma n128)"] = ditkernels.skip_concat_linear
+        env = {"ditkernels (mma.sync)": MMA_SYNC,
+               "ditkernels (wgmma n128)": {"DITKERNELS_SKIP_GEMM_TILE_N": "128"}}
     compiled = maybe_compile(reference.skip_concat_linear, ctx)
     if compiled is not None:
         impls["torch.compile"] = compiled
@@ -42,9 +51,12 @@ def run(ctx: BenchContext):
             flops = flop_factor * 2 * M * 2 * D * D
             times = {}
             for impl, fn in impls.items():
+                if impl in env and pass_name != "fwd":
+                    continue
                 if impl == "torch.compile":
                     torch._dynamo.reset()
-                times[impl] = median_seconds(pass_fn(fn, inputs, pass_name), ctx.min_run_time)
+                times[impl] = median_seconds_with(pass_fn(fn, inputs, pass_name),
+                                                  ctx.min_run_time, env.get(impl))
             for impl, sec in times.items():
                 rows.append({
                     "family": "skip_concat_linear", "op": "skip_concat_linear",

@@ -9,6 +9,7 @@ Times are medians from torch.utils.benchmark (CUDA-synchronised on GPU).
 import contextlib
 import dataclasses
 import datetime
+import os
 import platform
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,6 +37,40 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     fn()  # warm-up: compilation, allocator, autotuning
     timer = tb.Timer(stmt="fn()", globals={"fn": fn})
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+@contextlib.contextmanager
+def environ(values: Dict[str, str]):
+    """Sets environment variables for the duration (the kernels' path switches are
+    read at every call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def hopper_wgmma_build(ctx: BenchContext) -> bool:
+    """Whether the GEMM ops run their sm_90a wgmma kernels here: a 9.0 device and a
+    build with sm_90a code. Benchmarks then also time the mma.sync kernels
+    (DITKERNELS_DISABLE_WGMMA=1) in the same run."""
+    import ditkernels
+    return (ctx.is_cuda and torch.cuda.get_device_capability(ctx.device) == (9, 0)
+            and any(a.startswith("sm_90a") for a in ditkernels.build_info()["cuda_archs"]))
+
+
+MMA_SYNC = {"DITKERNELS_DISABLE_WGMMA": "1"}
+
+
+def median_seconds_with(fn: Callable[[], object], min_run_time: float,
+                        env: Optional[Dict[str, str]] = None) -> float:
+    with environ(env or {}):
+        return median_seconds(fn, min_run_time)
 
 
 def measure_copy_gbps(device: torch.device, dtype: torch.dtype, min_run_time: float,

@@ -51,7 +51,8 @@ phase() {
 } >>"$summary" 2>&1
 
 # Only this machine's architecture: half the default build time.
-cap=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# Hopper gets 9.0a, which the wgmma kernels need.
+cap=$(python -c "import torch; c = torch.cuda.get_device_capability(); print('%d.%d%s' % (c[0], c[1], 'a' if c == (9, 0) else ''))")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if ! phase "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" 300 "$OUT/build.log" \

@@ -88,6 +88,29 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(params=["wgmma", "mma.sync"])
+def gemm_kernel(request, monkeypatch):
+    """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels, or,
+    with DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
+    if request.param == "mma.sync":
+        monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
+    else:
+        monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
+    return request.param
+
+
+@pytest.fixture(params=["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"])
+def skip_gemm_kernel(request, monkeypatch):
+    """skip_concat_linear's kernels: wgmma with each tile width (small test shapes
+    would always get 128), and mma.sync."""
+    if request.param == "mma.sync":
+        monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
+    else:
+        monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
+        monkeypatch.setenv("DITKERNELS_SKIP_GEMM_TILE_N", request.param.split("-n")[1])
+    return request.param
+
+
 def test_fixture_routes_to_the_cuda_code():
     """The CUDA launcher's own checks answer: CPU supports head dim 8, CUDA does not."""
     args = test_tmsa.make_inputs(1, 1, 8, (2, 2), 0, torch.bfloat16, "cpu")
@@ -118,6 +141,40 @@ def test_emulated_cp_async_lands_at_its_wait():
     """Read before cp.async.wait_group, the tile still holds the 0xff fill (NaN)."""
     a, b = torch.ones(16, 16), torch.ones(8, 16)
     assert _selftest("mma_without_wait", a, b).isnan().all()
+
+
+@RACECHECK
+def test_emulated_wgmma_tile_is_a_matrix_product():
+    """Swizzled tiles -> 128B-swizzle descriptors -> wgmma m64n128k16 -> the
+    accumulator layout of cuda_wgmma.cuh gives A B^T, exactly for integer inputs."""
+    a = torch.randint(-8, 9, (64, 16)).float()
+    b = torch.randint(-8, 9, (128, 16)).float()
+    assert torch.equal(_selftest("wgmma", a, b), a @ b.t())
+
+
+def test_emulated_wgmma_s8_tile_is_a_matrix_product():
+    a = torch.randint(-128, 128, (64, 32)).float()
+    b = torch.randint(-128, 128, (128, 32)).float()
+    assert torch.equal(_selftest("wgmma_s8", a, b), a @ b.t())
+
+
+def test_emulated_wgmma_accumulators_are_poison_before_the_wait():
+    a, b = torch.ones(64, 16), torch.ones(128, 16)
+    assert _selftest("wgmma_read_before_wait", a, b).isnan().all()
+
+
+def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data():
+    """A tile not on a 1024-byte boundary of the shared window: the hardware's swizzle
+    (on address bits) no longer matches the one the kernel stored with."""
+    a = torch.randint(-8, 9, (64, 16)).float()
+    b = torch.randint(-8, 9, (128, 16)).float()
+    assert not torch.equal(_selftest("wgmma_unaligned_tile", a, b), a @ b.t())
+
+
+def test_emulated_wgmma_operand_overwritten_in_flight_is_reported():
+    a, b = torch.ones(64, 16), torch.ones(128, 16)
+    with pytest.raises(RuntimeError, match="overwritten before the wgmma.wait_group"):
+        _selftest("wgmma_overwrite_in_flight", a, b)
 
 
 @RACECHECK
@@ -244,11 +301,13 @@ SKIP_CASES = ([racecheck(*c) if c == ((3, 7), 40, 24) else c
 
 @pytest.mark.parametrize("lead,D,Dout", SKIP_CASES)
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("skip_gemm_kernel")
 def test_skip_concat_linear_forward(lead, D, Dout, bias):
     for dtype in CUDA_DTYPES:
         test_skip_concat_linear.check_forward("cpu", dtype, lead, D, Dout, bias)
 
 
+@pytest.mark.usefixtures("skip_gemm_kernel")
 def test_skip_concat_linear_non_contiguous_and_misaligned():
     for dtype in CUDA_DTYPES:
         test_skip_concat_linear.check_non_contiguous_and_misaligned("cpu", dtype)
@@ -260,6 +319,7 @@ def test_skip_concat_linear_backward(bias):
         test_skip_concat_linear.check_backward("cpu", dtype, bias)
 
 
+@pytest.mark.usefixtures("skip_gemm_kernel")
 def test_skip_concat_linear_empty():
     test_skip_concat_linear.test_empty_rows("cpu")
 
@@ -271,12 +331,14 @@ def test_skip_concat_linear_empty():
 @pytest.mark.parametrize("lead,K,N,one_t", [racecheck(*c) if i == 0 else c
                                             for i, c in enumerate(test_int8.CASES)])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_linear_bit_identical(lead, K, N, one_t, bias):
     for dtype in CUDA_DTYPES:
         test_int8.check_int8_linear("cpu", dtype, lead, K, N, one_t, bias)
 
 
 @pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES[:3])
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_gemm_dequant_and_quantize(lead, K, N, one_t):
     test_int8.check_gemm_dequant_and_quantize("cpu", CUDA_DTYPES, lead, K, N, one_t)
 
@@ -285,6 +347,12 @@ def test_int8_quantize_rounds_half_to_even_and_saturates():
     test_int8.test_quantize_rounds_half_to_even_and_clamps()
 
 
+def test_int8_quantize_rows_of_eight():
+    for dtype in CUDA_DTYPES:
+        test_int8.check_quantize_rows_of_eight("cpu", dtype)
+
+
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
 

@@ -77,6 +77,28 @@ def test_quantize_rounds_half_to_even_and_clamps():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_quantize_rows_of_eight(device):
+    for dtype in DTYPES[device]:
+        check_quantize_rows_of_eight(device, dtype)
+
+
+def check_quantize_rows_of_eight(device, dtype):
+    """K % 8 == 0 takes the CUDA kernel's vector path: ties, clamps, overflow to inf,
+    per-sample scales and a non-contiguous input, against the reference exactly."""
+    special = torch.tensor([0.25, 0.75, -0.25, 1.25, 200.0, -200.0, 0.0, 3e38, -3e38,
+                            2.5, -2.5, 63.5, 0.125, -1.75, 100.0, 1.0])
+    x = torch.randn(3, 5, 32)
+    x[1, 2, :16] = special * 0.5
+    x = x.to(device, dtype).transpose(0, 1)  # [5, 3, 32], rows not contiguous
+    act_scales = torch.tensor([0.5, 0.02, 0.1, 0.25], device=device)
+    t = torch.tensor([1, 0, 3, 2, 0], device=device)
+    q = ditkernels.quantize_per_sample(x, act_scales, t)
+    assert torch.equal(q, reference.quantize_per_sample(x, act_scales, t))
+    assert (q[2, 1, :9] == torch.tensor([0, 2, 0, 2, 127, -127, 0, 127, -127],
+                                        dtype=torch.int8, device=device)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mixed_timesteps_in_one_batch(device):
     """Each sample uses its own row of the table: a batch with mixed t equals the
     samples run one by one."""

@@ -16,6 +16,7 @@
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/cuda_wgmma.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/int8.h"
@@ -201,12 +202,150 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
   }
 }
 
+// ---- Hopper path (sm_90a): wgmma ----
+// A 128x128x128 tile: two warpgroups, each a 64x128 slab of m64n128k32 s8 wgmma from
+// shared memory; int8 tiles of 128-byte rows with the 128-byte swizzle, loaded with
+// cp.async by all 256 threads; wgmma::pipelined_mainloop (four stages, loads two
+// tiles ahead, one wgmma group in flight). A is int8 here:
+// on this path int8_linear quantizes x first (quantize_rows below), since
+// quantizing inside the A load would redo every division N / 128 times, and that,
+// not the tensor cores, would bound the kernel. The epilogue is the mma.sync
+// kernel's, written through shared memory in 16-byte rows.
+namespace sm90 {
+constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 4, kAhead = 2, kThreads = 256;
+constexpr int kTileBytes = kBM * wgmma::kRowBytes;
+constexpr int kStageBytes = 2 * kTileBytes;
+constexpr int kSmemBytes = kStages * kStageBytes + wgmma::kAtomBytes;
+
+template <typename OutT>
+__global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8GemmParams p) {
+  constexpr int kOutPitch = kBN + 16 / static_cast<int>(sizeof(OutT));
+  static_assert(kBM * kOutPitch * sizeof(OutT) <= kStages * kStageBytes);
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* smem = wgmma::align_to_atom(smem_raw);
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
+  const int k_tiles = (p.K + kBK - 1) / kBK;
+  const auto* a_q = static_cast<const int8_t*>(p.a);
+
+  int acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+
+  // Rows of A and B: 16-byte chunks of 16 k, zero past M, N and K (K % 16 == 0).
+  auto load = [&](unsigned char* stage, int kt) {
+    const int k0 = kt * kBK;
+    wgmma::load_tile<kBM, kThreads>(stage, tid, [&](int row, int chunk) -> const void* {
+      const int gm = m0 + row, kc = k0 + chunk * 16;
+      return gm < p.M && kc < p.K ? a_q + gm * p.lda + kc : nullptr;
+    });
+    auto b_src = [&](int row, int chunk) -> const void* {
+      const int gn = n0 + row, kc = k0 + chunk * 16;
+      return gn < p.N && kc < p.K ? p.w + static_cast<int64_t>(gn) * p.K + kc : nullptr;
+    };
+    wgmma::load_tile<kBN, kThreads>(stage + kTileBytes, tid, b_src);
+  };
+  auto mma = [&](const unsigned char* stage) {
+    wgmma::mma_k_tile<int8_t, kBN>(acc, stage + wg * 64 * wgmma::kRowBytes,
+                                   stage + kTileBytes);
+  };
+  wgmma::pipelined_mainloop<kStages, kAhead>(smem, kStageBytes, k_tiles, load, mma);
+  wgmma::fence_operand(acc);  // the epilogue reads them after the last wait
+  __syncthreads();
+
+  OutT* out = reinterpret_cast<OutT*>(smem);
+  const OutT* bias = static_cast<const OutT*>(p.bias);
+  const int lane = tid & 31, row0 = wg * 64 + (tid / 32 % 4) * 16 + lane / 4;
+  float s_row[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int gm = min(m0 + row0 + half * 8, p.M - 1);
+    s_row[half] = p.act_scales[p.t[gm / p.rows_per_sample]];
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    const int half = (i % 4) >= 2;
+    const int row = row0 + half * 8;
+    const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    const int gn = min(n0 + col, p.N - 1);
+    float v = __fmul_rn(__int2float_rn(acc[i]), s_row[half]);
+    v = __fmul_rn(v, p.w_scale[gn]);
+    if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[gn]));
+    out[row * kOutPitch + col] = static_cast<OutT>(v);
+  }
+  __syncthreads();
+
+  constexpr int kChunk = 16 / sizeof(OutT);  // N % 16 == 0: chunks never straddle N
+  OutT* y = static_cast<OutT*>(p.y);
+#pragma unroll
+  for (int it = 0; it < kBM * (kBN / kChunk) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    const int row = idx / (kBN / kChunk), chunk = idx % (kBN / kChunk);
+    const int gm = m0 + row, gn = n0 + chunk * kChunk;
+    if (gm < p.M && gn < p.N) {
+      *reinterpret_cast<float4*>(y + static_cast<int64_t>(gm) * p.N + gn) =
+          *reinterpret_cast<const float4*>(out + row * kOutPitch + chunk * kChunk);
+    }
+  }
+}
+}  // namespace sm90
+
+// quantize_per_sample for K % 8 == 0 (and the quantize pass of int8_linear on the
+// wgmma path): eight elements per thread, one 16- or 32-byte load and one 8-byte
+// store, one division of the index per eight elements.
+template <typename T>
+__global__ void quantize_rows_kernel(const T* x, int8_t* q, const float* act_scales,
+                                     const int64_t* t, int64_t rows_per_sample, int64_t K,
+                                     int64_t chunks) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = c * 8 / K;
+    const float s = act_scales[t[row / rows_per_sample]];
+    float v[8];
+    load8<T>(x + c * 8, v);
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      packed[j >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(v[j], s)))
+                        << (8 * (j & 3));
+    }
+    *reinterpret_cast<uint2*>(q + c * 8) = make_uint2(packed[0], packed[1]);
+  }
+}
+
 void check_cuda_shapes(const char* op, const int8::Rows& r, const at::Tensor& w_q) {
   TORCH_CHECK(r.K % 16 == 0 && w_q.size(0) % 16 == 0, op,
               ": the CUDA int8 kernel needs K and N to be multiples of 16, got K = ", r.K,
               " and N = ", w_q.size(0), " (w_q of shape ", shape_str(w_q), ")");
   TORCH_CHECK((r.M + kBM - 1) / kBM <= 65535 && r.M < (int64_t{1} << 31), op, ": M = ", r.M,
               " rows exceed the CUDA grid limit");
+}
+
+template <typename OutT>
+void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
+  auto kernel = sm90::int8_gemm_wgmma_kernel<OutT>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      sm90::kSmemBytes));
+  const dim3 grid((p.N + sm90::kBN - 1) / sm90::kBN, (p.M + sm90::kBM - 1) / sm90::kBM);
+  DK_LAUNCH(kernel, grid, sm90::kThreads, sm90::kSmemBytes, stream)(p);
+}
+
+// x [M, K] (K % 8 == 0, rows contiguous) quantized with the per-sample scales.
+at::Tensor quantize_rows(const at::Tensor& x2d, const at::Tensor& act_scales, const at::Tensor& t,
+                         int64_t rows_per_sample, cudaStream_t stream) {
+  at::Tensor xc = aligned_rows(x2d.contiguous());
+  at::Tensor q = at::empty({x2d.size(0), x2d.size(1)}, x2d.options().dtype(at::kChar));
+  const int64_t chunks = x2d.numel() / 8;
+  if (chunks == 0) return q;
+  const int blocks = static_cast<int>(std::min<int64_t>((chunks + 255) / 256, 65535));
+  DK_DISPATCH_CUDA_FLOATS(x2d.scalar_type(), "int8_linear", [&] {
+    auto kernel = quantize_rows_kernel<scalar_t>;
+    DK_LAUNCH(kernel, blocks, 256, 0, stream)(xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
+                                              act_scales.data_ptr<float>(), t.data_ptr<int64_t>(),
+                                              rows_per_sample, x2d.size(1), chunks);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return q;
 }
 
 template <typename T, typename OutT, bool kQuantizeA>
@@ -246,6 +385,17 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(r.K);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (wgmma::use_wgmma()) {
+    at::Tensor a_q;
+    if (quantize_a) {
+      a_q = quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream);
+      p.a = a_q.data_ptr();
+      p.lda = a_q.stride(0);
+    }
+    DK_DISPATCH_CUDA_FLOATS(out_dtype, op, [&] { launch_wgmma<scalar_t>(p, stream); });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+  }
   DK_DISPATCH_CUDA_FLOATS(out_dtype, op, [&] {
     using OutT = scalar_t;
     if (!quantize_a) {
@@ -303,15 +453,19 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
   check_float(op, x);
   auto r = int8::check_rows(op, x, "x", act_scales, t);
   const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor scales = act_scales.contiguous();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (r.K % 8 == 0) {
+    return quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream).view(x.sizes());
+  }
   at::Tensor xc = r.x2d.contiguous();
   at::Tensor q = at::empty({r.M, r.K}, x.options().dtype(at::kChar));
   const int64_t total = r.M * r.K;
   if (total == 0) return q.view(x.sizes());
-  at::Tensor scales = act_scales.contiguous();
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65535));
   DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
     auto kernel = quantize_kernel<scalar_t>;
-    DK_LAUNCH(kernel, blocks, 256, 0, at::cuda::getCurrentCUDAStream())(
+    DK_LAUNCH(kernel, blocks, 256, 0, stream)(
         xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
         r.t.data_ptr<int64_t>(), r.rows_per_sample, r.K, total);
   });

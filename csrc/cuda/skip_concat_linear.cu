@@ -13,9 +13,11 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/cuda_wgmma.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/skip_concat_linear.h"
@@ -142,6 +144,135 @@ __global__ void __launch_bounds__(kThreads) skip_gemm_tc_kernel(const SkipGemmPa
   }
 }
 
+// ---- Hopper path (sm_90a): wgmma ----
+// A 128 x BN x 64 tile (BN = 128, 192 or 256, picked per Dout so that few columns
+// are padding): two warpgroups, each a 64 x BN slab of m64nBNk16 wgmma from shared
+// memory. Tiles are K-major with 128-byte rows and the 128-byte swizzle
+// (cuda_wgmma.cuh), loaded by all 256 threads with cp.async: the x/skip switch and
+// the zero-filled tails are those of the mma.sync path; the pipeline is
+// wgmma::pipelined_mainloop (four stages, loads two tiles ahead). The epilogue adds
+// the bias, rounds, and writes 16-byte rows through shared memory. Wider tiles read
+// less of A and B from L2 per flop: a 128 x 128 tile would need about the L2's
+// bandwidth to keep the tensor cores fed.
+namespace sm90 {
+constexpr int kBM = 128, kBK = 64, kStages = 4, kAhead = 2, kThreads = 256;
+constexpr int kATileBytes = kBM * wgmma::kRowBytes;
+
+template <int BN>
+struct Tile {
+  static constexpr int kBTileBytes = BN * wgmma::kRowBytes;
+  static constexpr int kStageBytes = kATileBytes + kBTileBytes;
+  static constexpr int kOutPitch = BN + 8;  // epilogue row, elements: 16 bytes of padding
+  static constexpr int kSmemBytes = kStages * kStageBytes + wgmma::kAtomBytes;  // + alignment
+  static_assert(kBM * kOutPitch * 2 <= kStages * kStageBytes, "epilogue tile must fit the stages");
+};
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(kThreads, 1) skip_gemm_wgmma_kernel(const SkipGemmParams p) {
+  using Cfg = Tile<BN>;
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* smem = wgmma::align_to_atom(smem_raw);
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * kBM;
+  const int K = 2 * p.D;
+  const T* x = static_cast<const T*>(p.x);
+  const T* skip = static_cast<const T*>(p.skip);
+  const T* w = static_cast<const T*>(p.weight);
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+  auto load = [&](unsigned char* stage, int kt) {
+    const int k0 = kt * kBK;
+    wgmma::load_tile<kBM, kThreads>(stage, tid, [&](int row, int chunk) -> const void* {
+      const int gm = m0 + row, kc = k0 + chunk * 8;
+      if (gm >= p.M || kc >= K) return nullptr;
+      return kc < p.D ? x + gm * p.ld_x + kc : skip + gm * p.ld_skip + (kc - p.D);
+    });
+    auto b_src = [&](int row, int chunk) -> const void* {
+      const int gn = n0 + row, kc = k0 + chunk * 8;
+      return gn < p.N && kc < K ? w + static_cast<int64_t>(gn) * K + kc : nullptr;
+    };
+    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, b_src);
+  };
+  auto mma = [&](const unsigned char* stage) {
+    wgmma::mma_k_tile<T, BN>(acc, stage + wg * 64 * wgmma::kRowBytes, stage + kATileBytes);
+  };
+  wgmma::pipelined_mainloop<kStages, kAhead>(smem, Cfg::kStageBytes, (K + kBK - 1) / kBK, load,
+                                             mma);
+  wgmma::fence_operand(acc);  // the epilogue reads them after the last wait
+  __syncthreads();  // every warpgroup is done with the stages the epilogue reuses
+
+  T* out = reinterpret_cast<T*>(smem);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int lane = tid & 31, row0 = wg * 64 + (tid / 32 % 4) * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
+    const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    float v = acc[i];
+    if (bias != nullptr && n0 + col < p.N) v += static_cast<float>(bias[n0 + col]);
+    out[row * Cfg::kOutPitch + col] = static_cast<T>(v);
+  }
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y);
+  if (p.N % 8 == 0) {
+#pragma unroll
+    for (int it = 0; it < kBM * (BN / 8) / kThreads; ++it) {
+      const int idx = tid + it * kThreads;
+      const int row = idx / (BN / 8), chunk = idx % (BN / 8);
+      const int gm = m0 + row, gn = n0 + chunk * 8;
+      if (gm < p.M && gn < p.N) {
+        *reinterpret_cast<float4*>(y + static_cast<int64_t>(gm) * p.N + gn) =
+            *reinterpret_cast<const float4*>(out + row * Cfg::kOutPitch + chunk * 8);
+      }
+    }
+  } else {
+    for (int idx = tid; idx < kBM * BN; idx += kThreads) {
+      const int row = idx / BN, col = idx % BN;
+      const int gm = m0 + row, gn = n0 + col;
+      if (gm < p.M && gn < p.N) {
+        y[static_cast<int64_t>(gm) * p.N + gn] = out[row * Cfg::kOutPitch + col];
+      }
+    }
+  }
+}
+
+// The tile width with the fewest padded columns (ties: the wider), unless that
+// leaves SMs idle that 128-wide tiles would use. DITKERNELS_SKIP_GEMM_TILE_N = 128,
+// 192 or 256 overrides it (tests cover every width; benchmarks can sweep them).
+int pick_tile_n(int64_t M, int64_t N, int sms) {
+  if (const char* env = std::getenv("DITKERNELS_SKIP_GEMM_TILE_N")) {
+    const int bn = std::atoi(env);
+    TORCH_CHECK(bn == 128 || bn == 192 || bn == 256,
+                "DITKERNELS_SKIP_GEMM_TILE_N must be 128, 192 or 256, got '", env, "'");
+    return bn;
+  }
+  int best = 128;
+  int64_t best_waste = -1;
+  for (int bn : {256, 192, 128}) {
+    const int64_t waste = (N + bn - 1) / bn * bn - N;
+    if (best_waste < 0 || waste < best_waste) {
+      best = bn;
+      best_waste = waste;
+    }
+  }
+  const int64_t m_tiles = (M + kBM - 1) / kBM;
+  return m_tiles * ((N + best - 1) / best) < sms ? 128 : best;
+}
+
+template <typename T, int BN>
+void launch(const SkipGemmParams& p, int64_t m_tiles, cudaStream_t stream) {
+  auto kernel = skip_gemm_wgmma_kernel<T, BN>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Tile<BN>::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>(m_tiles));
+  DK_LAUNCH(kernel, grid, kThreads, Tile<BN>::kSmemBytes, stream)(p);
+}
+}  // namespace sm90
+
 // ---- fp32 path ----
 constexpr int kFB = 64, kFBK = 16, kFThreads = 256;
 
@@ -249,10 +380,19 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
   } else {
     DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
       if constexpr (!std::is_same_v<scalar_t, float>) {
-        auto kernel = skip_gemm_tc_kernel<scalar_t>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            kSmemBytes));
-        DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
+        if (wgmma::use_wgmma()) {
+          const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+          switch (sm90::pick_tile_n(c.M, c.Dout, sms)) {
+            case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
+            case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
+            default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;
+          }
+        } else {
+          auto kernel = skip_gemm_tc_kernel<scalar_t>;
+          C10_CUDA_CHECK(cudaFuncSetAttribute(
+              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+          DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
+        }
       }
     });
   }

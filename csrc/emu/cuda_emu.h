@@ -99,12 +99,29 @@ void cp_async(void* smem, const void* gmem, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 
+// Hopper warpgroup MMA (csrc/emu/wgmma_emu.h). The warpgroup collectives need all
+// 128 threads 128 g .. 128 g + 127 of a block. mma snapshots its operands when the
+// last thread issues it, poisons the accumulators, and computes them only at the
+// wait_group that retires its group, after checking that the shared memory it read
+// is unchanged: reading accumulators, or overwriting operands, before the wait
+// shows. Shared-window addresses start at kSharedWindowBase, not at a 1024-byte
+// boundary, so a swizzled tile must be aligned by the kernel, as on a GPU, where the
+// window offset of dynamic shared memory is not promised either.
+constexpr uint32_t kSharedWindowBase = 0x180;
+enum class WgmmaType { kBF16, kF16, kS8 };
+uint32_t shared_window_address(const void* p);
+void wgmma_fence();
+void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d);
+void wgmma_commit();
+void wgmma_wait(int pending_groups);
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             const std::function<void()>& body);
 
 // The fields of cudaDeviceProp the launchers read, with an H100 SXM's values.
 struct DeviceProperties {
+  int major = 9, minor = 0;
   int multiProcessorCount = 132;
   size_t sharedMemPerBlockOptin = 227 * 1024;
 };

@@ -142,6 +142,38 @@ struct Warp {
   alignas(16) unsigned char slots[32 * kSlotBytes];
 };
 
+// One wgmma.mma_async m64nNk16/k32 as issued: its operands as read at issue, the shared
+// memory they came from (to check at retirement that nobody overwrote it), and each
+// thread's accumulators with their value at issue (unless an earlier wgmma still in
+// flight writes them: then it chains on that one's result).
+struct WgmmaOp {
+  WgmmaType type;
+  int scale_d = 0;
+  int n = 0;                      // N; each thread holds n / 2 accumulators
+  int k = 0;                      // 16 (fp16/bf16) or 32 (int8)
+  std::vector<double> a, b;       // [64][k], [n][k]
+  std::vector<uint32_t> chunks;   // shared offsets of the 16-byte chunks read
+  std::vector<unsigned char> bytes;
+  void* acc[128] = {};
+  bool has_d_in[128] = {};
+  std::vector<uint32_t> d_in;     // [128][n / 2] raw accumulator words
+};
+
+struct Warpgroup {
+  int arrived = 0;
+  unsigned gen = 0;
+  const char* what = nullptr;
+  uint64_t desc_a = 0, desc_b = 0;
+  int scale_d = 0, n = 0;
+  WgmmaType type = WgmmaType::kBF16;
+  void* acc[128] = {};
+  std::vector<WgmmaOp> open;
+  std::deque<std::vector<WgmmaOp>> groups;
+  // The latest retired result per accumulator array: the input of the wgmma chained
+  // after it (issued while it was in flight, so its registers were poison then).
+  std::unordered_map<const void*, std::vector<uint32_t>> results;
+};
+
 struct LaunchState {
   const char* name;
   dim3 grid, block;
@@ -157,6 +189,7 @@ struct Worker {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<Warp> warps;
+  std::vector<Warpgroup> warpgroups;
   int alive = 0, arrived = 0;
   unsigned gen = 0;
   Fiber* current = nullptr;
@@ -239,6 +272,12 @@ void on_exit(Fiber& f) {
   apply(f.open_group);
   f.groups.clear();
   f.open_group.clear();
+  if (f.warp / 4 < static_cast<int>(k.warpgroups.size())) {
+    const Warpgroup& g = k.warpgroups[f.warp / 4];
+    if (!g.open.empty() || !g.groups.empty()) {
+      report("a thread exited with wgmma in flight (no wgmma.wait_group 0 after the last)");
+    }
+  }
   Warp& wp = k.warps[f.warp];
   --wp.alive;
   if (wp.arrived > 0) {
@@ -275,6 +314,8 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
   const int nwarps = (n + 31) / 32;
   k.warps.assign(nwarps, Warp{});
   for (int i = 0; i < nwarps; ++i) k.warps[i].lanes = k.warps[i].alive = std::min(32, n - 32 * i);
+  k.warpgroups.clear();
+  k.warpgroups.resize(n / 128);
   k.alive = n;
   k.arrived = 0;
   k.gen = 0;
@@ -436,6 +477,216 @@ void cp_async_wait(int pending_groups) {
     apply(f.groups.front());
     f.groups.pop_front();
   }
+}
+
+uint32_t shared_window_address(const void* p) {
+  return kSharedWindowBase +
+         static_cast<uint32_t>(static_cast<const unsigned char*>(p) - w().smem);
+}
+
+namespace {
+
+// Arrives at the calling thread's warpgroup barrier; the last of the 128 runs
+// `last` before releasing the others.
+template <typename Last>
+void warpgroup_collective(const char* what, Last&& last) {
+  Worker& k = w();
+  const int g = me().warp / 4;
+  if (g >= static_cast<int>(k.warpgroups.size())) {
+    report(std::string(what) + ": the thread's warpgroup is incomplete (block of " +
+           std::to_string(k.fibers.size()) + " threads)");
+    return;
+  }
+  int alive = 0;
+  for (int i = 0; i < 4; ++i) alive += k.warps[4 * g + i].alive;
+  if (alive != 128) report(std::string(what) + " with exited threads in the warpgroup");
+  Warpgroup& wg = k.warpgroups[g];
+  if (wg.arrived == 0) {
+    wg.what = what;
+  } else if (wg.what != what && std::strcmp(wg.what, what) != 0) {
+    report(std::string("divergent warpgroup collectives: ") + what +
+           " while other threads are in " + wg.what);
+  }
+  tsan::release(&wg);
+  if (++wg.arrived == 128) {
+    last(wg);
+    tsan::release(&wg);  // what `last` wrote (other threads' accumulators) happens before
+    wg.arrived = 0;
+    ++wg.gen;
+  } else {
+    wait_until_changed(&wg.gen);
+  }
+  tsan::acquire(&wg);
+}
+
+int thread_in_warpgroup() { return (me().warp % 4) * 32 + me().lane; }
+
+// Reads `rows` K-major rows of 32 bytes through a 128B-swizzle descriptor.
+bool read_operand(uint64_t desc, int rows, WgmmaOp& op, std::vector<double>& out) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = static_cast<int>((desc >> 49) & 7);
+  const int mode = static_cast<int>(desc >> 62);
+  if (mode != 1 || base_offset != 0) {
+    report("emulated wgmma: only K-major operands with the 128-byte swizzle and base offset 0 "
+           "are emulated (descriptor mode " + std::to_string(mode) + ", base offset " +
+           std::to_string(base_offset) + ")");
+    return false;
+  }
+  const Worker& k = w();
+  const int per_chunk = op.type == WgmmaType::kS8 ? 16 : 8;
+  out.assign(static_cast<size_t>(rows) * op.k, 0.0);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      const uint32_t addr = start + (r % 8) * 128 + (r / 8) * sbo + c * 16;
+      const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+      const int64_t off = int64_t{phys} - kSharedWindowBase;
+      if (off < 0 || off + 16 > static_cast<int64_t>(k.smem_bytes)) {
+        report("emulated wgmma: operand row " + std::to_string(r) + " reads shared offset " +
+               std::to_string(off) + ", outside the " + std::to_string(k.smem_bytes) +
+               " bytes of dynamic shared memory");
+        return false;
+      }
+      const unsigned char* src = k.smem + off;
+      tsan::reads(src, 16);
+      op.chunks.push_back(static_cast<uint32_t>(off));
+      op.bytes.insert(op.bytes.end(), src, src + 16);
+      for (int e = 0; e < per_chunk; ++e) {
+        double v;
+        if (op.type == WgmmaType::kS8) {
+          v = static_cast<int8_t>(src[e]);
+        } else {
+          uint16_t bits;
+          std::memcpy(&bits, src + 2 * e, 2);
+          v = op.type == WgmmaType::kBF16
+                  ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                  : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+        }
+        out[static_cast<size_t>(r) * op.k + c * per_chunk + e] = v;
+      }
+    }
+  }
+  return true;
+}
+
+bool in_flight(const Warpgroup& wg, const void* acc, int t) {
+  for (const WgmmaOp& op : wg.open)
+    if (op.acc[t] == acc) return true;
+  for (const auto& group : wg.groups)
+    for (const WgmmaOp& op : group)
+      if (op.acc[t] == acc) return true;
+  return false;
+}
+
+void issue(Warpgroup& wg) {
+  WgmmaOp op;
+  op.type = wg.type;
+  op.scale_d = wg.scale_d;
+  op.k = wg.type == WgmmaType::kS8 ? 32 : 16;
+  op.n = wg.n;
+  const int words = op.n / 2;
+  if (!read_operand(wg.desc_a, 64, op, op.a) || !read_operand(wg.desc_b, op.n, op, op.b)) return;
+  op.d_in.assign(128 * words, 0);
+  for (int t = 0; t < 128; ++t) {
+    op.acc[t] = wg.acc[t];
+    op.has_d_in[t] = !in_flight(wg, wg.acc[t], t);
+    if (op.has_d_in[t]) std::memcpy(&op.d_in[t * words], wg.acc[t], words * 4);
+  }
+  // Poison: what a thread reads from its accumulators before the wait is garbage.
+  const uint32_t poison = op.type == WgmmaType::kS8 ? 0x5a5a5a5au : 0xffffffffu;
+  for (int t = 0; t < 128; ++t) {
+    auto* words = static_cast<uint32_t*>(wg.acc[t]);
+    for (int i = 0; i < op.n / 2; ++i) words[i] = poison;
+  }
+  wg.open.push_back(std::move(op));
+}
+
+void retire(Warpgroup& wg, const WgmmaOp& op) {
+  Worker& k = w();
+  for (size_t i = 0; i < op.chunks.size(); ++i) {
+    tsan::reads(k.smem + op.chunks[i], 16);
+    if (std::memcmp(k.smem + op.chunks[i], &op.bytes[16 * i], 16) != 0) {
+      report("shared memory read by a wgmma in flight (offset " + std::to_string(op.chunks[i]) +
+             ") was overwritten before the wgmma.wait_group that retires it");
+      return;
+    }
+  }
+  const int words = op.n / 2;
+  for (int t = 0; t < 128; ++t) {
+    const int warp = t / 32, lane = t % 32;
+    std::vector<uint32_t>& result = wg.results[op.acc[t]];
+    if (!op.has_d_in[t] && static_cast<int>(result.size()) != words) {
+      report("emulated wgmma: chained accumulators without a retired predecessor of the same N");
+      return;
+    }
+    result.resize(words);
+    for (int i = 0; i < words; ++i) {
+      const int row = 16 * warp + lane / 4 + ((i % 4) >= 2 ? 8 : 0);
+      const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+      const double* a = &op.a[static_cast<size_t>(row) * op.k];
+      const double* b = &op.b[static_cast<size_t>(col) * op.k];
+      const uint32_t in = op.has_d_in[t] ? op.d_in[t * words + i] : result[i];
+      uint32_t& reg = result[i];
+      if (op.type == WgmmaType::kS8) {
+        int64_t sum = 0;
+        for (int kk = 0; kk < op.k; ++kk) {
+          sum += static_cast<int64_t>(a[kk]) * static_cast<int64_t>(b[kk]);
+        }
+        reg = (op.scale_d ? in : 0u) + static_cast<uint32_t>(sum);
+      } else {
+        double sum = 0.0;
+        for (int kk = 0; kk < op.k; ++kk) sum += a[kk] * b[kk];
+        float d_in;
+        std::memcpy(&d_in, &in, 4);
+        const float out = static_cast<float>((op.scale_d ? static_cast<double>(d_in) : 0.0) + sum);
+        std::memcpy(&reg, &out, 4);
+      }
+    }
+    std::memcpy(op.acc[t], result.data(), words * 4);
+  }
+}
+
+}  // namespace
+
+void wgmma_fence() {
+  warpgroup_collective("wgmma.fence", [](Warpgroup&) {});
+}
+
+void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d) {
+  Worker& k = w();
+  const int g = me().warp / 4;
+  if (g < static_cast<int>(k.warpgroups.size())) {
+    Warpgroup& wg = k.warpgroups[g];
+    if (wg.arrived == 0) {
+      wg.desc_a = desc_a;
+      wg.desc_b = desc_b;
+      wg.scale_d = scale_d;
+      wg.type = type;
+      wg.n = n;
+    } else if (wg.desc_a != desc_a || wg.desc_b != desc_b || (wg.scale_d != 0) != (scale_d != 0) ||
+               wg.type != type || wg.n != n) {
+      report("wgmma.mma_async: descriptors, scale-d, shape or types differ across the warpgroup");
+    }
+    wg.acc[thread_in_warpgroup()] = acc;
+  }
+  warpgroup_collective("wgmma.mma_async", [](Warpgroup& wg) { issue(wg); });
+}
+
+void wgmma_commit() {
+  warpgroup_collective("wgmma.commit_group", [](Warpgroup& wg) {
+    wg.groups.push_back(std::move(wg.open));
+    wg.open.clear();
+  });
+}
+
+void wgmma_wait(int pending_groups) {
+  warpgroup_collective("wgmma.wait_group", [pending_groups](Warpgroup& wg) {
+    if (!wg.open.empty()) report("wgmma.wait_group with wgmma issued but not committed");
+    while (static_cast<int>(wg.groups.size()) > pending_groups) {
+      for (const WgmmaOp& op : wg.groups.front()) retire(wg, op);
+      wg.groups.pop_front();
+    }
+  });
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {

@@ -2,15 +2,19 @@
 // a tensor-core tile product through cp.async + ldmatrix + mma.sync, and one faulty
 // kernel for each fault the emulator claims to catch. Exposed as
 // torch.ops.ditkernels_emu.emulator_selftest(name, a, b) -> Tensor: for "mma", C =
-// A B^T of bf16 a [16, 16] and b [8, 16]; the fault cases ignore a and b.
+// A B^T of bf16 a [16, 16] and b [8, 16]; for "wgmma*", C = A B^T of a [64, k] and
+// b [128, k] through one m64n128 wgmma (bf16 k = 16, or int8 k = 32 for
+// "wgmma_s8"); the fault cases ignore a and b.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/cuda_runtime.cuh"
+#include "ditkernels/cuda_wgmma.cuh"
 
 namespace ditkernels {
 namespace {
@@ -41,6 +45,69 @@ __global__ void mma_tile_kernel(const c10::BFloat16* a, const c10::BFloat16* b, 
   mma::mma_16816<c10::BFloat16>(acc, af, bf);
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) c[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
+enum class WgmmaFault { kNone, kReadBeforeWait, kOverwriteInFlight, kUnalignedTile };
+
+// One warpgroup: C[64 x 128] = A[64 x k] B[128 x k]^T through one wgmma, the
+// operands stored into swizzled tiles by ordinary stores.
+template <typename T, typename Acc>
+__global__ void wgmma_tile_kernel(const T* a, const T* b, float* c, WgmmaFault fault) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* tile =
+      fault == WgmmaFault::kUnalignedTile ? smem_raw : wgmma::align_to_atom(smem_raw);
+  unsigned char* sa = tile;
+  unsigned char* sb = tile + 64 * wgmma::kRowBytes;
+  const int tid = threadIdx.x;
+  // Row r's 32 bytes (the wgmma's k) are chunks 0 and 1; the rest of the row stays unset.
+  for (int idx = tid; idx < (64 + 128) * 2; idx += 128) {
+    const bool in_a = idx < 128;
+    const int row = (in_a ? idx : idx - 128) / 2, chunk = idx % 2;
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(in_a ? a : b) + row * 32 + chunk * 16;
+    std::memcpy((in_a ? sa : sb) + wgmma::swizzle128(row, chunk), src, 16);
+  }
+  wgmma::fence_proxy_async();
+  __syncthreads();
+  Acc acc[64];
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  wgmma::fence();
+  wgmma::mma<T, 128>(acc, wgmma::desc_sw128(sa, 0), wgmma::desc_sw128(sb, 0), 1);
+  wgmma::commit();
+  Acc early[64];
+  for (int i = 0; i < 64; ++i) early[i] = acc[i];
+  if (fault == WgmmaFault::kOverwriteInFlight && tid == 0) sb[0] ^= 1;
+  wgmma::wait<0>();
+  const Acc* result = fault == WgmmaFault::kReadBeforeWait ? early : acc;
+  const int warp = tid / 32, lane = tid % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * warp + lane / 4 + ((i % 4) >= 2 ? 8 : 0);
+    const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    c[row * 128 + col] = static_cast<float>(result[i]);
+  }
+}
+
+at::Tensor wgmma_selftest(const std::string& name, const at::Tensor& a_in, const at::Tensor& b_in) {
+  const bool s8 = name == "wgmma_s8";
+  const int64_t k = s8 ? 32 : 16;
+  TORCH_CHECK(a_in.sizes() == at::IntArrayRef({64, k}) && b_in.sizes() == at::IntArrayRef({128, k}),
+              "emulator_selftest: ", name, " needs a [64, ", k, "] and b [128, ", k, "]");
+  WgmmaFault fault = WgmmaFault::kNone;
+  if (name == "wgmma_read_before_wait") fault = WgmmaFault::kReadBeforeWait;
+  else if (name == "wgmma_overwrite_in_flight") fault = WgmmaFault::kOverwriteInFlight;
+  else if (name == "wgmma_unaligned_tile") fault = WgmmaFault::kUnalignedTile;
+  else TORCH_CHECK(name == "wgmma" || s8, "emulator_selftest: unknown case '", name, "'");
+  at::Tensor c = at::empty({64, 128}, at::kFloat);
+  const size_t smem = 192 * wgmma::kRowBytes + wgmma::kAtomBytes;
+  if (s8) {
+    const at::Tensor a = a_in.to(at::kChar).contiguous(), b = b_in.to(at::kChar).contiguous();
+    DK_LAUNCH((wgmma_tile_kernel<int8_t, int>), 1, 128, smem, nullptr)(
+        a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), c.data_ptr<float>(), fault);
+  } else {
+    const at::Tensor a = a_in.to(at::kBFloat16).contiguous(), b = b_in.to(at::kBFloat16).contiguous();
+    DK_LAUNCH((wgmma_tile_kernel<c10::BFloat16, float>), 1, 128, smem, nullptr)(
+        a.data_ptr<c10::BFloat16>(), b.data_ptr<c10::BFloat16>(), c.data_ptr<float>(), fault);
+  }
+  return c;
 }
 
 __global__ void misaligned_ldmatrix_kernel(float* out) {
@@ -94,6 +161,7 @@ at::Tensor emulator_selftest(c10::string_view name_view, const at::Tensor& a_in,
         name == "mma_without_wait");
     return c;
   }
+  if (name.rfind("wgmma", 0) == 0) return wgmma_selftest(name, a_in, b_in);
   at::Tensor out = at::zeros({64}, at::kFloat);
   if (name == "misaligned_ldmatrix") {
     DK_LAUNCH(misaligned_ldmatrix_kernel, 1, 32, 1024, nullptr)(out.data_ptr<float>());

@@ -1,0 +1,41 @@
+#pragma once
+// The wgmma PTX of csrc/include/ditkernels/cuda_wgmma.cuh, emulated on the CPU: each
+// function has its twin's signature and hands the warpgroup collective to emu.cpp.
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "emu/cuda_emu.h"
+
+namespace ditkernels {
+namespace wgmma {
+
+inline uint32_t shared_window_address(const void* p) { return emu::shared_window_address(p); }
+inline void fence_proxy_async() {}
+inline void fence() { emu::wgmma_fence(); }
+inline void commit() { emu::wgmma_commit(); }
+template <int N>
+inline void wait() {
+  emu::wgmma_wait(N);
+}
+template <typename Acc, int N>
+inline void fence_operand(Acc (&)[N]) {}
+
+template <typename T>
+constexpr emu::WgmmaType wgmma_type() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return emu::WgmmaType::kBF16;
+  else if constexpr (std::is_same_v<T, c10::Half>) return emu::WgmmaType::kF16;
+  else return emu::WgmmaType::kS8;
+}
+
+template <typename T, int N, typename Acc>
+inline void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  static_assert(std::is_same_v<Acc, std::conditional_t<std::is_same_v<T, int8_t>, int, float>>);
+  static_assert(std::is_same_v<T, int8_t> ? N == 128 : (N == 128 || N == 192 || N == 256));
+  emu::wgmma_mma(wgmma_type<T>(), N, desc_a, desc_b, d, scale_d);
+}
+
+}  // namespace wgmma
+}  // namespace ditkernels
