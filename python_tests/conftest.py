@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The CUDA GEMM kernels a test can select (read by the ops at every call): on Hopper
+# with an sm_90a build the default is wgmma, with the tile width of skip_concat_linear
+# picked per shape; "mma.sync" is what other GPUs run. Elsewhere all of them run the
+# same kernel.
+GEMM_KERNELS = ["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"]
+
+
+def set_gemm_kernel(monkeypatch, kernel: str) -> None:
+    if kernel == "mma.sync":
+        monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
+        return
+    monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
+    if kernel != "wgmma":
+        monkeypatch.setenv("DITKERNELS_SKIP_GEMM_TILE_N", kernel.split("-n")[1])
+
+
 # Parametrize over this to run a test on every device; the CUDA case carries the
 # `cuda` marker and is skipped where there is no GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

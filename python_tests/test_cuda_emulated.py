@@ -28,7 +28,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DTYPES
+from conftest import DTYPES, GEMM_KERNELS, set_gemm_kernel
 import test_adaln
 import test_int8
 import test_skip_concat_linear
@@ -92,23 +92,14 @@ pytestmark = [
 def gemm_kernel(request, monkeypatch):
     """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels, or,
     with DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
-    if request.param == "mma.sync":
-        monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
-    else:
-        monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
-    return request.param
+    set_gemm_kernel(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"])
+@pytest.fixture(params=GEMM_KERNELS)
 def skip_gemm_kernel(request, monkeypatch):
-    """skip_concat_linear's kernels: wgmma with each tile width (small test shapes
-    would always get 128), and mma.sync."""
-    if request.param == "mma.sync":
-        monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
-    else:
-        monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
-        monkeypatch.setenv("DITKERNELS_SKIP_GEMM_TILE_N", request.param.split("-n")[1])
-    return request.param
+    """skip_concat_linear's kernels: wgmma at each tile width (test shapes are small
+    and would always get 128), and mma.sync."""
+    set_gemm_kernel(monkeypatch, request.param)
 
 
 def test_fixture_routes_to_the_cuda_code():

@@ -7,7 +7,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES
+from conftest import DEVICES, DTYPES, set_gemm_kernel
 
 T_STEPS = 1000
 
@@ -96,6 +96,18 @@ def check_quantize_rows_of_eight(device, dtype):
     assert torch.equal(q, reference.quantize_per_sample(x, act_scales, t))
     assert (q[2, 1, :9] == torch.tensor([0, 2, 0, 2, 127, -127, 0, 127, -127],
                                         dtype=torch.int8, device=device)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["wgmma", "mma.sync"])
+def test_every_cuda_kernel_is_bit_identical(kernel, monkeypatch):
+    """On Hopper both GEMMs (wgmma, after a quantize pass; mma.sync, quantizing in
+    its A load) match the integer reference bit for bit."""
+    set_gemm_kernel(monkeypatch, kernel)
+    for lead, K, N, one_t in CASES:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            check_int8_linear("cuda", dtype, lead, K, N, one_t, True)
+        check_gemm_dequant_and_quantize("cuda", DTYPES["cuda"], lead, K, N, one_t)
 
 
 @pytest.mark.parametrize("device", DEVICES)

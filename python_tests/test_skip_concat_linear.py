@@ -5,7 +5,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES
+from conftest import DEVICES, DTYPES, GEMM_KERNELS, set_gemm_kernel
 
 # Output tolerance against an fp64 reference: GEMMs with fp32 accumulation over
 # K = 2D products, rounded once to the output dtype.
@@ -63,6 +63,18 @@ def check_non_contiguous_and_misaligned(device, dtype):
     for variant in (strided, misaligned):
         y = ditkernels.skip_concat_linear(**variant)
         torch.testing.assert_close(y.double(), ref, **GEMM_TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+def test_forward_every_cuda_kernel(kernel, monkeypatch):
+    """Each CUDA GEMM the op can run, selected by hand: the default picks one per shape,
+    and the small test shapes alone would never reach the wider wgmma tiles."""
+    set_gemm_kernel(monkeypatch, kernel)
+    for lead, D, Dout in CASES:
+        for dtype in (torch.bfloat16, torch.float16):
+            check_forward("cuda", dtype, lead, D, Dout, True)
+    check_non_contiguous_and_misaligned("cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -240,12 +240,13 @@ __device__ __forceinline__ void pipelined_mainloop(unsigned char* smem, int stag
     mma::cp_async_wait<kAhead - 1>();
     fence_proxy_async();
     __syncthreads();
-    const int pf = kt + kAhead;
-    if (pf < k_tiles) load(smem + (pf % kStages) * stage_bytes, pf);
-    mma::cp_async_commit();
     fence();
     mma(static_cast<const unsigned char*>(smem + (kt % kStages) * stage_bytes));
     commit();
+    // The copies are issued while this tile's wgmma run.
+    const int pf = kt + kAhead;
+    if (pf < k_tiles) load(smem + (pf % kStages) * stage_bytes, pf);
+    mma::cp_async_commit();
     wait<1>();
   }
   wait<0>();
