@@ -74,12 +74,16 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
             "ditkernels.int8_gemm_dequant": lambda: ditkernels.int8_gemm_dequant(
                 x_q, a["w_q"], a["w_scale"], a["act_scales"], a["t"], a["bias"], ctx.dtype),
         }
-        # On Hopper: also the mma.sync kernels, whose int8_linear quantizes in its A load.
+        # On Hopper: also the mma.sync kernels, whose int8_linear quantizes in its A load,
+        # and the GEMM at the narrowest wgmma tile.
         env = {}
         if hopper_wgmma_build(ctx):
             for impl in ("ditkernels.int8_linear", "ditkernels.int8_gemm_dequant"):
                 impls[f"{impl} (mma.sync)"] = impls[impl]
                 env[f"{impl} (mma.sync)"] = MMA_SYNC
+            narrow = "ditkernels.int8_gemm_dequant (wgmma n128)"
+            impls[narrow] = impls["ditkernels.int8_gemm_dequant"]
+            env[narrow] = {"DITKERNELS_WGMMA_TILE_N": "128"}
         w_q_t = a["w_q"].t()
         try:
             eager_int8_linear(a["x"], w_q_t, a["w_scale"], a["act_scales"], a["t"], a["bias"])

@@ -37,7 +37,7 @@ def run(ctx: BenchContext):
         impls["ditkernels (mma.sync)"] = ditkernels.skip_concat_linear
         impls["ditkernels (wgmma n128)"] = ditkernels.skip_concat_linear
         env = {"ditkernels (mma.sync)": MMA_SYNC,
-               "ditkernels (wgmma n128)": {"DITKERNELS_SKIP_GEMM_TILE_N": "128"}}
+               "ditkernels (wgmma n128)": {"DITKERNELS_WGMMA_TILE_N": "128"}}
     compiled = maybe_compile(reference.skip_concat_linear, ctx)
     if compiled is not None:
         impls["torch.compile"] = compiled

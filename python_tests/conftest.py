@@ -29,9 +29,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The CUDA GEMM kernels a test can select (read by the ops at every call): on Hopper
-# with an sm_90a build the default is wgmma, with the tile width of skip_concat_linear
-# picked per shape; "mma.sync" is what other GPUs run. Elsewhere all of them run the
-# same kernel.
+# with an sm_90a build the default is wgmma, with the tile width picked per shape;
+# "mma.sync" is what other GPUs run. Elsewhere all of them run the same kernel.
 GEMM_KERNELS = ["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"]
 
 
@@ -41,7 +40,7 @@ def set_gemm_kernel(monkeypatch, kernel: str) -> None:
         return
     monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
     if kernel != "wgmma":
-        monkeypatch.setenv("DITKERNELS_SKIP_GEMM_TILE_N", kernel.split("-n")[1])
+        monkeypatch.setenv("DITKERNELS_WGMMA_TILE_N", kernel.split("-n")[1])
 
 
 # Parametrize over this to run a test on every device; the CUDA case carries the

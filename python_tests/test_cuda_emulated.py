@@ -88,17 +88,11 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=["wgmma", "mma.sync"])
-def gemm_kernel(request, monkeypatch):
-    """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels, or,
-    with DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
-    set_gemm_kernel(monkeypatch, request.param)
-
-
 @pytest.fixture(params=GEMM_KERNELS)
-def skip_gemm_kernel(request, monkeypatch):
-    """skip_concat_linear's kernels: wgmma at each tile width (test shapes are small
-    and would always get 128), and mma.sync."""
+def gemm_kernel(request, monkeypatch):
+    """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels (at
+    each tile width: the small test shapes alone would always get 128), or, with
+    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
     set_gemm_kernel(monkeypatch, request.param)
 
 
@@ -292,13 +286,13 @@ SKIP_CASES = ([racecheck(*c) if c == ((3, 7), 40, 24) else c
 
 @pytest.mark.parametrize("lead,D,Dout", SKIP_CASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.usefixtures("skip_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_skip_concat_linear_forward(lead, D, Dout, bias):
     for dtype in CUDA_DTYPES:
         test_skip_concat_linear.check_forward("cpu", dtype, lead, D, Dout, bias)
 
 
-@pytest.mark.usefixtures("skip_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_skip_concat_linear_non_contiguous_and_misaligned():
     for dtype in CUDA_DTYPES:
         test_skip_concat_linear.check_non_contiguous_and_misaligned("cpu", dtype)
@@ -310,7 +304,7 @@ def test_skip_concat_linear_backward(bias):
         test_skip_concat_linear.check_backward("cpu", dtype, bias)
 
 
-@pytest.mark.usefixtures("skip_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_skip_concat_linear_empty():
     test_skip_concat_linear.test_empty_rows("cpu")
 

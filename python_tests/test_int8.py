@@ -7,7 +7,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES, set_gemm_kernel
+from conftest import DEVICES, DTYPES, GEMM_KERNELS, set_gemm_kernel
 
 T_STEPS = 1000
 
@@ -99,10 +99,10 @@ def check_quantize_rows_of_eight(device, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["wgmma", "mma.sync"])
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_every_cuda_kernel_is_bit_identical(kernel, monkeypatch):
-    """On Hopper both GEMMs (wgmma, after a quantize pass; mma.sync, quantizing in
-    its A load) match the integer reference bit for bit."""
+    """On Hopper every GEMM (wgmma at each tile width, after a quantize pass; mma.sync,
+    quantizing in its A load) matches the integer reference bit for bit."""
     set_gemm_kernel(monkeypatch, kernel)
     for lead, K, N, one_t in CASES:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

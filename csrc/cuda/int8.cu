@@ -203,34 +203,38 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
 }
 
 // ---- Hopper path (sm_90a): wgmma ----
-// A 128x128x128 tile: two warpgroups, each a 64x128 slab of m64n128k32 s8 wgmma from
-// shared memory; int8 tiles of 128-byte rows with the 128-byte swizzle, loaded with
-// cp.async by all 256 threads; wgmma::pipelined_mainloop (four stages, loads two
-// tiles ahead, one wgmma group in flight). A is int8 here:
-// on this path int8_linear quantizes x first (quantize_rows below), since
-// quantizing inside the A load would redo every division N / 128 times, and that,
-// not the tensor cores, would bound the kernel. The epilogue is the mma.sync
-// kernel's, written through shared memory in 16-byte rows.
+// A 128 x BN x 128 tile (BN = 128, 192 or 256, wgmma::pick_tile_n): two warpgroups,
+// each a 64 x BN slab of m64nBNk32 s8 wgmma from shared memory; int8 tiles of
+// 128-byte rows with the 128-byte swizzle, loaded with cp.async by all 256 threads;
+// wgmma::pipelined_mainloop (four stages, loads two tiles ahead, one wgmma group in
+// flight). A is int8 here: on this path int8_linear quantizes x first (quantize_rows
+// below), since quantizing inside the A load would redo every division N / BN times,
+// and that, not the tensor cores, would bound the kernel. The epilogue is the
+// mma.sync kernel's, written through shared memory in 16-byte rows.
 namespace sm90 {
-constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 4, kAhead = 2, kThreads = 256;
-constexpr int kTileBytes = kBM * wgmma::kRowBytes;
-constexpr int kStageBytes = 2 * kTileBytes;
-constexpr int kSmemBytes = kStages * kStageBytes + wgmma::kAtomBytes;
+constexpr int kBM = 128, kBK = 128, kStages = 4, kAhead = 2, kThreads = 256;
+constexpr int kATileBytes = kBM * wgmma::kRowBytes;
 
-template <typename OutT>
+template <int BN>
+struct Tile {
+  static constexpr int kStageBytes = kATileBytes + BN * wgmma::kRowBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + wgmma::kAtomBytes;  // + alignment
+};
+
+template <typename OutT, int BN>
 __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8GemmParams p) {
-  constexpr int kOutPitch = kBN + 16 / static_cast<int>(sizeof(OutT));
-  static_assert(kBM * kOutPitch * sizeof(OutT) <= kStages * kStageBytes);
+  constexpr int kOutPitch = BN + 16 / static_cast<int>(sizeof(OutT));
+  static_assert(kBM * kOutPitch * sizeof(OutT) <= kStages * Tile<BN>::kStageBytes);
   DK_DYNAMIC_SMEM(16, smem_raw);
   unsigned char* smem = wgmma::align_to_atom(smem_raw);
   const int tid = threadIdx.x, wg = tid / 128;
-  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * kBM;
   const int k_tiles = (p.K + kBK - 1) / kBK;
   const auto* a_q = static_cast<const int8_t*>(p.a);
 
-  int acc[64];
+  int acc[BN / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
 
   // Rows of A and B: 16-byte chunks of 16 k, zero past M, N and K (K % 16 == 0).
   auto load = [&](unsigned char* stage, int kt) {
@@ -243,13 +247,12 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
       const int gn = n0 + row, kc = k0 + chunk * 16;
       return gn < p.N && kc < p.K ? p.w + static_cast<int64_t>(gn) * p.K + kc : nullptr;
     };
-    wgmma::load_tile<kBN, kThreads>(stage + kTileBytes, tid, b_src);
+    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, b_src);
   };
   auto mma = [&](const unsigned char* stage) {
-    wgmma::mma_k_tile<int8_t, kBN>(acc, stage + wg * 64 * wgmma::kRowBytes,
-                                   stage + kTileBytes);
+    wgmma::mma_k_tile<int8_t, BN>(acc, stage + wg * 64 * wgmma::kRowBytes, stage + kATileBytes);
   };
-  wgmma::pipelined_mainloop<kStages, kAhead>(smem, kStageBytes, k_tiles, load, mma);
+  wgmma::pipelined_mainloop<kStages, kAhead>(smem, Tile<BN>::kStageBytes, k_tiles, load, mma);
   wgmma::fence_operand(acc);  // the epilogue reads them after the last wait
   __syncthreads();
 
@@ -263,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
     s_row[half] = p.act_scales[p.t[gm / p.rows_per_sample]];
   }
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < BN / 2; ++i) {
     const int half = (i % 4) >= 2;
     const int row = row0 + half * 8;
     const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
@@ -278,9 +281,9 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
   constexpr int kChunk = 16 / sizeof(OutT);  // N % 16 == 0: chunks never straddle N
   OutT* y = static_cast<OutT*>(p.y);
 #pragma unroll
-  for (int it = 0; it < kBM * (kBN / kChunk) / kThreads; ++it) {
+  for (int it = 0; it < kBM * (BN / kChunk) / kThreads; ++it) {
     const int idx = tid + it * kThreads;
-    const int row = idx / (kBN / kChunk), chunk = idx % (kBN / kChunk);
+    const int row = idx / (BN / kChunk), chunk = idx % (BN / kChunk);
     const int gm = m0 + row, gn = n0 + chunk * kChunk;
     if (gm < p.M && gn < p.N) {
       *reinterpret_cast<float4*>(y + static_cast<int64_t>(gm) * p.N + gn) =
@@ -321,13 +324,23 @@ void check_cuda_shapes(const char* op, const int8::Rows& r, const at::Tensor& w_
               " rows exceed the CUDA grid limit");
 }
 
+template <typename OutT, int BN>
+void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
+  auto kernel = sm90::int8_gemm_wgmma_kernel<OutT, BN>;
+  constexpr int smem = sm90::Tile<BN>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.N + BN - 1) / BN, (p.M + sm90::kBM - 1) / sm90::kBM);
+  DK_LAUNCH(kernel, grid, sm90::kThreads, smem, stream)(p);
+}
+
 template <typename OutT>
 void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
-  auto kernel = sm90::int8_gemm_wgmma_kernel<OutT>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      sm90::kSmemBytes));
-  const dim3 grid((p.N + sm90::kBN - 1) / sm90::kBN, (p.M + sm90::kBM - 1) / sm90::kBM);
-  DK_LAUNCH(kernel, grid, sm90::kThreads, sm90::kSmemBytes, stream)(p);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  switch (wgmma::pick_tile_n(p.M, p.N, sm90::kBM, sms)) {
+    case 256: launch_wgmma<OutT, 256>(p, stream); break;
+    case 192: launch_wgmma<OutT, 192>(p, stream); break;
+    default: launch_wgmma<OutT, 128>(p, stream); break;
+  }
 }
 
 // x [M, K] (K % 8 == 0, rows contiguous) quantized with the per-sample scales.

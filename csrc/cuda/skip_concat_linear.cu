@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
@@ -240,29 +239,6 @@ __global__ void __launch_bounds__(kThreads, 1) skip_gemm_wgmma_kernel(const Skip
   }
 }
 
-// The tile width with the fewest padded columns (ties: the wider), unless that
-// leaves SMs idle that 128-wide tiles would use. DITKERNELS_SKIP_GEMM_TILE_N = 128,
-// 192 or 256 overrides it (tests cover every width; benchmarks can sweep them).
-int pick_tile_n(int64_t M, int64_t N, int sms) {
-  if (const char* env = std::getenv("DITKERNELS_SKIP_GEMM_TILE_N")) {
-    const int bn = std::atoi(env);
-    TORCH_CHECK(bn == 128 || bn == 192 || bn == 256,
-                "DITKERNELS_SKIP_GEMM_TILE_N must be 128, 192 or 256, got '", env, "'");
-    return bn;
-  }
-  int best = 128;
-  int64_t best_waste = -1;
-  for (int bn : {256, 192, 128}) {
-    const int64_t waste = (N + bn - 1) / bn * bn - N;
-    if (best_waste < 0 || waste < best_waste) {
-      best = bn;
-      best_waste = waste;
-    }
-  }
-  const int64_t m_tiles = (M + kBM - 1) / kBM;
-  return m_tiles * ((N + best - 1) / best) < sms ? 128 : best;
-}
-
 template <typename T, int BN>
 void launch(const SkipGemmParams& p, int64_t m_tiles, cudaStream_t stream) {
   auto kernel = skip_gemm_wgmma_kernel<T, BN>;
@@ -382,7 +358,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
       if constexpr (!std::is_same_v<scalar_t, float>) {
         if (wgmma::use_wgmma()) {
           const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-          switch (sm90::pick_tile_n(c.M, c.Dout, sms)) {
+          switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
             case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
             case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
             default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;

@@ -33,7 +33,7 @@ constexpr emu::WgmmaType wgmma_type() {
 template <typename T, int N, typename Acc>
 inline void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   static_assert(std::is_same_v<Acc, std::conditional_t<std::is_same_v<T, int8_t>, int, float>>);
-  static_assert(std::is_same_v<T, int8_t> ? N == 128 : (N == 128 || N == 192 || N == 256));
+  static_assert(N == 128 || N == 192 || N == 256);
   emu::wgmma_mma(wgmma_type<T>(), N, desc_a, desc_b, d, scale_d);
 }
 

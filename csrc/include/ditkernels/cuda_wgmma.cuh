@@ -20,6 +20,7 @@
 #include "ditkernels/cuda_runtime.cuh"
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -82,8 +83,8 @@ __device__ __forceinline__ void fence_operand(int (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-// D(64 x N) = A(64 x k, K-major) * B(N x k, K-major)^T + (scale_d ? D : 0): fp32
-// accumulators for fp16/bf16 (N = 128, 192, 256), int32 for int8 (N = 128).
+// D(64 x N) = A(64 x k, K-major) * B(N x k, K-major)^T + (scale_d ? D : 0), N = 128,
+// 192 or 256: fp32 accumulators for fp16/bf16 (k = 16), int32 for int8 (k = 32).
 template <typename T, int N, typename Acc>
 __device__ __forceinline__ void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                     int scale_d);
@@ -142,6 +143,8 @@ __device__ __forceinline__ void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t d
 DK_WGMMA_16BIT(c10::BFloat16, "bf16")
 DK_WGMMA_16BIT(c10::Half, "f16")
 DK_WGMMA_MMA(int8_t, 128, int, 64, "%64, %65", "%66", "m64n128k32.s32.s8.s8", "", "r")
+DK_WGMMA_MMA(int8_t, 192, int, 96, "%96, %97", "%98", "m64n192k32.s32.s8.s8", "", "r")
+DK_WGMMA_MMA(int8_t, 256, int, 128, "%128, %129", "%130", "m64n256k32.s32.s8.s8", "", "r")
 #undef DK_WGMMA_16BIT
 #undef DK_WGMMA_MMA
 #else
@@ -188,6 +191,31 @@ inline bool use_wgmma() {
 #else
   return false;
 #endif
+}
+
+// The N width of a wgmma GEMM's CTA tile: the one of 256, 192, 128 that pads the
+// fewest output columns (ties: the wider, which reads less from L2 per flop), unless
+// the grid would then leave SMs idle that 128-wide tiles would use.
+// DITKERNELS_WGMMA_TILE_N = 128, 192 or 256 overrides it (tests cover every width;
+// benchmarks can sweep them).
+inline int pick_tile_n(int64_t M, int64_t N, int tile_m, int sms) {
+  if (const char* env = std::getenv("DITKERNELS_WGMMA_TILE_N")) {
+    const int bn = std::atoi(env);
+    TORCH_CHECK(bn == 128 || bn == 192 || bn == 256,
+                "DITKERNELS_WGMMA_TILE_N must be 128, 192 or 256, got '", env, "'");
+    return bn;
+  }
+  int best = 128;
+  int64_t best_waste = -1;
+  for (int bn : {256, 192, 128}) {
+    const int64_t waste = (N + bn - 1) / bn * bn - N;
+    if (best_waste < 0 || waste < best_waste) {
+      best = bn;
+      best_waste = waste;
+    }
+  }
+  const int64_t m_tiles = (M + tile_m - 1) / tile_m;
+  return m_tiles * ((N + best - 1) / best) < sms ? 128 : best;
 }
 
 // The first 1024-byte boundary of the shared window at or after `p`.
