@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
   // Rows of A and B: 16-byte chunks of 16 k, zero past M, N and K (K % 16 == 0).
   auto load = [&](unsigned char* stage, int kt) {
     const int k0 = kt * kBK;
-    wgmma::load_tile<kBM, kThreads>(stage, tid, [&](int row, int chunk) -> const void* {
+    wgmma::load_tile<kBM, kThreads>(stage, tid, a_q, [&](int row, int chunk) -> const void* {
       const int gm = m0 + row, kc = k0 + chunk * 16;
       return gm < p.M && kc < p.K ? a_q + gm * p.lda + kc : nullptr;
     });
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
       const int gn = n0 + row, kc = k0 + chunk * 16;
       return gn < p.N && kc < p.K ? p.w + static_cast<int64_t>(gn) * p.K + kc : nullptr;
     };
-    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, b_src);
+    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, p.w, b_src);
   };
   auto mma = [&](const unsigned char* stage) {
     wgmma::mma_k_tile<int8_t, BN>(acc, stage + wg * 64 * wgmma::kRowBytes, stage + kATileBytes);

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) skip_gemm_wgmma_kernel(const Skip
 
   auto load = [&](unsigned char* stage, int kt) {
     const int k0 = kt * kBK;
-    wgmma::load_tile<kBM, kThreads>(stage, tid, [&](int row, int chunk) -> const void* {
+    wgmma::load_tile<kBM, kThreads>(stage, tid, x, [&](int row, int chunk) -> const void* {
       const int gm = m0 + row, kc = k0 + chunk * 8;
       if (gm >= p.M || kc >= K) return nullptr;
       return kc < p.D ? x + gm * p.ld_x + kc : skip + gm * p.ld_skip + (kc - p.D);
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) skip_gemm_wgmma_kernel(const Skip
       const int gn = n0 + row, kc = k0 + chunk * 8;
       return gn < p.N && kc < K ? w + static_cast<int64_t>(gn) * K + kc : nullptr;
     };
-    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, b_src);
+    wgmma::load_tile<BN, kThreads>(stage + kATileBytes, tid, w, b_src);
   };
   auto mma = [&](const unsigned char* stage) {
     wgmma::mma_k_tile<T, BN>(acc, stage + wg * 64 * wgmma::kRowBytes, stage + kATileBytes);

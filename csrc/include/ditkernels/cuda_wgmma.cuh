@@ -236,15 +236,17 @@ __device__ __forceinline__ void mma_k_tile(Acc (&acc)[N / 2], const unsigned cha
 }
 
 // cp.async of a [kRows][128-byte] swizzled tile by kThreads threads: chunk (row, c)
-// comes from src(row, c), a global address, or null for zeros (tails).
+// comes from src(row, c), a global address, or null for zeros (tails; the copy then
+// reads nothing and names `base`, a valid global address, as its source).
 template <int kRows, int kThreads, typename Src>
-__device__ __forceinline__ void load_tile(unsigned char* tile, int tid, Src&& src) {
+__device__ __forceinline__ void load_tile(unsigned char* tile, int tid, const void* base,
+                                          Src&& src) {
   static_assert(kRows * 8 % kThreads == 0, "whole chunks per thread");
 #pragma unroll
   for (int it = 0; it < kRows * 8 / kThreads; ++it) {
     const int idx = tid + it * kThreads, row = idx >> 3, chunk = idx & 7;
     const void* g = src(row, chunk);
-    mma::cp_async_16(tile + swizzle128(row, chunk), g != nullptr ? g : tile, g != nullptr ? 16 : 0);
+    mma::cp_async_16(tile + swizzle128(row, chunk), g != nullptr ? g : base, g != nullptr ? 16 : 0);
   }
 }
 
