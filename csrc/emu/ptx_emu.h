@@ -16,6 +16,9 @@
 namespace ditkernels {
 namespace mma {
 
+// The shared-window address of p (cvta.to.shared), as wgmma descriptors encode it.
+inline uint32_t smem_addr(const void* p) { return emu::shared_window_address(p); }
+
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   emu::cp_async(smem, gmem, src_bytes);
 }

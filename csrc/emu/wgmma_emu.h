@@ -12,7 +12,6 @@
 namespace ditkernels {
 namespace wgmma {
 
-inline uint32_t shared_window_address(const void* p) { return emu::shared_window_address(p); }
 inline void fence_proxy_async() {}
 inline void fence() { emu::wgmma_fence(); }
 inline void commit() { emu::wgmma_commit(); }

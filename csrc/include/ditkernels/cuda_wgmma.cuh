@@ -43,14 +43,10 @@ __device__ __forceinline__ int swizzle128(int row, int chunk) {
 }  // namespace ditkernels
 
 #ifdef DITKERNELS_EMULATE_CUDA
-#include "emu/wgmma_emu.h"  // shared_window_address, fences, mma below, emulated
+#include "emu/wgmma_emu.h"  // fences, mma below, emulated
 #else
 namespace ditkernels {
 namespace wgmma {
-
-__device__ __forceinline__ uint32_t shared_window_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Makes this thread's generic-proxy writes to shared memory (st.shared, cp.async)
@@ -175,7 +171,7 @@ namespace wgmma {
 // start address, stride between 8-row groups (1024 bytes), leading offset unused
 // (encoded 1), base offset 0, swizzle mode 1 (128 bytes).
 __device__ __forceinline__ uint64_t desc_sw128(const unsigned char* tile, int k_byte) {
-  const uint32_t addr = shared_window_address(tile) + static_cast<uint32_t>(k_byte);
+  const uint32_t addr = mma::smem_addr(tile) + static_cast<uint32_t>(k_byte);
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
          (static_cast<uint64_t>(kAtomBytes >> 4) << 32) | (uint64_t{1} << 62);
 }
@@ -220,7 +216,7 @@ inline int pick_tile_n(int64_t M, int64_t N, int tile_m, int sms) {
 
 // The first 1024-byte boundary of the shared window at or after `p`.
 __device__ __forceinline__ unsigned char* align_to_atom(unsigned char* p) {
-  const uint32_t addr = shared_window_address(p);
+  const uint32_t addr = mma::smem_addr(p);
   return p + ((kAtomBytes - (addr & (kAtomBytes - 1))) & (kAtomBytes - 1));
 }
 
