@@ -46,6 +46,16 @@ __device__ __forceinline__ int8_t quantize_value(float v, float s) {
   return static_cast<int8_t>(max(-127, min(127, q)));
 }
 
+// The dequantize epilogue, in the CPU kernel's order of round-to-nearest fp32 ops (no
+// FMA contraction), so that both GEMMs match it bit for bit.
+template <typename OutT>
+__device__ __forceinline__ OutT dequantize(int acc, float s_row, float w_scale, const OutT* bias,
+                                           int col) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), s_row), w_scale);
+  if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[col]));
+  return static_cast<OutT>(v);
+}
+
 template <typename T>
 struct AChunks {
   // Eight consecutive k of a row per chunk; four chunks per thread per tile.
@@ -192,10 +202,8 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
         for (int e = 0; e < 2; ++e) {
           const int col = n0 + warp_n * 32 + j * 8 + (lane & 3) * 2 + e;
           if (col >= p.N) continue;
-          float v = __fmul_rn(__int2float_rn(acc[i][j][half * 2 + e]), s);
-          v = __fmul_rn(v, p.w_scale[col]);
-          if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[col]));
-          y[static_cast<int64_t>(row) * p.N + col] = static_cast<OutT>(v);
+          y[static_cast<int64_t>(row) * p.N + col] =
+              dequantize<OutT>(acc[i][j][half * 2 + e], s, p.w_scale[col], bias, col);
         }
       }
     }
@@ -271,10 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
     const int row = row0 + half * 8;
     const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
     const int gn = min(n0 + col, p.N - 1);
-    float v = __fmul_rn(__int2float_rn(acc[i]), s_row[half]);
-    v = __fmul_rn(v, p.w_scale[gn]);
-    if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[gn]));
-    out[row * kOutPitch + col] = static_cast<OutT>(v);
+    out[row * kOutPitch + col] = dequantize<OutT>(acc[i], s_row[half], p.w_scale[gn], bias, gn);
   }
   __syncthreads();
 
