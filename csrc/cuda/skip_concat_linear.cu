@@ -354,21 +354,19 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
   if (f32) {
     DK_LAUNCH(skip_gemm_f32_kernel, grid, kFThreads, 0, stream)(p);
   } else {
-    DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
-      if constexpr (!std::is_same_v<scalar_t, float>) {
-        if (wgmma::use_wgmma()) {
-          const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-          switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
-            case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
-            case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
-            default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;
-          }
-        } else {
-          auto kernel = skip_gemm_tc_kernel<scalar_t>;
-          C10_CUDA_CHECK(cudaFuncSetAttribute(
-              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-          DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
+    DK_DISPATCH_CUDA_HALFS(x.scalar_type(), op, [&] {
+      if (wgmma::use_wgmma()) {
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
+          case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
+          case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
+          default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;
         }
+      } else {
+        auto kernel = skip_gemm_tc_kernel<scalar_t>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+        DK_LAUNCH(kernel, grid, kThreads, kSmemBytes, stream)(p);
       }
     });
   }

@@ -746,15 +746,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   p.lse = lse.data_ptr<float>();
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DK_DISPATCH_CUDA_FLOATS(qkv.scalar_type(), op, [&] {
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      switch (a.D) {
-        case 32: launch_forward<scalar_t, 32>(p, stream); break;
-        case 64: launch_forward<scalar_t, 64>(p, stream); break;
-        case 72: launch_forward<scalar_t, 72>(p, stream); break;
-        case 96: launch_forward<scalar_t, 96>(p, stream); break;
-        default: launch_forward<scalar_t, 128>(p, stream); break;
-      }
+  DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
+    switch (a.D) {
+      case 32: launch_forward<scalar_t, 32>(p, stream); break;
+      case 64: launch_forward<scalar_t, 64>(p, stream); break;
+      case 72: launch_forward<scalar_t, 72>(p, stream); break;
+      case 96: launch_forward<scalar_t, 96>(p, stream); break;
+      default: launch_forward<scalar_t, 128>(p, stream); break;
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -852,15 +850,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (p.table_in_smem) bytes += table_bytes;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DK_DISPATCH_CUDA_FLOATS(qkv.scalar_type(), op, [&] {
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      switch (a.D) {
-        case 32: launch_backward<scalar_t, 32>(p, bytes, stream); break;
-        case 64: launch_backward<scalar_t, 64>(p, bytes, stream); break;
-        case 72: launch_backward<scalar_t, 72>(p, bytes, stream); break;
-        case 96: launch_backward<scalar_t, 96>(p, bytes, stream); break;
-        default: launch_backward<scalar_t, 128>(p, bytes, stream); break;
-      }
+  DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
+    switch (a.D) {
+      case 32: launch_backward<scalar_t, 32>(p, bytes, stream); break;
+      case 64: launch_backward<scalar_t, 64>(p, bytes, stream); break;
+      case 72: launch_backward<scalar_t, 72>(p, bytes, stream); break;
+      case 96: launch_backward<scalar_t, 96>(p, bytes, stream); break;
+      default: launch_backward<scalar_t, 128>(p, bytes, stream); break;
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

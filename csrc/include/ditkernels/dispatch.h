@@ -16,24 +16,34 @@
     }                                             \
   }()
 
+#define DK_DISPATCH_CASE_(ENUM, TYPE, ...) \
+  case ENUM: {                             \
+    using scalar_t = TYPE;                 \
+    return __VA_ARGS__();                  \
+  }
+
 // float32, float16 and bfloat16: the dtypes of every CUDA kernel.
 #define DK_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                                     \
   [&] {                                                                              \
     switch (TYPE) {                                                                  \
-      case at::kFloat: {                                                             \
-        using scalar_t = float;                                                      \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
-      case at::kHalf: {                                                              \
-        using scalar_t = at::Half;                                                   \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
-      case at::kBFloat16: {                                                          \
-        using scalar_t = at::BFloat16;                                               \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
+      DK_DISPATCH_CASE_(at::kFloat, float, __VA_ARGS__)                              \
+      DK_DISPATCH_CASE_(at::kHalf, at::Half, __VA_ARGS__)                            \
+      DK_DISPATCH_CASE_(at::kBFloat16, at::BFloat16, __VA_ARGS__)                    \
       default:                                                                       \
         TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE,                       \
                     " on CUDA (supported: float32, float16, bfloat16)");            \
+    }                                                                                \
+  }()
+
+// float16 and bfloat16 only: the tensor-core kernels. A float branch that is never
+// taken would still name (and make nvcc instantiate) their float specialisations.
+#define DK_DISPATCH_CUDA_HALFS(TYPE, NAME, ...)                                      \
+  [&] {                                                                              \
+    switch (TYPE) {                                                                  \
+      DK_DISPATCH_CASE_(at::kHalf, at::Half, __VA_ARGS__)                            \
+      DK_DISPATCH_CASE_(at::kBFloat16, at::BFloat16, __VA_ARGS__)                    \
+      default:                                                                       \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE,                       \
+                    " for the tensor-core kernels (supported: float16, bfloat16)");  \
     }                                                                                \
   }()
