@@ -7,7 +7,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES, NORM_TOL
+from conftest import DEVICES, DTYPES, NORM_TOL, rel_err, rel_err_bound, upcast
 
 OPS = ["ln_modulate", "gated_residual_ln_modulate"]
 EPS = 1e-6
@@ -43,17 +43,6 @@ def call(impl, op, args):
     return out if isinstance(out, tuple) else (out,)
 
 
-def upcast(args):
-    return {k: (v.detach().double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-
-
-def rel_err(a, b):
-    """Norm-wise relative error; gradients that are exactly zero in theory (C = 1
-    makes dx vanish) are measured against an RMS floor of 1e-3, far below the O(1)
-    values elsewhere."""
-    a, b = a.double(), b.double()
-    floor = 1e-3 * max(b.numel(), 1) ** 0.5
-    return ((a - b).norm() / (b.norm() + floor)).item()
 
 
 # ---------------------------------------------------------------------------
@@ -191,9 +180,8 @@ def check_backward(device, dtype, op, B, N, C):
     eager = _grads(reference, op, _leaf(args), seeds)
     for name, g in ours.items():
         assert g.dtype == dtype and g.shape == args[name].shape, name
-        err, eager_err = rel_err(g, exact[name]), rel_err(eager[name], exact[name])
-        bound = {torch.float64: 1e-10, torch.float32: 1e-5}.get(
-            dtype, max(2 * eager_err, torch.finfo(dtype).eps))
+        err = rel_err(g, exact[name])
+        bound = rel_err_bound(rel_err(eager[name], exact[name]), dtype)
         assert err <= bound, f"{dtype} grad of {name}: rel err {err:.2e} > {bound:.2e}"
 
 

@@ -5,7 +5,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES, GEMM_KERNELS, set_gemm_kernel
+from conftest import DEVICES, DTYPES, GEMM_KERNELS, set_gemm_kernel, upcast
 
 # Output tolerance against an fp64 reference: GEMMs with fp32 accumulation over
 # K = 2D products, rounded once to the output dtype.
@@ -24,10 +24,6 @@ def make_inputs(lead, D, Dout, dtype, device, bias=True):
     # Weights scaled like nn.Linear's init keep outputs O(1) at every D.
     return dict(x=t(*lead, D), skip=t(*lead, D), weight=t(Dout, 2 * D, scale=(2 * D) ** -0.5),
                 bias=t(Dout) if bias else None)
-
-
-def upcast(args):
-    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
 # M = B * tokens, including U-ViT's 258 tokens, a single row and odd counts; D a

@@ -5,7 +5,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES
+from conftest import DEVICES, DTYPES, rel_err, rel_err_bound, upcast
 
 HEAD_DIMS = {"cpu": [8, 32, 72], "cuda": [32, 64, 72, 96, 128]}
 # Every CUDA head dim has its own backward kernel; two suffice for the CPU's one.
@@ -24,25 +24,13 @@ def make_inputs(B, H, D, grid, leading, dtype, device, time=True, table=True):
                 grid_size=grid, num_leading=leading)
 
 
-def upcast(args):
-    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / (b.norm() + 1e-3 * max(b.numel(), 1) ** 0.5)).item()
-
-
 def check_against_reference(ours, args, eager):
     """fp64/fp32 tight; fp16/bf16 at most 2x eager PyTorch's own error against an
     fp64 reference (STYLE.md rule 7), with a floor of one unit of the dtype."""
     exact = reference.tmsa(**upcast(args))
     dtype = args["qkv"].dtype
     err = rel_err(ours, exact)
-    if dtype in (torch.float64, torch.float32):
-        bound = 1e-10 if dtype == torch.float64 else 1e-5
-    else:
-        bound = max(2 * rel_err(eager, exact), torch.finfo(dtype).eps)
+    bound = rel_err_bound(rel_err(eager, exact), dtype)
     assert err <= bound, f"{dtype}: rel err {err:.3e} > {bound:.3e}"
 
 
@@ -137,8 +125,7 @@ def check_backward(device, dtype, D, grid, leading):
     for name, g in ours.items():
         assert g.dtype == dtype and g.shape == args[name].shape, name
         err = rel_err(g, exact[name])
-        bound = {torch.float64: 1e-10, torch.float32: 1e-5}.get(
-            dtype, max(2 * rel_err(eager[name], exact[name]), torch.finfo(dtype).eps))
+        bound = rel_err_bound(rel_err(eager[name], exact[name]), dtype)
         assert err <= bound, f"{dtype} D={D} grad of {name}: {err:.3e} > {bound:.3e}"
 
 
