@@ -4,9 +4,10 @@ CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) i
 found; otherwise the extension is CPU-only. Whether a GPU is visible never
 matters. Environment:
   DITKERNELS_FORCE_CPU=1   build CPU-only even with a CUDA toolkit
-  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0a": A100, H100/H200; the
-                           Hopper wgmma kernels need 9.0a, with plain 9.0 Hopper runs
-                           the mma.sync kernels)
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0+PTX;9.0a": SASS for A100 and
+                           H100/H200, whose wgmma kernels need 9.0a (with plain 9.0
+                           Hopper runs the mma.sync kernels), and compute_80 PTX that
+                           the driver compiles for every later GPU, Blackwell included)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja builder)
   CUDA_HOME                toolkit root (default: CUDA_PATH, /usr/local/cuda, or nvcc's)
 """
@@ -20,7 +21,9 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-DEFAULT_ARCH_LIST = "8.0;9.0a"
+# PTX of the oldest target runs on every newer GPU (the driver compiles it once and
+# caches it), so no NVIDIA GPU from the A100 on meets "no kernel image".
+DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
 
 
 def _truthy(name):

@@ -28,20 +28,25 @@ __version__ = "0.1.0"
 def build_info():
     """How the extension was compiled, plus the torch it runs with.
 
-    Returns a dict: ``cuda`` (bool, CUDA kernels compiled), ``cuda_archs`` (list such
-    as ``['sm_80', 'sm_90']``), ``cuda_runtime_version`` (e.g. ``'13.0'`` or None),
-    ``torch_compiled`` (torch version at build time) and ``torch_runtime``.
+    Returns a dict: ``cuda`` (bool, CUDA kernels compiled), ``cuda_archs`` (the GPU
+    code embedded, e.g. ``['sm_80', 'sm_90a']``: these GPUs, and newer minor versions
+    of the same major, run it as built), ``cuda_ptx`` (the PTX embedded, e.g.
+    ``['compute_80']``: the driver compiles it for any newer GPU at first use),
+    ``cuda_runtime_version`` (e.g. ``'13.0'`` or None), ``torch_compiled`` (torch
+    version at build time) and ``torch_runtime``.
     """
     raw = _C.build_info()
-    archs = []
+    archs, ptx = [], []
     for tok in filter(None, raw["cuda_archs"].split("_")):
-        ptx = tok.endswith("ptx")
-        tok = tok[:-3] if ptx else tok
-        archs.append(f"sm_{tok}" + ("+PTX" if ptx else ""))
+        if tok.endswith("ptx"):  # TORCH_CUDA_ARCH_LIST's "8.0+PTX": SASS and PTX
+            tok = tok[:-3]
+            ptx.append(f"compute_{tok}")
+        archs.append(f"sm_{tok}")
     rt = raw["cuda_runtime_version"]
     return {
         "cuda": bool(raw["cuda"]),
         "cuda_archs": archs,
+        "cuda_ptx": ptx,
         "cuda_runtime_version": None if rt is None else f"{rt // 1000}.{rt % 1000 // 10}",
         "torch_compiled": raw["torch_version"].replace("_", "."),
         "torch_runtime": torch.__version__,
