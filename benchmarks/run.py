@@ -23,8 +23,10 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     BenchContext,
     environment,
+    last_level_cache_bytes,
     markdown_table,
     measure_copy_gbps,
+    table_header,
 )
 
 FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "int8", "dit", "uvit"]
@@ -54,23 +56,24 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if is_cuda else "fp32")]
     min_run_time = args.min_run_time or (0.5 if is_cuda else 0.2)
     quick = args.quick or (not is_cuda and not args.full)
+    cache_bytes = last_level_cache_bytes(device)
     ctx = BenchContext(device=device, dtype=dtype, quick=quick, min_run_time=min_run_time,
-                       copy_gbps=measure_copy_gbps(device, dtype, min_run_time),
-                       compile=not args.no_compile)
+                       copy_gbps=measure_copy_gbps(device, dtype, min_run_time, cache_bytes),
+                       compile=not args.no_compile, cache_bytes=cache_bytes)
     env = environment(ctx)
     tag = env.get("gpu", "cpu").replace(" ", "_")
     out = args.out or ROOT / "benchmarks" / "out" / tag
     out.mkdir(parents=True, exist_ok=True)
 
-    header = (f"device: {env.get('gpu', 'CPU')} | torch {env['torch']} | dtype {env['dtype']} | "
-              f"measured copy bandwidth {env['copy_gbps']} GB/s | {env['date']}")
+    header = table_header(env)
     print(header)
-    results, sections = {}, [f"# ditkernels benchmarks\n\n{header}\n"]
+    results, sections = {}, ["# ditkernels benchmarks\n"]
     for family in filter(None, args.families.split(",")):
         module = importlib.import_module(f"benchmarks.bench_{family}")
         rows = module.run(ctx)
         results[family] = rows
-        table = markdown_table(rows, module.COLUMNS)
+        # The header above every table: a table copied alone still names its machine.
+        table = f"{header}\n\n{markdown_table(rows, module.COLUMNS)}"
         sections.append(f"## {family}\n\n{table}\n")
         print(f"\n## {family}\n{table}", flush=True)
         # Written after every family, so a run cut short keeps what it measured.
