@@ -225,7 +225,8 @@ def compare(makers: Dict[str, Callable[[], Callable[[], object]]], ctx: BenchCon
         samples, wall = interleave(samplers, ones, 1, envs)
         if ctx.is_cuda and min(min(v) for v in samples.values()) < GRAPH_BELOW_S:
             for name, sampler in list(samplers.items()):
-                calls = max(1, min(MAX_REPS, math.ceil(GRAPH_SPAN_S / min(samples[name]))))
+                per_call = max(min(samples[name]), 1e-7)  # events tick in about 0.5 us
+                calls = max(1, min(MAX_REPS, math.ceil(GRAPH_SPAN_S / per_call)))
                 try:
                     with environ(envs.get(name, {})):
                         samplers[name] = CudaGraphSampler(sampler.fn, calls)
@@ -449,7 +450,7 @@ def table_header(env: Dict[str, object]) -> str:
         device = (f"{env['gpu']} ({env['sm_count']} SMs, L2 {mb}) | {clocks} | "
                   f"driver {smi.get('driver_version', 'n/a')} | CUDA {env['torch_cuda']}")
     else:
-        device = f"CPU {env.get('cpu') or ''} ({env['cpu_threads']} threads, LLC {mb})"
+        device = f"CPU {env.get('cpu') or ''} (torch threads {env['cpu_threads']}, LLC {mb})"
     return (f"{device} | torch {env['torch']} | {env['dtype']} | "
             f"copy {env['copy_gbps']} GB/s | {env['date']} | commit {env['git_commit'] or 'n/a'}")
 

@@ -168,7 +168,7 @@ def test_table_header_names_device_clocks_driver_cuda_torch_and_commit():
     assert "SM clock max 1980 MHz (device props)" in common.table_header(env)
     cpu = {"cpu": "Xeon", "cpu_threads": 2, "cache_bytes": None, "torch": "2.14.1",
            "dtype": "float32", "copy_gbps": 4.0, "date": "d", "git_commit": None}
-    assert common.table_header(cpu).startswith("CPU Xeon (2 threads, LLC n/a)")
+    assert common.table_header(cpu).startswith("CPU Xeon (torch threads 2, LLC n/a)")
 
 
 def test_tmsa_cuda_cases_fill_an_h100():
