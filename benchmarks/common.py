@@ -6,10 +6,12 @@ Every family module (bench_<family>.py) exposes ``run(ctx) -> list[dict]``; the
 runner (run.py) builds the context, calls each family and writes JSON + markdown.
 
 How a case is timed (``compare``): every implementation of one case is warmed up, then
-measured in ROUNDS rounds; each round runs a block of repetitions of every
-implementation, in an order that rotates from round to round, so that clock, thermal
-and background drift hit all of them alike. Rows report the min, median and max over
-the samples; ratios use medians.
+measured in rounds; each round runs a block of repetitions of every implementation,
+in an order that rotates from round to round, so that clock, thermal and background
+drift hit all of them alike. The first round times one call of each, which sizes the
+blocks of the rest (ROUNDS rounds in all, fewer for slow calls, never under
+MIN_ROUNDS). Rows report the min, median and max over the samples; ratios use
+medians. On a CPU, run.py times at one torch thread unless --threads says otherwise.
   CPU   wall clock (time.perf_counter) around a block; one sample per block.
   CUDA  each call between two CUDA events, after a write of twice the L2 that evicts
         its inputs (the write is outside the events): one sample per call.
@@ -105,7 +107,8 @@ class WallClockSampler:
 class CudaEventSampler:
     """CUDA: each call between two events, after a write of `flush` (larger than the
     L2) that evicts the call's inputs. The flush kernel also keeps the GPU busy while
-    the host queues the call, so launch latency stays out of the events."""
+    the host queues the call, so launch latency stays out of the events as long as
+    queueing takes less than the flush (some tens of µs: 2x the L2 at HBM speed)."""
     timer = "CUDA events, L2 flushed"
     l2_flushed = True
 
