@@ -1,8 +1,9 @@
 """Timestep-calibrated W8A8 linear: ditkernels.int8_linear against the floating-point
 F.linear, the eager int8 path (quantize, torch._int_mm, dequantize as separate
-PyTorch ops) and torch.compile of that path (which may fuse the quantize and dequantize
-passes around the GEMM), on DiT-XL/2's GEMM shapes; and, on the full grid, a whole DiT-XL/2 forward
-in the benchmark dtype against the same model after quantize_.
+PyTorch ops) and torch.compile of that path (which may fuse the quantize and
+dequantize passes around the GEMM), on DiT-XL/2's GEMM shapes; and, on the full grid,
+a whole DiT-XL/2 forward in the benchmark dtype against the same model after
+quantize_.
 
 GEMM shapes: M = B * 256 tokens (256x256 images), (K, N) = (1152, 3456) qkv,
 (1152, 4608) fc1, (4608, 1152) fc2, (1152, 1152) attention proj. Throughput counts
