@@ -389,7 +389,8 @@ def nvidia_smi(device: torch.device) -> Dict[str, str]:
     by PCI address, which CUDA_VISIBLE_DEVICES does not renumber."""
     props = torch.cuda.get_device_properties(device)
     gpu = (f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
-           if hasattr(props, "pci_bus_id") else str(device.index or 0))
+           if all(hasattr(props, f"pci_{k}_id") for k in ("domain", "bus", "device"))
+           else str(device.index or 0))
     out = _command("nvidia-smi", f"--id={gpu}", "--query-gpu=" + ",".join(NVIDIA_SMI_FIELDS),
                    "--format=csv,noheader,nounits")
     values = [v.strip() for v in out.splitlines()[0].split(",")] if out else []

@@ -235,3 +235,18 @@ def test_gpu_check_preflight_fails_fast_without_gpu_or_pytest(tmp_path):
     assert bad.returncode == 1
     assert bad.stdout.splitlines()[-1] == (
         "preflight: cannot run, missing: a visible CUDA GPU, pytest")
+
+
+def test_nvidia_smi_is_asked_by_pci_address_and_parsed(tmp_path, monkeypatch):
+    props = type("Props", (), dict(pci_domain_id=0, pci_bus_id=0x19, pci_device_id=0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$1" = --id=00000000:19:00.0 ] || exit 6\n'
+                   'echo "NVIDIA H200, 580.159.03, 1980, 1980, 3201, 3201"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    reading = common.nvidia_smi(torch.device("cuda"))
+    assert reading == dict(zip(common.NVIDIA_SMI_FIELDS, [
+        "NVIDIA H200", "580.159.03", "1980", "1980", "3201", "3201"]))
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert common.nvidia_smi(torch.device("cuda")) == {}
