@@ -250,3 +250,48 @@ def test_nvidia_smi_is_asked_by_pci_address_and_parsed(tmp_path, monkeypatch):
         "NVIDIA H200", "580.159.03", "1980", "1980", "3201", "3201"]))
     smi.write_text("#!/bin/sh\nexit 9\n")
     assert common.nvidia_smi(torch.device("cuda")) == {}
+
+
+def test_graph_sampler_captures_calls_after_a_side_stream_warmup(monkeypatch):
+    log = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class Capture:
+        def __init__(self, name, *args):
+            self.name = name
+
+        def __enter__(self):
+            log.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            log.append(f"exit {self.name}")
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+
+        def elapsed_time(self, end):
+            return 6.0  # ms for one replay
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Capture("side stream"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Capture("capture"))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    sampler = common.CudaGraphSampler(lambda: log.append("call"), calls=4)
+    assert log == (["wait", "enter side stream"] + ["call"] * 3 + ["exit side stream", "wait",
+                   "enter capture"] + ["call"] * 4 + ["exit capture"])
+    assert sampler.timer == "CUDA graph x4, L2 warm" and not sampler.l2_flushed
+    assert sampler.sample(2) == [1.5e-3, 1.5e-3]
