@@ -355,9 +355,12 @@ def _command(*args: str) -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD (+ "-dirty"), or DITKERNELS_BENCH_COMMIT where the tree has no .git (a copy
+    sent to a GPU machine: the sender names the commit)."""
     commit = _command("git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD")
-    if commit and _command("git", "-C", str(ROOT), "status", "--porcelain",
-                           "--untracked-files=no"):
+    if commit is None:
+        return os.environ.get("DITKERNELS_BENCH_COMMIT")
+    if _command("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
     return commit
 

@@ -17,6 +17,7 @@
 # results.md.
 # Usage: benchmarks/gpu_check.sh [--preflight] OUT [BUDGET_S] [run.py args]
 #   --preflight: the preflight line alone (exit 1 if a phase could not run).
+#   DITKERNELS_BENCH_COMMIT: the commit the tables name where the copy has no .git.
 set -uo pipefail
 preflight_only=0
 if [ "${1:-}" = "--preflight" ]; then

@@ -295,3 +295,9 @@ def test_graph_sampler_captures_calls_after_a_side_stream_warmup(monkeypatch):
                    "enter capture"] + ["call"] * 4 + ["exit capture"])
     assert sampler.timer == "CUDA graph x4, L2 warm" and not sampler.l2_flushed
     assert sampler.sample(2) == [1.5e-3, 1.5e-3]
+
+
+def test_git_commit_falls_back_to_the_named_commit_without_git(monkeypatch):
+    monkeypatch.setattr(common, "_command", lambda *args: None)
+    monkeypatch.setenv("DITKERNELS_BENCH_COMMIT", "0123abcd")
+    assert common.git_commit() == "0123abcd"
