@@ -1,7 +1,9 @@
 """Timestep-calibrated W8A8 linear: ditkernels.int8_linear against the floating-point
-F.linear and the eager int8 path (quantize, torch._int_mm, dequantize as separate
-PyTorch ops), on DiT-XL/2's GEMM shapes; and, on the full grid, a whole DiT-XL/2 forward
-in the benchmark dtype against the same model after quantize_.
+F.linear, the eager int8 path (quantize, torch._int_mm, dequantize as separate
+PyTorch ops) and torch.compile of that path (which may fuse the quantize and
+dequantize passes around the GEMM), on DiT-XL/2's GEMM shapes; and, on the full grid,
+a whole DiT-XL/2 forward in the benchmark dtype against the same model after
+quantize_.
 
 GEMM shapes: M = B * 256 tokens (256x256 images), (K, N) = (1152, 3456) qkv,
 (1152, 4608) fc1, (4608, 1152) fc2, (1152, 1152) attention proj. Throughput counts
@@ -9,14 +11,15 @@ GEMM shapes: M = B * 256 tokens (256x256 images), (K, N) = (1152, 3456) qkv,
 """
 
 import copy
+import functools
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
 import ditkernels
-from benchmarks.common import (MMA_SYNC, BenchContext, hopper_wgmma_build, median_seconds,
-                               median_seconds_with)
+from benchmarks.common import (MMA_SYNC, BenchContext, Timing, compare, hopper_wgmma_build,
+                               maybe_compile, prebuilt, speedups, timing_columns)
 from ditkernels.models import DIT_CONFIGS, DiT
 from ditkernels.quant import (TimestepCalibratedInt8Config, TimestepCalibration, quantize_,
                               quantization_targets, skip_keys)
@@ -29,9 +32,10 @@ NUM_TIMESTEPS = 1000
 
 
 def _cases(ctx: BenchContext):
-    """(label, B, K, N); activations are [B, 256, K] (quick: [B, 64, K], small K, N)."""
+    """(label, B, K, N); activations are [B, 256, K] (quick: [B, 64, K], small K, N,
+    and DiT-S/2's qkv GEMM at M = 1024, where the CPU kernel's blocking matters)."""
     if ctx.quick:
-        return [("tiny", 2, 128, 384), ("tiny", 4, 384, 128)]
+        return [("tiny", 2, 128, 384), ("tiny", 4, 384, 128), ("DiT-S qkv", 16, 384, 1152)]
     return [(name, B, K, N) for B in BATCHES for name, (K, N) in GEMMS.items()]
 
 
@@ -59,15 +63,21 @@ def eager_int8_linear(x, w_q_t, w_scale, act_scales, t, bias):
     return ((acc.view(B, L, -1).float() * s) * w_scale + bias.float()).to(x.dtype)
 
 
+EAGER_INT8, COMPILED_INT8 = "eager int8 (_int_mm)", "torch.compile int8 (_int_mm)"
+
+
 def _gemm_rows(ctx: BenchContext) -> List[Dict]:
     rows = []
     dtype_name = str(ctx.dtype).replace("torch.", "")
+    float_impl = f"F.linear ({dtype_name})"
+    baselines = {"speedup_vs_float": float_impl, "speedup_vs_eager_int8": EAGER_INT8,
+                 "speedup_vs_compiled_int8": COMPILED_INT8}
     L = 64 if ctx.quick else TOKENS
     for label, B, K, N in _cases(ctx):
         a = _inputs(B, L, K, N, ctx)
         x_q = ditkernels.quantize_per_sample(a["x"], a["act_scales"], a["t"])
         impls = {
-            f"F.linear ({dtype_name})": lambda: F.linear(a["x"], a["w"], a["bias"]),
+            float_impl: lambda: F.linear(a["x"], a["w"], a["bias"]),
             "ditkernels.int8_linear": lambda: ditkernels.int8_linear(
                 a["x"], a["w_q"], a["w_scale"], a["act_scales"], a["t"], a["bias"]),
             # The GEMM alone, as the models run it after ln_modulate_int8.
@@ -84,26 +94,25 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
             narrow = "ditkernels.int8_gemm_dequant (wgmma n128)"
             impls[narrow] = impls["ditkernels.int8_gemm_dequant"]
             env[narrow] = {"DITKERNELS_WGMMA_TILE_N": "128"}
-        w_q_t = a["w_q"].t()
+        int8_args = (a["x"], a["w_q"].t(), a["w_scale"], a["act_scales"], a["t"], a["bias"])
         try:
-            eager_int8_linear(a["x"], w_q_t, a["w_scale"], a["act_scales"], a["t"], a["bias"])
+            eager_int8_linear(*int8_args)
         except (RuntimeError, NotImplementedError) as exc:
             print(f"int8 {label} B={B}: no torch._int_mm baseline here ({exc})".splitlines()[0])
         else:
-            impls["eager int8 (_int_mm)"] = lambda: eager_int8_linear(
-                a["x"], w_q_t, a["w_scale"], a["act_scales"], a["t"], a["bias"])
-        times = {impl: median_seconds_with(fn, ctx.min_run_time, env.get(impl))
-                 for impl, fn in impls.items()}
-        fp = times[f"F.linear ({dtype_name})"]
-        eager = times.get("eager int8 (_int_mm)")
+            impls[EAGER_INT8] = functools.partial(eager_int8_linear, *int8_args)
+            torch._dynamo.reset()
+            compiled = maybe_compile(eager_int8_linear, ctx)
+            if compiled is not None:
+                impls[COMPILED_INT8] = functools.partial(compiled, *int8_args)
+        times = compare({impl: prebuilt(fn) for impl, fn in impls.items()}, ctx, env)
         M = B * L
-        for impl, sec in times.items():
-            rows.append({
-                "family": "int8", "op": f"linear {label}", "shape": f"M={M} K={K} N={N}",
-                "impl": impl, "median_ms": sec * 1e3, "TOPS": 2 * M * K * N / sec / 1e12,
-                "speedup_vs_float": fp / sec,
-                "speedup_vs_eager_int8": None if eager is None else eager / sec,
-            })
+        for impl, result in times.items():
+            row = {"family": "int8", "op": f"linear {label}", "shape": f"M={M} K={K} N={N}",
+                   "impl": impl, **timing_columns(result), **speedups(times, impl, baselines)}
+            if isinstance(result, Timing):
+                row["TOPS"] = 2 * M * K * N / result.median / 1e12
+            rows.append(row)
     return rows
 
 
@@ -136,16 +145,15 @@ def _end_to_end_rows(ctx: BenchContext) -> List[Dict]:
     x = torch.randn(batch, 4, 32, 32, device=ctx.device, dtype=ctx.dtype)
     t = torch.randint(0, NUM_TIMESTEPS, (batch,), device=ctx.device)
     y = torch.randint(0, 1000, (batch,), device=ctx.device)
-    times = {}
+    models = {f"ditkernels DiT ({dtype_name})": model,
+              "ditkernels DiT int8 (quantize_)": quantized}
     with torch.no_grad():
-        for impl, m in ((f"ditkernels DiT ({dtype_name})", model),
-                        ("ditkernels DiT int8 (quantize_)", quantized)):
-            times[impl] = (median_seconds(lambda: m(x, t, y), ctx.min_run_time),
-                           _state_megabytes(m))
-    base = next(iter(times.values()))[0]
+        times = compare({impl: prebuilt(functools.partial(m, x, t, y))
+                         for impl, m in models.items()}, ctx)
+    baselines = {"speedup_vs_float": f"ditkernels DiT ({dtype_name})"}
     return [{"family": "int8", "op": f"{name} forward", "shape": f"B={batch} 4x32x32",
-             "impl": impl, "median_ms": sec * 1e3, "speedup_vs_float": base / sec,
-             "weight_MB": mb} for impl, (sec, mb) in times.items()]
+             "impl": impl, **timing_columns(result), **speedups(times, impl, baselines),
+             "weight_MB": _state_megabytes(models[impl])} for impl, result in times.items()]
 
 
 def run(ctx: BenchContext):
@@ -155,5 +163,6 @@ def run(ctx: BenchContext):
     return rows
 
 
-COLUMNS = ["op", "shape", "impl", "median_ms", "TOPS", "speedup_vs_float",
-           "speedup_vs_eager_int8", "weight_MB"]
+COLUMNS = ["op", "shape", "impl", "min_ms", "median_ms", "max_ms", "TOPS",
+           "speedup_vs_float", "speedup_vs_eager_int8", "speedup_vs_compiled_int8",
+           "weight_MB", "timer", "note"]

@@ -6,13 +6,15 @@ FLOPs: forward 2 * M * (2D) * Dout; forward+backward three times that (dX and dW
 Shapes follow U-ViT: M = B * 258 tokens (256 patches + time and label tokens).
 """
 
+import functools
+
 import torch
 
 import ditkernels
 from ditkernels import reference
 from benchmarks.bench_adaln import pass_fn
-from benchmarks.common import (MMA_SYNC, BenchContext, hopper_wgmma_build, maybe_compile,
-                               median_seconds_with)
+from benchmarks.common import (MMA_SYNC, BenchContext, Timing, compare, hopper_wgmma_build,
+                               maybe_compile, speedups, timing_columns)
 
 
 def shapes(ctx: BenchContext):
@@ -47,24 +49,22 @@ def run(ctx: BenchContext):
             return torch.randn(*shape, device=ctx.device, dtype=ctx.dtype) * scale
 
         inputs = (t(M, D), t(M, D), t(D, 2 * D, scale=(2 * D) ** -0.5), t(D))
+        torch._dynamo.reset()
         for pass_name, flop_factor in (("fwd", 1), ("fwd+bwd", 3)):
             flops = flop_factor * 2 * M * 2 * D * D
-            times = {}
-            for impl, fn in impls.items():
-                if impl in env and pass_name != "fwd":
-                    continue
-                if impl == "torch.compile":
-                    torch._dynamo.reset()
-                times[impl] = median_seconds_with(pass_fn(fn, inputs, pass_name),
-                                                  ctx.min_run_time, env.get(impl))
-            for impl, sec in times.items():
-                rows.append({
-                    "family": "skip_concat_linear", "op": "skip_concat_linear",
-                    "shape": f"M{M} D{D} Dout{D}", "pass": pass_name, "impl": impl,
-                    "median_ms": sec * 1e3, "TFLOP/s": flops / sec / 1e12,
-                    "speedup_vs_cat_linear": times["cat+linear"] / sec,
-                })
+            times = compare({impl: functools.partial(pass_fn, fn, inputs, pass_name)
+                             for impl, fn in impls.items()
+                             if impl not in env or pass_name == "fwd"}, ctx, env)
+            for impl, result in times.items():
+                row = {"family": "skip_concat_linear", "op": "skip_concat_linear",
+                       "shape": f"M{M} D{D} Dout{D}", "pass": pass_name, "impl": impl,
+                       **timing_columns(result),
+                       **speedups(times, impl, {"speedup_vs_cat_linear": "cat+linear"})}
+                if isinstance(result, Timing):
+                    row["TFLOP/s"] = flops / result.median / 1e12
+                rows.append(row)
     return rows
 
 
-COLUMNS = ["shape", "pass", "impl", "median_ms", "TFLOP/s", "speedup_vs_cat_linear"]
+COLUMNS = ["shape", "pass", "impl", "min_ms", "median_ms", "max_ms", "TFLOP/s",
+           "speedup_vs_cat_linear", "timer"]

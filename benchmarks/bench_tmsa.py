@@ -17,9 +17,12 @@ speedup_vs_sdpa_mask: sdpa_mask time / time; ratio_vs_sdpa_nobias: time / sdpa_n
 time.
 
 CUDA cases: N = 256, 1024, 4096 (16x16, 32x32, 64x64 grids), head dims 64 and 72 (as
-DiffiT-XL/2), B * H chosen so that every case has 2^25 (32M) attention scores, H <= 16.
+DiffiT-XL/2), H = 16 and the smallest power-of-two B that fills an H100 with query
+tiles: B * H * ceil(N / 64) >= 4 * 132 CTAs (a forward CTA owns 64 queries, a backward
+CTA 64 keys). Fewer would time a partly idle GPU.
 """
 
+import functools
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -28,10 +31,12 @@ import torch.nn.functional as F
 import ditkernels
 from ditkernels import reference
 from benchmarks.bench_adaln import pass_fn
-from benchmarks.common import BenchContext, maybe_compile, measure
+from benchmarks.common import (BenchContext, Timing, compare, maybe_compile, speedups,
+                               timing_columns)
 
-SCORES_PER_CASE = 1 << 25
-MAX_HEADS = 16
+HEADS = 16
+TILE = 64                 # queries per forward CTA, keys per backward CTA
+MIN_CTAS = 4 * 132        # four waves' worth on an H100's 132 SMs
 BASELINE, BOUND = "sdpa_mask", "sdpa_nobias"
 
 
@@ -41,10 +46,12 @@ def cases(ctx: BenchContext):
         return [(2, 2, 8, 32)]
     out = []
     for grid in (16, 32, 64):
-        heads_total = SCORES_PER_CASE // grid ** 4
-        heads = min(MAX_HEADS, heads_total)
+        tiles = -(-grid * grid // TILE)
+        batch = 1
+        while batch * HEADS * tiles < MIN_CTAS:
+            batch *= 2
         for head_dim in (64, 72):
-            out.append((heads_total // heads, heads, grid, head_dim))
+            out.append((batch, HEADS, grid, head_dim))
     return out
 
 
@@ -110,32 +117,27 @@ def run(ctx: BenchContext) -> List[Dict]:
             return torch.randn(*shape, device=ctx.device, dtype=ctx.dtype)
 
         qkv, time_qkv, table = t(B, N, 3, H, D), t(B, 3, H, D), t((2 * grid - 1) ** 2, H)
+        # Static shapes per case: compile's best case, not a dynamic kernel.
+        torch._dynamo.reset()
         impls = implementations(ctx, grid)
         for pass_name in ("fwd", "fwd+bwd"):
             flops = 4 * B * H * N * N * D * (2.5 if pass_name == "fwd+bwd" else 1.0)
-            results = {}
-            for impl, fn in impls.items():
-                if impl == "flex":
-                    # Static shapes per case: compile's best case, not a dynamic kernel.
-                    torch._dynamo.reset()
-                inputs = (qkv,) if impl == BOUND else (qkv, time_qkv, table)
-                results[impl] = measure(lambda: pass_fn(fn, inputs, pass_name), ctx,
-                                        may_fail=impl == "flex")
-            baseline, bound = results[BASELINE][0], results[BOUND][0]
-            for impl, (sec, note) in results.items():
+            times = compare(
+                {impl: functools.partial(pass_fn, fn,
+                                         (qkv,) if impl == BOUND else (qkv, time_qkv, table),
+                                         pass_name)
+                 for impl, fn in impls.items()}, ctx, may_fail=["flex"])
+            for impl, result in times.items():
                 row = {"family": "tmsa", "op": "tmsa", "shape": f"B{B} H{H} N{N} D{D}",
-                       "pass": pass_name, "impl": impl, "median_ms": None, "TFLOP/s": None,
-                       "speedup_vs_sdpa_mask": None, "ratio_vs_sdpa_nobias": None,
-                       "note": note}
-                if sec is not None:
-                    row.update(median_ms=sec * 1e3, **{"TFLOP/s": flops / sec / 1e12})
-                    if baseline:
-                        row["speedup_vs_sdpa_mask"] = baseline / sec
-                    if bound:
-                        row["ratio_vs_sdpa_nobias"] = sec / bound
+                       "pass": pass_name, "impl": impl, **timing_columns(result),
+                       **speedups(times, impl, {"speedup_vs_sdpa_mask": BASELINE})}
+                if isinstance(result, Timing):
+                    row["TFLOP/s"] = flops / result.median / 1e12
+                    if isinstance(times[BOUND], Timing):
+                        row["ratio_vs_sdpa_nobias"] = result.median / times[BOUND].median
                 rows.append(row)
     return rows
 
 
-COLUMNS = ["op", "shape", "pass", "impl", "median_ms", "TFLOP/s", "speedup_vs_sdpa_mask",
-           "ratio_vs_sdpa_nobias", "note"]
+COLUMNS = ["op", "shape", "pass", "impl", "min_ms", "median_ms", "max_ms", "TFLOP/s",
+           "speedup_vs_sdpa_mask", "ratio_vs_sdpa_nobias", "timer", "note"]

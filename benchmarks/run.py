@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +24,10 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     BenchContext,
     environment,
+    last_level_cache_bytes,
     markdown_table,
     measure_copy_gbps,
+    table_header,
 )
 
 FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "int8", "dit", "uvit"]
@@ -41,6 +44,9 @@ def parse_args(argv=None):
                     help="small shape subset (always on for CPU unless --full)")
     ap.add_argument("--full", action="store_true", help="the full shape grid even on CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU: torch threads while timing (default 1, as torch.utils."
+                         "benchmark timed before: single-thread kernel efficiency)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds per measurement (default 0.5 CUDA, 0.2 CPU)")
     ap.add_argument("--out", type=Path, default=None)
@@ -54,25 +60,31 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if is_cuda else "fp32")]
     min_run_time = args.min_run_time or (0.5 if is_cuda else 0.2)
     quick = args.quick or (not is_cuda and not args.full)
+    if not is_cuda:
+        torch.set_num_threads(args.threads)
+    cache_bytes = last_level_cache_bytes(device)
     ctx = BenchContext(device=device, dtype=dtype, quick=quick, min_run_time=min_run_time,
-                       copy_gbps=measure_copy_gbps(device, dtype, min_run_time),
-                       compile=not args.no_compile)
+                       copy_gbps=measure_copy_gbps(device, dtype, min_run_time, cache_bytes),
+                       compile=not args.no_compile, cache_bytes=cache_bytes)
     env = environment(ctx)
     tag = env.get("gpu", "cpu").replace(" ", "_")
     out = args.out or ROOT / "benchmarks" / "out" / tag
     out.mkdir(parents=True, exist_ok=True)
 
-    header = (f"device: {env.get('gpu', 'CPU')} | torch {env['torch']} | dtype {env['dtype']} | "
-              f"measured copy bandwidth {env['copy_gbps']} GB/s | {env['date']}")
+    header = table_header(env)
     print(header)
-    results, sections = {}, [f"# ditkernels benchmarks\n\n{header}\n"]
+    results, sections = {}, ["# ditkernels benchmarks\n"]
     for family in filter(None, args.families.split(",")):
         module = importlib.import_module(f"benchmarks.bench_{family}")
+        t0 = time.perf_counter()
         rows = module.run(ctx)
+        seconds = time.perf_counter() - t0
         results[family] = rows
-        table = markdown_table(rows, module.COLUMNS)
+        # The header above every table: a table copied alone still names its machine.
+        table = f"{header}\n\n{markdown_table(rows, module.COLUMNS)}"
         sections.append(f"## {family}\n\n{table}\n")
-        print(f"\n## {family}\n{table}", flush=True)
+        # The seconds each family took size gpu_check.sh's benchmark phase.
+        print(f"\n## {family} ({seconds:.0f} s)\n{table}", flush=True)
         # Written after every family, so a run cut short keeps what it measured.
         (out / "results.json").write_text(json.dumps({"environment": env, "results": results},
                                                      indent=1, default=str))
