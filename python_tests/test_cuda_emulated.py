@@ -15,9 +15,10 @@ register limits and the compiler's view of the code are not modelled.
 
 The library is found at $DITKERNELS_EMU_LIB, else build/emu/libditkernels_emu.so.
 Without it these tests are skipped, unless DITKERNELS_EMU_LIB is set (as in CI).
-.ci/run runs them again against the AddressSanitizer build of the library, and the
-`racecheck` cases against the ThreadSanitizer build (README, "Testing CUDA kernels
-without a GPU").
+.ci/run runs them again against the AddressSanitizer build of the library, the
+`racecheck` cases against the ThreadSanitizer build, the cp.async kernels with copies
+landing early (DITKERNELS_EMU_CPASYNC=early) and everything on an emulated A100
+(DITKERNELS_EMU_DEVICE=a100) (README, "Testing CUDA kernels without a GPU").
 """
 
 import os
@@ -35,12 +36,14 @@ import test_skip_concat_linear
 import test_tmsa
 
 CUDA_DTYPES = DTYPES["cuda"]
+# The emulated GPU (csrc/emu/emu.cpp's profiles); the launchers pick their paths from
+# its properties, wgmma only on Hopper.
+EMULATED_DEVICE = os.environ.get("DITKERNELS_EMU_DEVICE") or "h100"
+HOPPER = EMULATED_DEVICE in ("h100", "h200")
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 # One case of every kernel (each TMSA head dim, both adaLN teams), small enough for
 # the ThreadSanitizer run of .ci/run (pytest -m racecheck), which is ~10x slower.
 RACECHECK = pytest.mark.racecheck
-
-
 
 
 def racecheck(*values):
@@ -90,10 +93,19 @@ pytestmark = [
 
 @pytest.fixture(params=GEMM_KERNELS)
 def gemm_kernel(request, monkeypatch):
-    """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels (at
-    each tile width: the small test shapes alone would always get 128), or, with
-    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
+    """On an emulated Hopper the GEMM ops run their sm_90a wgmma kernels (at each tile
+    width: the small test shapes alone would always get 128), or, with
+    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs; elsewhere
+    only those."""
+    if request.param != "mma.sync" and not HOPPER:
+        pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
     set_gemm_kernel(monkeypatch, request.param)
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """The emulator's own wgmma cases run on an emulated H100 whatever the profile."""
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "h100")
 
 
 def test_fixture_routes_to_the_cuda_code():
@@ -129,7 +141,7 @@ def test_emulated_cp_async_lands_at_its_wait():
 
 
 @RACECHECK
-def test_emulated_wgmma_tile_is_a_matrix_product():
+def test_emulated_wgmma_tile_is_a_matrix_product(hopper):
     """Swizzled tiles -> 128B-swizzle descriptors -> wgmma m64n128k16 -> the
     accumulator layout of cuda_wgmma.cuh gives A B^T, exactly for integer inputs."""
     a = torch.randint(-8, 9, (64, 16)).float()
@@ -137,18 +149,18 @@ def test_emulated_wgmma_tile_is_a_matrix_product():
     assert torch.equal(_selftest("wgmma", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_s8_tile_is_a_matrix_product():
+def test_emulated_wgmma_s8_tile_is_a_matrix_product(hopper):
     a = torch.randint(-128, 128, (64, 32)).float()
     b = torch.randint(-128, 128, (128, 32)).float()
     assert torch.equal(_selftest("wgmma_s8", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_accumulators_are_poison_before_the_wait():
+def test_emulated_wgmma_accumulators_are_poison_before_the_wait(hopper):
     a, b = torch.ones(64, 16), torch.ones(128, 16)
     assert _selftest("wgmma_read_before_wait", a, b).isnan().all()
 
 
-def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data():
+def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data(hopper):
     """A tile not on a 1024-byte boundary of the shared window: the hardware's swizzle
     (on address bits) no longer matches the one the kernel stored with."""
     a = torch.randint(-8, 9, (64, 16)).float()
@@ -156,10 +168,77 @@ def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data():
     assert not torch.equal(_selftest("wgmma_unaligned_tile", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_operand_overwritten_in_flight_is_reported():
+def test_emulated_wgmma_operand_overwritten_in_flight_is_reported(hopper):
     a, b = torch.ones(64, 16), torch.ones(128, 16)
     with pytest.raises(RuntimeError, match="overwritten before the wgmma.wait_group"):
         _selftest("wgmma_overwrite_in_flight", a, b)
+
+
+def _int_operands(k=16):
+    return torch.randint(-8, 9, (64, k)).float(), torch.randint(-8, 9, (128, k)).float()
+
+
+@pytest.mark.parametrize("name,factor", [("wgmma_cp_async", 1), ("wgmma_twice", 3)])
+def test_emulated_wgmma_fenced_cases_are_matrix_products(hopper, name, factor):
+    """The correct twins of the fence controls below: operands from cp.async, each
+    thread fencing its own copies; accumulators rewritten between two wgmma with a
+    wgmma.fence between (C = 2 A B^T + A B^T)."""
+    a, b = _int_operands()
+    assert torch.equal(_selftest(name, a, b), factor * (a @ b.t()))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("wgmma_without_proxy_fence", "changed by generic-proxy stores with no fence.proxy.async"),
+    ("wgmma_cp_async_unfenced_thread", "cp.async of thread 5 with no fence.proxy.async"),
+    ("wgmma_without_fence", "before any wgmma.fence"),
+    ("wgmma_twice_unfenced", "wrote its accumulators since the last wgmma on them, with no "
+     "wgmma.fence"),
+])
+def test_emulator_reports_missing_fences(hopper, name, message):
+    """Each fence the wgmma kernels need, left out: results would look right (the
+    emulator computes them either way), so the emulator must say so."""
+    with pytest.raises(RuntimeError, match=message):
+        _selftest(name, *_int_operands())
+
+
+def test_emulated_wgmma_needs_a_hopper_device(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "a100")
+    with pytest.raises(RuntimeError, match="emulated a100 .compute capability 8.0.: wgmma needs "
+                       "sm_90a"):
+        _selftest("wgmma", *_int_operands())
+
+
+def _stream(name, monkeypatch, mode, iters=16):
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", mode)
+    src = torch.arange((iters + 1) * 32 * 4, dtype=torch.float).reshape(iters + 1, 32, 4)
+    return _selftest(name, src), src[:-1, :, 0]
+
+
+def test_emulated_cp_async_landing_at_the_wait_hides_a_war_race(monkeypatch):
+    """Why the early mode exists: copies issued before the barrier that ends another
+    warp's reads of their buffer land, by default, only after those reads."""
+    out, expected = _stream("cp_async_war_race", monkeypatch, "wait")
+    assert torch.equal(out, expected)
+
+
+def test_emulated_cp_async_landing_early_shows_a_war_race(monkeypatch):
+    """The control of DITKERNELS_EMU_CPASYNC=early: the race above changes results,
+    the same stream refilled after the barrier does not."""
+    out, expected = _stream("cp_async_war_race", monkeypatch, "early")
+    assert not torch.equal(out, expected)
+    out, expected = _stream("cp_async_refill_after_barrier", monkeypatch, "early")
+    assert torch.equal(out, expected)
+
+
+def test_emulator_rejects_unknown_modes_and_devices(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "late")
+    with pytest.raises(RuntimeError, match="DITKERNELS_EMU_CPASYNC must be wait or early"):
+        _selftest("mma", torch.zeros(16, 16), torch.zeros(8, 16))
+    monkeypatch.delenv("DITKERNELS_EMU_CPASYNC")
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "v100")
+    with pytest.raises(RuntimeError, match="DITKERNELS_EMU_DEVICE must be h100, h200, a100 or "
+                       "sm89"):
+        _selftest("mma", torch.zeros(16, 16), torch.zeros(8, 16))
 
 
 @RACECHECK
@@ -217,6 +296,21 @@ def test_adaln_non_contiguous_and_misaligned(op):
 def test_adaln_backward(op, B, N, C):
     for dtype in CUDA_DTYPES:
         test_adaln.check_backward("cpu", dtype, op, B, N, C)
+
+
+@pytest.mark.parametrize("op", test_adaln.OPS)
+@pytest.mark.parametrize("device", ["h100", "a100", "sm89"])
+def test_adaln_backward_at_the_devices_shared_memory_limit(op, device, monkeypatch):
+    """C = 8192 keeps 128 KiB (ln_modulate) or 160 KiB (gated) of partial sums in
+    shared memory: it runs where that fits (227 KiB on Hopper, 163 KiB on the A100)
+    and on sm_89's 99 KiB the launcher refuses, naming the op, C and the limit."""
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", device)
+    if device == "sm89":
+        with pytest.raises(RuntimeError, match=r"ln_modulate backward: C = 8192 needs \d+ bytes "
+                           r"of shared memory for its partial sums; this device allows 101376"):
+            test_adaln.check_backward("cpu", torch.bfloat16, op, 1, 3, 8192)
+    else:
+        test_adaln.check_backward("cpu", torch.bfloat16, op, 1, 3, 8192)
 
 
 @pytest.mark.parametrize("op", test_adaln.OPS)
