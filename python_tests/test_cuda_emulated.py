@@ -134,8 +134,9 @@ def test_emulated_mma_tile_is_a_matrix_product():
     assert torch.equal(_selftest("mma", a, b), a @ b.t())
 
 
-def test_emulated_cp_async_lands_at_its_wait():
+def test_emulated_cp_async_lands_at_its_wait(monkeypatch):
     """Read before cp.async.wait_group, the tile still holds the 0xff fill (NaN)."""
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "wait")
     a, b = torch.ones(16, 16), torch.ones(8, 16)
     assert _selftest("mma_without_wait", a, b).isnan().all()
 
@@ -239,6 +240,104 @@ def test_emulator_rejects_unknown_modes_and_devices(monkeypatch):
     with pytest.raises(RuntimeError, match="DITKERNELS_EMU_DEVICE must be h100, h200, a100 or "
                        "sm89"):
         _selftest("mma", torch.zeros(16, 16), torch.zeros(8, 16))
+
+
+# The published layouts, written down as data (not derived from the emulator's code).
+# PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type": lane l has
+# groupID g = l // 4 and threadID_in_group t = l % 4; element i of its fragment sits
+# at (base + offset[i]), two 16-bit elements per register, the lower index in the
+# lower half.
+MMA_16816_A = dict(base=lambda g, t: (g, 2 * t),  # a0..a7 -> (row, k)
+                   offset=[(0, 0), (0, 1), (8, 0), (8, 1), (0, 8), (0, 9), (8, 8), (8, 9)])
+MMA_16816_B = dict(base=lambda g, t: (2 * t, g),  # b0..b3 -> (k, col)
+                   offset=[(0, 0), (1, 0), (8, 0), (9, 0)])
+MMA_16816_C = dict(base=lambda g, t: (g, 2 * t),  # c0..c3 -> (row, col)
+                   offset=[(0, 0), (0, 1), (8, 0), (8, 1)])
+# PTX ISA, "Register Fragments" of wgmma .m64nNk16, D: thread T of the warpgroup,
+# warp w = T // 32, element i at row 16 w + g + row_offset[i % 4], column
+# 8 (i // 4) + 2 t + col_offset[i % 4].
+WGMMA_D_ROW_OFFSET = [0, 0, 8, 8]
+WGMMA_D_COL_OFFSET = [0, 1, 0, 1]
+# CuTe's Swizzle<3,4,3> on byte addresses (the PTX ISA's 128-byte swizzle mode): the
+# physical 16-byte chunk of logical chunk c in row r of a 1024-byte atom.
+SWIZZLE_128B = [
+    [0, 1, 2, 3, 4, 5, 6, 7],
+    [1, 0, 3, 2, 5, 4, 7, 6],
+    [2, 3, 0, 1, 6, 7, 4, 5],
+    [3, 2, 1, 0, 7, 6, 5, 4],
+    [4, 5, 6, 7, 0, 1, 2, 3],
+    [5, 4, 7, 6, 1, 0, 3, 2],
+    [6, 7, 4, 5, 2, 3, 0, 1],
+    [7, 6, 5, 4, 3, 2, 1, 0],
+]
+
+
+def _bf16_bits(x):
+    return x.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _registers(matrix, layout):
+    """The per-lane 32-bit registers that hold `matrix` in `layout`."""
+    bits = _bf16_bits(matrix)
+    regs = torch.zeros(32, len(layout["offset"]) // 2, dtype=torch.int64)
+    for lane in range(32):
+        r0, c0 = layout["base"](lane // 4, lane % 4)
+        for i, (dr, dc) in enumerate(layout["offset"]):
+            regs[lane, i // 2] |= bits[r0 + dr, c0 + dc] << (16 * (i % 2))
+    return regs.to(torch.int32)  # two's complement wrap of the high bit, as in a register
+
+
+def _mma_by_table(a, b, a_layout):
+    d = _selftest("mma_fragments", _registers(a, a_layout), _registers(b, MMA_16816_B))
+    got = torch.empty(16, 8)
+    for lane in range(32):
+        r0, c0 = MMA_16816_C["base"](lane // 4, lane % 4)
+        for i, (dr, dc) in enumerate(MMA_16816_C["offset"]):
+            got[r0 + dr, c0 + dc] = d[lane, i]
+    return got
+
+
+def test_emulated_mma_fragments_match_the_ptx_isa_tables():
+    """Registers filled by the table give A B in the table's accumulator layout; the
+    control, a table with a2, a3 and a4, a5 swapped (rows 8.. and columns 8.. mixed
+    up), does not."""
+    a = torch.randint(-8, 9, (16, 16)).float()
+    b = torch.randint(-8, 9, (16, 8)).float()  # [k, n]
+    assert torch.equal(_mma_by_table(a, b, MMA_16816_A), a @ b)
+    o = MMA_16816_A["offset"]
+    wrong = dict(MMA_16816_A, offset=o[:2] + o[4:6] + o[2:4] + o[6:])
+    assert not torch.equal(_mma_by_table(a, b, wrong), a @ b)
+
+
+def _swizzled_image(matrix, swizzle):
+    """Rows of 64 bf16 (128 bytes) laid out as a K-major tile by `swizzle`."""
+    row_bytes = _bf16_bits(matrix).to(torch.int16).view(torch.uint8).reshape(-1, 8, 16)
+    image = torch.empty_like(row_bytes)
+    for r in range(matrix.shape[0]):
+        for c in range(8):
+            image[r, swizzle[r % 8][c]] = row_bytes[r, c]
+    return image.reshape(-1, 128)
+
+
+def _wgmma_by_table(a, b, swizzle):
+    d = _selftest("swizzle_images", _swizzled_image(a, swizzle), _swizzled_image(b, swizzle))
+    got = torch.empty(64, 128)
+    for thread in range(128):
+        w, g, t = thread // 32, thread % 32 // 4, thread % 4
+        for i in range(64):
+            got[16 * w + g + WGMMA_D_ROW_OFFSET[i % 4],
+                8 * (i // 4) + 2 * t + WGMMA_D_COL_OFFSET[i % 4]] = d[thread, i]
+    return got
+
+
+def test_emulated_wgmma_reads_the_cute_swizzle_and_writes_the_ptx_fragments(hopper):
+    """A k-tile of four wgmma (the descriptor start advancing 32 bytes each) on tiles
+    laid out by the table gives A B^T in the PTX ISA's accumulator layout; the
+    control, tiles left unswizzled, does not."""
+    a = torch.randint(-8, 9, (64, 64)).float()
+    b = torch.randint(-8, 9, (128, 64)).float()
+    assert torch.equal(_wgmma_by_table(a, b, SWIZZLE_128B), a @ b.t())
+    assert not torch.equal(_wgmma_by_table(a, b, [list(range(8))] * 8), a @ b.t())
 
 
 @RACECHECK

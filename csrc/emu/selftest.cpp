@@ -5,7 +5,8 @@
 // A B^T of bf16 a [16, 16] and b [8, 16]; for "wgmma*", C = A B^T of a [64, k] and
 // b [128, k] through one m64n128 wgmma (bf16 k = 16, or int8 k = 32 for
 // "wgmma_s8"; "wgmma_twice" gives 3 A B^T); for "cp_async_*", out[i][l] = a[i][l][0]
-// of float a [iters + 1, 32, 4]; the other fault cases ignore a and b.
+// of float a [iters + 1, 32, 4]; the layout cases take and return raw fragments and
+// tile images (see their kernels); the other fault cases ignore a and b.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -157,6 +158,40 @@ at::Tensor wgmma_selftest(const std::string& name, const at::Tensor& a_in, const
   return c;
 }
 
+// The layouts as the hardware defines them, bypassing the kernels' own helpers (the
+// test writes the PTX ISA's and CuTe's tables down as data and builds these inputs):
+// one mma.m16n8k16 bf16 on raw per-lane registers, a [32][4] and b [32][2], giving
+// each lane's four accumulators ...
+__global__ void mma_fragments_kernel(const uint32_t* a, const uint32_t* b, float* d) {
+  const int lane = threadIdx.x;
+  const uint32_t af[4] = {a[4 * lane], a[4 * lane + 1], a[4 * lane + 2], a[4 * lane + 3]};
+  const uint32_t bf[2] = {b[2 * lane], b[2 * lane + 1]};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  mma::mma_16816<c10::BFloat16>(acc, af, bf);
+  for (int i = 0; i < 4; ++i) d[4 * lane + i] = acc[i];
+}
+
+// ... and the four k16 wgmma of a 64-wide k-tile on byte images of A [64][128] and
+// B [128][128] copied unchanged into an atom-aligned tile, giving each warpgroup
+// thread's 64 accumulators.
+__global__ void wgmma_images_kernel(const unsigned char* a, const unsigned char* b, float* d) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* sa = wgmma::align_to_atom(smem_raw);
+  unsigned char* sb = sa + 64 * wgmma::kRowBytes;
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 64 * 8; i += 128) std::memcpy(sa + 16 * i, a + 16 * i, 16);
+  for (int i = tid; i < 128 * 8; i += 128) std::memcpy(sb + 16 * i, b + 16 * i, 16);
+  wgmma::fence_proxy_async();
+  __syncthreads();
+  float acc[64];
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  wgmma::fence();
+  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
+  wgmma::commit();
+  wgmma::wait<0>();
+  for (int i = 0; i < 64; ++i) d[64 * tid + i] = acc[i];
+}
+
 __global__ void misaligned_ldmatrix_kernel(float* out) {
   DK_DYNAMIC_SMEM(16, smem);
   uint32_t r[4];
@@ -238,6 +273,27 @@ at::Tensor emulator_selftest(c10::string_view name_view, const at::Tensor& a_in,
     return c;
   }
   if (name.rfind("wgmma", 0) == 0) return wgmma_selftest(name, a_in, b_in);
+  if (name == "mma_fragments") {
+    TORCH_CHECK(a_in.sizes() == at::IntArrayRef({32, 4}) && b_in.sizes() == at::IntArrayRef({32, 2}) &&
+                    a_in.scalar_type() == at::kInt && b_in.scalar_type() == at::kInt,
+                "emulator_selftest: mma_fragments needs int32 a [32, 4] and b [32, 2]");
+    const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    at::Tensor d = at::empty({32, 4}, at::kFloat);
+    DK_LAUNCH(mma_fragments_kernel, 1, 32, 0, nullptr)(
+        reinterpret_cast<const uint32_t*>(a.data_ptr<int>()),
+        reinterpret_cast<const uint32_t*>(b.data_ptr<int>()), d.data_ptr<float>());
+    return d;
+  }
+  if (name == "swizzle_images") {
+    TORCH_CHECK(a_in.sizes() == at::IntArrayRef({64, 128}) && b_in.sizes() == at::IntArrayRef({128, 128}) &&
+                    a_in.scalar_type() == at::kByte && b_in.scalar_type() == at::kByte,
+                "emulator_selftest: swizzle_images needs uint8 a [64, 128] and b [128, 128]");
+    const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    at::Tensor d = at::empty({128, 64}, at::kFloat);
+    DK_LAUNCH(wgmma_images_kernel, 1, 128, 192 * wgmma::kRowBytes + wgmma::kAtomBytes, nullptr)(
+        a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), d.data_ptr<float>());
+    return d;
+  }
   if (name == "cp_async_war_race" || name == "cp_async_refill_after_barrier") {
     TORCH_CHECK(a_in.dim() == 3 && a_in.size(0) >= 2 && a_in.size(1) == 32 && a_in.size(2) == 4,
                 "emulator_selftest: ", name, " needs a [iters + 1, 32, 4]");
