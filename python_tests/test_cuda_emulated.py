@@ -15,9 +15,10 @@ register limits and the compiler's view of the code are not modelled.
 
 The library is found at $DITKERNELS_EMU_LIB, else build/emu/libditkernels_emu.so.
 Without it these tests are skipped, unless DITKERNELS_EMU_LIB is set (as in CI).
-.ci/run runs them again against the AddressSanitizer build of the library, and the
-`racecheck` cases against the ThreadSanitizer build (README, "Testing CUDA kernels
-without a GPU").
+.ci/run runs them again against the AddressSanitizer build of the library, the
+`racecheck` cases against the ThreadSanitizer build, the cp.async kernels with copies
+landing early (DITKERNELS_EMU_CPASYNC=early) and everything on an emulated A100
+(DITKERNELS_EMU_DEVICE=a100) (README, "Testing CUDA kernels without a GPU").
 """
 
 import os
@@ -35,12 +36,14 @@ import test_skip_concat_linear
 import test_tmsa
 
 CUDA_DTYPES = DTYPES["cuda"]
+# The emulated GPU (csrc/emu/emu.cpp's profiles); the launchers pick their paths from
+# its properties, wgmma only on Hopper.
+EMULATED_DEVICE = os.environ.get("DITKERNELS_EMU_DEVICE") or "h100"
+HOPPER = EMULATED_DEVICE in ("h100", "h200")
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 # One case of every kernel (each TMSA head dim, both adaLN teams), small enough for
 # the ThreadSanitizer run of .ci/run (pytest -m racecheck), which is ~10x slower.
 RACECHECK = pytest.mark.racecheck
-
-
 
 
 def racecheck(*values):
@@ -90,10 +93,19 @@ pytestmark = [
 
 @pytest.fixture(params=GEMM_KERNELS)
 def gemm_kernel(request, monkeypatch):
-    """The emulated device is an H100: the GEMM ops run their sm_90a wgmma kernels (at
-    each tile width: the small test shapes alone would always get 128), or, with
-    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs."""
+    """On an emulated Hopper the GEMM ops run their sm_90a wgmma kernels (at each tile
+    width: the small test shapes alone would always get 128), or, with
+    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs; elsewhere
+    only those."""
+    if request.param != "mma.sync" and not HOPPER:
+        pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
     set_gemm_kernel(monkeypatch, request.param)
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """The emulator's own wgmma cases run on an emulated H100 whatever the profile."""
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "h100")
 
 
 def test_fixture_routes_to_the_cuda_code():
@@ -122,14 +134,15 @@ def test_emulated_mma_tile_is_a_matrix_product():
     assert torch.equal(_selftest("mma", a, b), a @ b.t())
 
 
-def test_emulated_cp_async_lands_at_its_wait():
+def test_emulated_cp_async_lands_at_its_wait(monkeypatch):
     """Read before cp.async.wait_group, the tile still holds the 0xff fill (NaN)."""
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "wait")
     a, b = torch.ones(16, 16), torch.ones(8, 16)
     assert _selftest("mma_without_wait", a, b).isnan().all()
 
 
 @RACECHECK
-def test_emulated_wgmma_tile_is_a_matrix_product():
+def test_emulated_wgmma_tile_is_a_matrix_product(hopper):
     """Swizzled tiles -> 128B-swizzle descriptors -> wgmma m64n128k16 -> the
     accumulator layout of cuda_wgmma.cuh gives A B^T, exactly for integer inputs."""
     a = torch.randint(-8, 9, (64, 16)).float()
@@ -137,18 +150,18 @@ def test_emulated_wgmma_tile_is_a_matrix_product():
     assert torch.equal(_selftest("wgmma", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_s8_tile_is_a_matrix_product():
+def test_emulated_wgmma_s8_tile_is_a_matrix_product(hopper):
     a = torch.randint(-128, 128, (64, 32)).float()
     b = torch.randint(-128, 128, (128, 32)).float()
     assert torch.equal(_selftest("wgmma_s8", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_accumulators_are_poison_before_the_wait():
+def test_emulated_wgmma_accumulators_are_poison_before_the_wait(hopper):
     a, b = torch.ones(64, 16), torch.ones(128, 16)
     assert _selftest("wgmma_read_before_wait", a, b).isnan().all()
 
 
-def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data():
+def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data(hopper):
     """A tile not on a 1024-byte boundary of the shared window: the hardware's swizzle
     (on address bits) no longer matches the one the kernel stored with."""
     a = torch.randint(-8, 9, (64, 16)).float()
@@ -156,10 +169,175 @@ def test_emulated_wgmma_tile_off_the_swizzle_period_reads_wrong_data():
     assert not torch.equal(_selftest("wgmma_unaligned_tile", a, b), a @ b.t())
 
 
-def test_emulated_wgmma_operand_overwritten_in_flight_is_reported():
+def test_emulated_wgmma_operand_overwritten_in_flight_is_reported(hopper):
     a, b = torch.ones(64, 16), torch.ones(128, 16)
     with pytest.raises(RuntimeError, match="overwritten before the wgmma.wait_group"):
         _selftest("wgmma_overwrite_in_flight", a, b)
+
+
+def _int_operands(k=16):
+    return torch.randint(-8, 9, (64, k)).float(), torch.randint(-8, 9, (128, k)).float()
+
+
+@pytest.mark.parametrize("name,factor", [("wgmma_cp_async", 1), ("wgmma_twice", 3)])
+def test_emulated_wgmma_fenced_cases_are_matrix_products(hopper, name, factor):
+    """The correct twins of the fence controls below: operands from cp.async, each
+    thread fencing its own copies; accumulators rewritten between two wgmma with a
+    wgmma.fence between (C = 2 A B^T + A B^T)."""
+    a, b = _int_operands()
+    assert torch.equal(_selftest(name, a, b), factor * (a @ b.t()))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("wgmma_without_proxy_fence", "changed by generic-proxy stores with no fence.proxy.async"),
+    ("wgmma_cp_async_unfenced_thread", "cp.async of thread 5 with no fence.proxy.async"),
+    ("wgmma_without_fence", "before any wgmma.fence"),
+    ("wgmma_twice_unfenced", "wrote its accumulators since the last wgmma on them, with no "
+     "wgmma.fence"),
+])
+def test_emulator_reports_missing_fences(hopper, name, message):
+    """Each fence the wgmma kernels need, left out: results would look right (the
+    emulator computes them either way), so the emulator must say so."""
+    with pytest.raises(RuntimeError, match=message):
+        _selftest(name, *_int_operands())
+
+
+def test_emulated_wgmma_needs_a_hopper_device(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "a100")
+    with pytest.raises(RuntimeError, match="emulated a100 .compute capability 8.0.: wgmma needs "
+                       "sm_90a"):
+        _selftest("wgmma", *_int_operands())
+
+
+def _stream(name, monkeypatch, mode, iters=16):
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", mode)
+    src = torch.arange((iters + 1) * 32 * 4, dtype=torch.float).reshape(iters + 1, 32, 4)
+    return _selftest(name, src), src[:-1, :, 0]
+
+
+def test_emulated_cp_async_landing_at_the_wait_hides_a_war_race(monkeypatch):
+    """Why the early mode exists: copies issued before the barrier that ends another
+    warp's reads of their buffer land, by default, only after those reads."""
+    out, expected = _stream("cp_async_war_race", monkeypatch, "wait")
+    assert torch.equal(out, expected)
+
+
+def test_emulated_cp_async_landing_early_shows_a_war_race(monkeypatch):
+    """The control of DITKERNELS_EMU_CPASYNC=early: the race above changes results,
+    the same stream refilled after the barrier does not."""
+    out, expected = _stream("cp_async_war_race", monkeypatch, "early")
+    assert not torch.equal(out, expected)
+    out, expected = _stream("cp_async_refill_after_barrier", monkeypatch, "early")
+    assert torch.equal(out, expected)
+
+
+def test_emulator_rejects_unknown_modes_and_devices(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "late")
+    with pytest.raises(RuntimeError, match="DITKERNELS_EMU_CPASYNC must be wait or early"):
+        _selftest("mma", torch.zeros(16, 16), torch.zeros(8, 16))
+    monkeypatch.delenv("DITKERNELS_EMU_CPASYNC")
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "v100")
+    with pytest.raises(RuntimeError, match="DITKERNELS_EMU_DEVICE must be h100, h200, a100 or "
+                       "sm89"):
+        _selftest("mma", torch.zeros(16, 16), torch.zeros(8, 16))
+
+
+# The published layouts, written down as data (not derived from the emulator's code).
+# PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type": lane l has
+# groupID g = l // 4 and threadID_in_group t = l % 4; element i of its fragment sits
+# at (base + offset[i]), two 16-bit elements per register, the lower index in the
+# lower half.
+MMA_16816_A = dict(base=lambda g, t: (g, 2 * t),  # a0..a7 -> (row, k)
+                   offset=[(0, 0), (0, 1), (8, 0), (8, 1), (0, 8), (0, 9), (8, 8), (8, 9)])
+MMA_16816_B = dict(base=lambda g, t: (2 * t, g),  # b0..b3 -> (k, col)
+                   offset=[(0, 0), (1, 0), (8, 0), (9, 0)])
+MMA_16816_C = dict(base=lambda g, t: (g, 2 * t),  # c0..c3 -> (row, col)
+                   offset=[(0, 0), (0, 1), (8, 0), (8, 1)])
+# PTX ISA, "Register Fragments" of wgmma .m64nNk16, D: thread T of the warpgroup,
+# warp w = T // 32, element i at row 16 w + g + row_offset[i % 4], column
+# 8 (i // 4) + 2 t + col_offset[i % 4].
+WGMMA_D_ROW_OFFSET = [0, 0, 8, 8]
+WGMMA_D_COL_OFFSET = [0, 1, 0, 1]
+# CuTe's Swizzle<3,4,3> on byte addresses (the PTX ISA's 128-byte swizzle mode): the
+# physical 16-byte chunk of logical chunk c in row r of a 1024-byte atom.
+SWIZZLE_128B = [
+    [0, 1, 2, 3, 4, 5, 6, 7],
+    [1, 0, 3, 2, 5, 4, 7, 6],
+    [2, 3, 0, 1, 6, 7, 4, 5],
+    [3, 2, 1, 0, 7, 6, 5, 4],
+    [4, 5, 6, 7, 0, 1, 2, 3],
+    [5, 4, 7, 6, 1, 0, 3, 2],
+    [6, 7, 4, 5, 2, 3, 0, 1],
+    [7, 6, 5, 4, 3, 2, 1, 0],
+]
+
+
+def _bf16_bits(x):
+    return x.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _registers(matrix, layout):
+    """The per-lane 32-bit registers that hold `matrix` in `layout`."""
+    bits = _bf16_bits(matrix)
+    regs = torch.zeros(32, len(layout["offset"]) // 2, dtype=torch.int64)
+    for lane in range(32):
+        r0, c0 = layout["base"](lane // 4, lane % 4)
+        for i, (dr, dc) in enumerate(layout["offset"]):
+            regs[lane, i // 2] |= bits[r0 + dr, c0 + dc] << (16 * (i % 2))
+    return regs.to(torch.int32)  # two's complement wrap of the high bit, as in a register
+
+
+def _mma_by_table(a, b, a_layout):
+    d = _selftest("mma_fragments", _registers(a, a_layout), _registers(b, MMA_16816_B))
+    got = torch.empty(16, 8)
+    for lane in range(32):
+        r0, c0 = MMA_16816_C["base"](lane // 4, lane % 4)
+        for i, (dr, dc) in enumerate(MMA_16816_C["offset"]):
+            got[r0 + dr, c0 + dc] = d[lane, i]
+    return got
+
+
+def test_emulated_mma_fragments_match_the_ptx_isa_tables():
+    """Registers filled by the table give A B in the table's accumulator layout; the
+    control, a table with a2, a3 and a4, a5 swapped (rows 8.. and columns 8.. mixed
+    up), does not."""
+    a = torch.randint(-8, 9, (16, 16)).float()
+    b = torch.randint(-8, 9, (16, 8)).float()  # [k, n]
+    assert torch.equal(_mma_by_table(a, b, MMA_16816_A), a @ b)
+    o = MMA_16816_A["offset"]
+    wrong = dict(MMA_16816_A, offset=o[:2] + o[4:6] + o[2:4] + o[6:])
+    assert not torch.equal(_mma_by_table(a, b, wrong), a @ b)
+
+
+def _swizzled_image(matrix, swizzle):
+    """Rows of 64 bf16 (128 bytes) laid out as a K-major tile by `swizzle`."""
+    row_bytes = _bf16_bits(matrix).to(torch.int16).view(torch.uint8).reshape(-1, 8, 16)
+    image = torch.empty_like(row_bytes)
+    for r in range(matrix.shape[0]):
+        for c in range(8):
+            image[r, swizzle[r % 8][c]] = row_bytes[r, c]
+    return image.reshape(-1, 128)
+
+
+def _wgmma_by_table(a, b, swizzle):
+    d = _selftest("swizzle_images", _swizzled_image(a, swizzle), _swizzled_image(b, swizzle))
+    got = torch.empty(64, 128)
+    for thread in range(128):
+        w, g, t = thread // 32, thread % 32 // 4, thread % 4
+        for i in range(64):
+            got[16 * w + g + WGMMA_D_ROW_OFFSET[i % 4],
+                8 * (i // 4) + 2 * t + WGMMA_D_COL_OFFSET[i % 4]] = d[thread, i]
+    return got
+
+
+def test_emulated_wgmma_reads_the_cute_swizzle_and_writes_the_ptx_fragments(hopper):
+    """A k-tile of four wgmma (the descriptor start advancing 32 bytes each) on tiles
+    laid out by the table gives A B^T in the PTX ISA's accumulator layout; the
+    control, tiles left unswizzled, does not."""
+    a = torch.randint(-8, 9, (64, 64)).float()
+    b = torch.randint(-8, 9, (128, 64)).float()
+    assert torch.equal(_wgmma_by_table(a, b, SWIZZLE_128B), a @ b.t())
+    assert not torch.equal(_wgmma_by_table(a, b, [list(range(8))] * 8), a @ b.t())
 
 
 @RACECHECK
@@ -217,6 +395,21 @@ def test_adaln_non_contiguous_and_misaligned(op):
 def test_adaln_backward(op, B, N, C):
     for dtype in CUDA_DTYPES:
         test_adaln.check_backward("cpu", dtype, op, B, N, C)
+
+
+@pytest.mark.parametrize("op", test_adaln.OPS)
+@pytest.mark.parametrize("device", ["h100", "a100", "sm89"])
+def test_adaln_backward_at_the_devices_shared_memory_limit(op, device, monkeypatch):
+    """C = 8192 keeps 128 KiB (ln_modulate) or 160 KiB (gated) of partial sums in
+    shared memory: it runs where that fits (227 KiB on Hopper, 163 KiB on the A100)
+    and on sm_89's 99 KiB the launcher refuses, naming the op, C and the limit."""
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", device)
+    if device == "sm89":
+        with pytest.raises(RuntimeError, match=r"ln_modulate backward: C = 8192 needs \d+ bytes "
+                           r"of shared memory for its partial sums; this device allows 101376"):
+            test_adaln.check_backward("cpu", torch.bfloat16, op, 1, 3, 8192)
+    else:
+        test_adaln.check_backward("cpu", torch.bfloat16, op, 1, 3, 8192)
 
 
 @pytest.mark.parametrize("op", test_adaln.OPS)

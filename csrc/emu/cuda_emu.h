@@ -8,7 +8,21 @@
 // after it. Warp-wide instructions (shuffles, ldmatrix, mma.sync) gather every lane's
 // operands and compute each lane's result from the PTX ISA's fragment layouts
 // (csrc/emu/ptx_emu.h). cp.async copies land only at cp.async.wait_group, so a tile
-// read before its wait reads stale data, as it may on a GPU.
+// read before its wait reads stale data, as it may on a GPU; with
+// DITKERNELS_EMU_CPASYNC=early each copy lands instead at a random point between its
+// issue and its wait (seeded by DITKERNELS_EMU_SEED), so a copy into a buffer that
+// other threads still read (a write-after-read race) changes results.
+//
+// The async proxy (wgmma's operand reads) sees a shared-memory write of the generic
+// proxy (st.shared, cp.async) only after a fence.proxy.async: a wgmma that reads a
+// chunk a thread's cp.async wrote before that thread's fence, or one changed by plain
+// stores with no fence since the async proxy last read it, is reported. So is a
+// wgmma whose accumulators were written since the last wgmma without a wgmma.fence
+// between, and the first wgmma of a warpgroup that has executed no wgmma.fence.
+//
+// The device is the profile DITKERNELS_EMU_DEVICE names (h100, the default; h200,
+// a100, sm89): compute capability, SM count and the shared-memory opt-in limit that
+// the launchers read, so each picks the path it would pick on that GPU.
 //
 // What real hardware would reject is reported as an error of the launch: misaligned
 // or out-of-range ldmatrix and cp.async addresses, dynamic shared memory beyond the
@@ -98,6 +112,9 @@ bool check_smem(const void* p, size_t bytes, size_t align, const char* what);
 void cp_async(void* smem, const void* gmem, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
+// fence.proxy.async: this thread's generic-proxy shared-memory writes so far become
+// visible to the async proxy.
+void fence_proxy_async();
 
 // Hopper warpgroup MMA (csrc/emu/wgmma_emu.h). The warpgroup collectives need all
 // 128 threads 128 g .. 128 g + 127 of a block. mma snapshots its operands when the
@@ -119,12 +136,16 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             const std::function<void()>& body);
 
-// The fields of cudaDeviceProp the launchers read, with an H100 SXM's values.
+// The fields of cudaDeviceProp the launchers read.
 struct DeviceProperties {
-  int major = 9, minor = 0;
-  int multiProcessorCount = 132;
-  size_t sharedMemPerBlockOptin = 227 * 1024;
+  const char* name;
+  int major, minor;
+  int multiProcessorCount;
+  size_t sharedMemPerBlockOptin;
 };
+// The profile DITKERNELS_EMU_DEVICE names, read at every call so that tests can
+// switch devices within one process.
+const DeviceProperties& device_properties();
 
 template <typename Kernel>
 struct Launch {
@@ -212,8 +233,7 @@ namespace at {
 namespace cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 inline const ::ditkernels::emu::DeviceProperties* getCurrentDeviceProperties() {
-  static const ::ditkernels::emu::DeviceProperties props;
-  return &props;
+  return &::ditkernels::emu::device_properties();
 }
 }  // namespace cuda
 }  // namespace at

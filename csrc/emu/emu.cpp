@@ -1,5 +1,5 @@
 // The CPU emulator's runtime (see cuda_emu.h): blocks of fibers, barriers, warp
-// collectives, deferred cp.async, launch checks.
+// collectives, deferred cp.async, proxy fences, device profiles, launch checks.
 
 #include "emu/cuda_emu.h"
 
@@ -118,16 +118,30 @@ void make_context(Context& ctx, char* stack, size_t bytes, void (*entry)()) {
 #endif
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 
+// DITKERNELS_EMU_DEVICE's profiles. The opt-in limit is
+// cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on Hopper, 163 KiB on the A100
+// (1 KiB of its 164 KiB per SM is reserved), 99 KiB on sm_89 (L40S, RTX 4090).
+constexpr DeviceProperties kDeviceProfiles[] = {
+    {"h100", 9, 0, 132, 227 * 1024},
+    {"h200", 9, 0, 132, 227 * 1024},
+    {"a100", 8, 0, 108, 163 * 1024},
+    {"sm89", 8, 9, 142, 99 * 1024},
+};
+
 struct PendingCopy {
   void* dst;
   unsigned char data[16];
+  int countdown = 0;  // DITKERNELS_EMU_CPASYNC=early: the issuer's yields before it lands
+  bool landed = false;
 };
 
 struct Fiber {
   Context ctx;
   void* tsan_fiber = nullptr;
   dim3 tid;
-  int lane = 0, warp = 0;
+  int index = 0, lane = 0, warp = 0;
+  uint64_t rng = 0;                   // early cp.async landing points
+  uint64_t proxy_fenced_at = 0;       // ProxyView::clock at its latest fence.proxy.async
   bool done = false;
   const unsigned* wait_on = nullptr;  // runnable again once *wait_on != wait_value
   unsigned wait_value = 0;
@@ -172,12 +186,39 @@ struct Warpgroup {
   // The latest retired result per accumulator array: the input of the wgmma chained
   // after it (issued while it was in flight, so its registers were poison then).
   std::unordered_map<const void*, std::vector<uint32_t>> results;
+  // wgmma.fence bookkeeping: fences executed, and per accumulator array what the
+  // latest wgmma left in it (poison at issue, the result at retirement) and `fences`
+  // then. Contents changed with no fence since are a register write the fence should
+  // have ordered before the next wgmma.
+  unsigned fences = 0;
+  struct AccTrack {
+    std::vector<uint32_t> left;
+    unsigned fences = 0;
+  };
+  std::unordered_map<const void*, AccTrack> acc_track;
+};
+
+// fence.proxy.async bookkeeping: what the async proxy (wgmma's operand reads) may
+// see of each 16-byte chunk of dynamic shared memory. A cp.async landing is the
+// issuing thread's write, visible once that thread fences; plain stores cannot be
+// attributed to a thread, so a chunk whose bytes changed since the async proxy last
+// read it needs some thread's fence since that read.
+struct ProxyView {
+  uint64_t clock = 0;                // advances at every landing and fence
+  uint64_t last_fence = 0;           // clock at the block's latest fence.proxy.async
+  std::vector<int> writer;           // thread whose cp.async landed in the chunk last, or -1
+  std::vector<uint64_t> landed_at;   // clock at that landing
+  std::vector<uint64_t> seen_at;     // clock when the async proxy last read the chunk
+  std::vector<unsigned char> seen;   // the bytes it read then (at first: the 0xff fill)
 };
 
 struct LaunchState {
   const char* name;
   dim3 grid, block;
   size_t smem_bytes;
+  const DeviceProperties* device = nullptr;
+  bool early_cp_async = false;  // DITKERNELS_EMU_CPASYNC=early
+  uint64_t seed = 0;            // of the landing points: DITKERNELS_EMU_SEED and the launch
   std::mutex error_mutex;
   std::string error;
 };
@@ -190,6 +231,7 @@ struct Worker {
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<Warp> warps;
   std::vector<Warpgroup> warpgroups;
+  ProxyView proxy;
   int alive = 0, arrived = 0;
   unsigned gen = 0;
   Fiber* current = nullptr;
@@ -228,7 +270,43 @@ void report(const std::string& msg) {
   if (l->error.empty()) l->error = msg + " (" + where() + ")";
 }
 
+void land(Fiber& f, PendingCopy& c) {
+  Worker& k = w();
+  tsan::writes(c.dst, 16);
+  std::memcpy(c.dst, c.data, 16);
+  c.landed = true;
+  const size_t chunk = static_cast<size_t>(static_cast<unsigned char*>(c.dst) - k.smem) / 16;
+  k.proxy.writer[chunk] = f.index;
+  k.proxy.landed_at[chunk] = ++k.proxy.clock;
+}
+
+void apply(Fiber& f, std::vector<PendingCopy>& group) {
+  for (PendingCopy& c : group) {
+    if (!c.landed) land(f, c);
+  }
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Early landing: before the issuer yields (the only points where other threads run
+// and can observe it), each of its copies lands once its countdown runs out.
+void land_due(Fiber& f) {
+  auto tick = [&f](std::vector<PendingCopy>& group) {
+    for (PendingCopy& c : group) {
+      if (!c.landed && c.countdown-- <= 0) land(f, c);
+    }
+  };
+  for (auto& group : f.groups) tick(group);
+  tick(f.open_group);
+}
+
 void to_scheduler(Fiber& f) {
+  if (w().launch->early_cp_async && !f.done) land_due(f);
   tsan::switch_to(w().tsan_scheduler);
   switch_context(f.ctx, w().scheduler);
 }
@@ -238,13 +316,6 @@ void wait_until_changed(const unsigned* gen) {
   f.wait_on = gen;
   f.wait_value = *gen;
   to_scheduler(f);
-}
-
-void apply(const std::vector<PendingCopy>& group) {
-  for (const PendingCopy& c : group) {
-    tsan::writes(c.dst, 16);
-    std::memcpy(c.dst, c.data, 16);
-  }
 }
 
 // Arrives at the warp barrier of the calling lane; the last lane to arrive releases it.
@@ -268,8 +339,8 @@ void warp_barrier(const char* what) {
 
 void on_exit(Fiber& f) {
   Worker& k = w();
-  for (auto& group : f.groups) apply(group);
-  apply(f.open_group);
+  for (auto& group : f.groups) apply(f, group);
+  apply(f, f.open_group);
   f.groups.clear();
   f.open_group.clear();
   if (f.warp / 4 < static_cast<int>(k.warpgroups.size())) {
@@ -305,7 +376,8 @@ void on_exit(Fiber& f) {
   std::abort();  // a finished fiber is never resumed
 }
 
-void run_block(Worker& k, const dim3& block_idx, bool reverse) {
+void run_block(Worker& k, const dim3& block_idx, int64_t linear_idx) {
+  const bool reverse = linear_idx % 2 == 1;
   const dim3 block = k.launch->block;
   const int n = static_cast<int>(block.x * block.y * block.z);
   k.block_idx = block_idx;
@@ -320,6 +392,12 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
   k.arrived = 0;
   k.gen = 0;
   if (k.smem_bytes > 0) std::memset(k.smem, 0xff, k.smem_bytes);
+  const size_t chunks = k.smem_bytes / 16;
+  k.proxy.clock = k.proxy.last_fence = 0;
+  k.proxy.writer.assign(chunks, -1);
+  k.proxy.landed_at.assign(chunks, 0);
+  k.proxy.seen_at.assign(chunks, 0);
+  k.proxy.seen.assign(k.smem_bytes, 0xff);
   for (int i = 0; i < n; ++i) {
 #if defined(__SANITIZE_ADDRESS__)
     // Frames a fiber never returned from (a deadlocked launch, fiber_entry itself)
@@ -328,8 +406,11 @@ void run_block(Worker& k, const dim3& block_idx, bool reverse) {
 #endif
     Fiber& f = k.fibers[i];
     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    f.index = i;
     f.lane = i % 32;
     f.warp = i / 32;
+    f.rng = k.launch->seed ^ (static_cast<uint64_t>(linear_idx) * 0xd1b54a32d192ed03ull) ^
+            (static_cast<uint64_t>(i) * 0x8cb92ba72f3d8dd7ull);
     make_context(f.ctx, k.stacks[i].get(), kStackBytes, fiber_entry);
     f.tsan_fiber = tsan::create();
   }
@@ -383,7 +464,7 @@ void run_blocks(LaunchState& l, const std::function<void()>& body, int64_t first
   for (int64_t i = first; i < total; i += step) {
     const dim3 b(static_cast<unsigned>(i % l.grid.x), static_cast<unsigned>((i / l.grid.x) % l.grid.y),
                  static_cast<unsigned>(i / (int64_t{l.grid.x} * l.grid.y)));
-    run_block(k, b, i % 2 == 1);
+    run_block(k, b, i);
     {
       std::lock_guard<std::mutex> lock(l.error_mutex);
       if (!l.error.empty()) break;
@@ -455,14 +536,17 @@ void cp_async(void* smem, const void* gmem, int src_bytes) {
     report("cp.async.cg 16: global source address is not 16-byte aligned");
     return;
   }
+  Fiber& f = me();
   PendingCopy c;
   c.dst = smem;
   std::memset(c.data, 0, 16);
+  // Lands at the issuer's first yield with probability 1/2, its second with 1/4, ...
+  if (w().launch->early_cp_async) c.countdown = __builtin_ctzll(splitmix64(f.rng) | (1ull << 7));
   if (src_bytes > 0) {
     tsan::reads(gmem, src_bytes);
     std::memcpy(c.data, gmem, src_bytes);
   }
-  me().open_group.push_back(c);
+  f.open_group.push_back(c);
 }
 
 void cp_async_commit() {
@@ -474,9 +558,14 @@ void cp_async_commit() {
 void cp_async_wait(int pending_groups) {
   Fiber& f = me();
   while (static_cast<int>(f.groups.size()) > pending_groups) {
-    apply(f.groups.front());
+    apply(f, f.groups.front());
     f.groups.pop_front();
   }
+}
+
+void fence_proxy_async() {
+  ProxyView& v = w().proxy;
+  me().proxy_fenced_at = v.last_fence = ++v.clock;
 }
 
 uint32_t shared_window_address(const void* p) {
@@ -521,6 +610,54 @@ void warpgroup_collective(const char* what, Last&& last) {
 
 int thread_in_warpgroup() { return (me().warp % 4) * 32 + me().lane; }
 
+// Whether the async proxy may read the 16-byte chunk at shared offset `off`: its
+// latest generic-proxy writes were fenced (ProxyView). Records what it read.
+bool async_proxy_may_read(uint32_t off) {
+  Worker& k = w();
+  ProxyView& v = k.proxy;
+  const size_t c = off / 16;
+  const unsigned char* bytes = k.smem + off;
+  const int writer = v.writer[c];
+  if (writer >= 0 && v.landed_at[c] > v.seen_at[c]) {
+    if (k.fibers[writer].proxy_fenced_at < v.landed_at[c]) {
+      report("wgmma reads shared offset " + std::to_string(off) + ", written by the cp.async of "
+             "thread " + std::to_string(writer) + " with no fence.proxy.async by that thread since");
+      return false;
+    }
+  } else if (std::memcmp(bytes, &v.seen[off], 16) != 0 && v.last_fence <= v.seen_at[c]) {
+    report("wgmma reads shared offset " + std::to_string(off) + ", changed by generic-proxy "
+           "stores with no fence.proxy.async since the async proxy last read it");
+    return false;
+  }
+  std::memcpy(&v.seen[off], bytes, 16);
+  v.seen_at[c] = v.clock;
+  return true;
+}
+
+// Whether each thread's accumulators are as the warpgroup's latest wgmma on them left
+// them, or a wgmma.fence came since (PTX ISA: wgmma.fence orders register accesses
+// before a wgmma.mma_async that uses the same registers, and is needed before the
+// first).
+bool accumulators_fenced(const Warpgroup& wg, int words) {
+  for (int t = 0; t < 128; ++t) {
+    const auto it = wg.acc_track.find(wg.acc[t]);
+    if (it == wg.acc_track.end()) {
+      if (wg.fences > 0) continue;
+      report("wgmma.mma_async before any wgmma.fence of its warpgroup");
+      return false;
+    }
+    const Warpgroup::AccTrack& track = it->second;
+    if (track.fences == wg.fences &&
+        (static_cast<int>(track.left.size()) != words ||
+         std::memcmp(track.left.data(), wg.acc[t], words * 4) != 0)) {
+      report("wgmma.mma_async: thread " + std::to_string(t) + " of the warpgroup wrote its "
+             "accumulators since the last wgmma on them, with no wgmma.fence in between");
+      return false;
+    }
+  }
+  return true;
+}
+
 // Reads `rows` K-major rows of 32 bytes through a 128B-swizzle descriptor.
 bool read_operand(uint64_t desc, int rows, WgmmaOp& op, std::vector<double>& out) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
@@ -547,6 +684,7 @@ bool read_operand(uint64_t desc, int rows, WgmmaOp& op, std::vector<double>& out
                " bytes of dynamic shared memory");
         return false;
       }
+      if (!async_proxy_may_read(static_cast<uint32_t>(off))) return false;
       const unsigned char* src = k.smem + off;
       tsan::reads(src, 16);
       op.chunks.push_back(static_cast<uint32_t>(off));
@@ -585,6 +723,13 @@ void issue(Warpgroup& wg) {
   op.k = wg.type == WgmmaType::kS8 ? 32 : 16;
   op.n = wg.n;
   const int words = op.n / 2;
+  if (w().launch->device->major != 9) {
+    report(std::string("wgmma.mma_async on an emulated ") + w().launch->device->name +
+           " (compute capability " + std::to_string(w().launch->device->major) + "." +
+           std::to_string(w().launch->device->minor) + "): wgmma needs sm_90a");
+    return;
+  }
+  if (!accumulators_fenced(wg, words)) return;
   if (!read_operand(wg.desc_a, 64, op, op.a) || !read_operand(wg.desc_b, op.n, op, op.b)) return;
   op.d_in.assign(128 * words, 0);
   for (int t = 0; t < 128; ++t) {
@@ -597,6 +742,9 @@ void issue(Warpgroup& wg) {
   for (int t = 0; t < 128; ++t) {
     auto* words = static_cast<uint32_t*>(wg.acc[t]);
     for (int i = 0; i < op.n / 2; ++i) words[i] = poison;
+    Warpgroup::AccTrack& track = wg.acc_track[wg.acc[t]];
+    track.left.assign(words, words + op.n / 2);
+    track.fences = wg.fences;
   }
   wg.open.push_back(std::move(op));
 }
@@ -643,13 +791,14 @@ void retire(Warpgroup& wg, const WgmmaOp& op) {
       }
     }
     std::memcpy(op.acc[t], result.data(), words * 4);
+    wg.acc_track[op.acc[t]].left = result;
   }
 }
 
 }  // namespace
 
 void wgmma_fence() {
-  warpgroup_collective("wgmma.fence", [](Warpgroup&) {});
+  warpgroup_collective("wgmma.fence", [](Warpgroup& wg) { ++wg.fences; });
 }
 
 void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d) {
@@ -689,14 +838,46 @@ void wgmma_wait(int pending_groups) {
   });
 }
 
+const DeviceProperties& device_properties() {
+  const char* env = std::getenv("DITKERNELS_EMU_DEVICE");
+  const std::string name = env != nullptr && env[0] != '\0' ? env : "h100";
+  const DeviceProperties* found = nullptr;
+  for (const DeviceProperties& p : kDeviceProfiles) {
+    if (name == p.name) found = &p;
+  }
+  TORCH_CHECK(found != nullptr, "DITKERNELS_EMU_DEVICE must be h100, h200, a100 or sm89, got '",
+              name, "'");
+  return *found;
+}
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || static_cast<size_t>(bytes) > DeviceProperties{}.sharedMemPerBlockOptin) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > device_properties().sharedMemPerBlockOptin) {
     return cudaErrorInvalidValue;
   }
   std::lock_guard<std::mutex> lock(attribute_mutex);
   max_dynamic_smem[kernel] = bytes;
   return cudaSuccess;
 }
+
+namespace {
+
+// DITKERNELS_EMU_CPASYNC (unset or "wait": copies land at their wait_group; "early":
+// at a random point before it) and DITKERNELS_EMU_SEED; each launch draws its own
+// landing points, reproducibly for a given seed and sequence of launches.
+void set_landing(LaunchState& state) {
+  static std::atomic<uint64_t> launches{0};
+  const char* mode = std::getenv("DITKERNELS_EMU_CPASYNC");
+  const std::string m = mode != nullptr ? mode : "";
+  TORCH_CHECK(m.empty() || m == "wait" || m == "early",
+              "DITKERNELS_EMU_CPASYNC must be wait or early, got '", m, "'");
+  state.early_cp_async = m == "early";
+  const char* seed = std::getenv("DITKERNELS_EMU_SEED");
+  uint64_t s = seed != nullptr ? std::strtoull(seed, nullptr, 10) : 0;
+  s ^= launches.fetch_add(1) * 0x9e3779b97f4a7c15ull;
+  state.seed = splitmix64(s);
+}
+
+}  // namespace
 
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             const std::function<void()>& body) {
@@ -708,6 +889,10 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
                   grid.y <= 65535 && grid.z <= 65535,
               "emulated CUDA launch of ", name, ": invalid grid (", grid.x, ", ", grid.y, ", ",
               grid.z, ")");
+  const DeviceProperties& device = device_properties();
+  TORCH_CHECK(smem_bytes <= device.sharedMemPerBlockOptin, "emulated CUDA launch of ", name, ": ",
+              smem_bytes, " bytes of dynamic shared memory but the emulated ", device.name,
+              " allows at most ", device.sharedMemPerBlockOptin);
   size_t allowed = kDefaultDynamicSmem;
   {
     std::lock_guard<std::mutex> lock(attribute_mutex);
@@ -723,6 +908,8 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
   state.grid = grid;
   state.block = block;
   state.smem_bytes = smem_bytes;
+  state.device = &device;
+  set_landing(state);
   const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
   static const int workers = [] {
     const char* env = std::getenv("DITKERNELS_EMU_THREADS");

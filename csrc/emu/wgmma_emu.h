@@ -12,7 +12,7 @@
 namespace ditkernels {
 namespace wgmma {
 
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { emu::fence_proxy_async(); }
 inline void fence() { emu::wgmma_fence(); }
 inline void commit() { emu::wgmma_commit(); }
 template <int N>
