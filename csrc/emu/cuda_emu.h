@@ -187,10 +187,22 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
-// Blocks may run on several host threads at once.
+// Blocks may run on several host threads at once. The GCC builtins rather than
+// std::atomic_ref, so the emulator builds as C++17 too (torch 2.11's standard);
+// floating-point values add in a compare-and-swap loop, as atomic_ref's would.
 template <typename T>
 inline T atomicAdd(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+  if constexpr (std::is_integral_v<T>) {
+    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+  } else {
+    T seen, sum;
+    __atomic_load(address, &seen, __ATOMIC_RELAXED);
+    do {
+      sum = seen + value;
+    } while (!__atomic_compare_exchange(address, &seen, &sum, false, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED));
+    return seen;
+  }
 }
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
