@@ -8,7 +8,12 @@ import torch
 
 import ditkernels
 from ditkernels import reference
+from ditkernels.models.diffit import TMSA
+from ditkernels.models.uvit import Attention as UViTAttention
+from ditkernels.nn import Attention
+from ditkernels.quant import TimestepCalibratedInt8Config, calibrate, quantize_
 from conftest import NORM_TOL
+from test_quant import forward_calls_sampler, small_dit
 
 ops = torch.ops.ditkernels
 
@@ -398,9 +403,6 @@ def test_head_dim_zero_raises_clear_errors():
     with pytest.raises(RuntimeError, match=r"tmsa_fwd: qkv must have at least one head and one "
                                            r"feature, got \[1, 4, 3, 2, 0\]"):
         ditkernels.tmsa(torch.randn(1, 4, 3, 2, 0))
-    from ditkernels.models.diffit import TMSA
-    from ditkernels.models.uvit import Attention as UViTAttention
-    from ditkernels.nn import Attention
     for make in [lambda: Attention(0, 8), lambda: UViTAttention(0, 8),
                  lambda: TMSA(0, 8, grid_size=2)]:
         with pytest.raises(ValueError, match="must be a positive multiple of num_heads=8"):
@@ -413,3 +415,22 @@ def test_huge_grid_raises_clear_error():
     with pytest.raises(RuntimeError, match=rf"tmsa_fwd: a {g} x {g} grid after 0 leading tokens "
                                            rf"does not fit N = 4 tokens"):
         ops.tmsa_fwd(qkv, None, torch.randn(9, 1), g, g, 0, 1.0)
+
+
+def test_calibrating_with_too_few_timesteps_names_them():
+    """A model run at t = 999 calibrated with a 100-step table used to fail with an index
+    error inside scatter_reduce."""
+    config = TimestepCalibratedInt8Config(include=("blocks.0.attn.qkv",), num_timesteps=100,
+                                          groups=1)
+    with pytest.raises(ValueError, match=r"calibrate: the model ran at timesteps t in "
+                                         r"\[999, 999\] \(t of shape \(2,\)\) but the config "
+                                         r"has num_timesteps=100"):
+        calibrate(small_dit(), forward_calls_sampler(batch=2, timesteps=(999,)), config)
+
+
+def test_quantizing_twice_says_so():
+    config = TimestepCalibratedInt8Config(include=("blocks.0.*",))
+    model = quantize_(small_dit(), config)
+    with pytest.raises(ValueError, match=r"quantize_: the model is already quantized \(\d+ int8 "
+                                         r"layers, the first 'blocks.0.attn.qkv'\)"):
+        quantize_(model, config)
