@@ -131,8 +131,9 @@ LAYOUTS = ["strided", "transposed", "offset", "expanded"]
 @pytest.mark.parametrize("name", CASES)
 def test_side_inputs_in_any_layout(backend, name, layout):
     """Each side input in turn, as a strided, transposed, offset or expanded view, gives
-    the result of its contiguous copy: exactly on CPU; on CUDA up to rounding, since a
-    misaligned view can select a kernel of another vector width."""
+    the result of its contiguous copy: exactly on CPU, except where BLAS reads the view in
+    place (tmsa_bwd's grad_out and out) and rounds after its layout; up to rounding on
+    CUDA, where a misaligned view can select a kernel of another vector width."""
     dtypes = [torch.float32] if backend == "cpu" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         op, args, side = op_cases(dtype)[name]
@@ -147,7 +148,7 @@ def test_side_inputs_in_any_layout(backend, name, layout):
                 want = op(*args)
             varied = list(args)
             varied[i] = values
-            _assert_same(op(*varied), want, exact=backend == "cpu")
+            _assert_same(op(*varied), want, exact=backend == "cpu" and name != "tmsa_bwd")
 
 
 def test_strided_scale_table_matches_reference():

@@ -204,10 +204,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_blocked(
   }
   if (a.B * a.N > 0) {
     const at::Tensor q = projected(a, 0), k = projected(a, 1), v = projected(a, 2);
-    // Contiguous first: the matmuls' and sums' rounding would follow the layout.
-    const at::Tensor dO = grad_out.contiguous().to(cdt).permute({0, 2, 1, 3});
-    const at::Tensor delta =
-        (dO * out.contiguous().to(cdt).permute({0, 2, 1, 3})).sum(-1);  // [B, H, N]
+    const at::Tensor dO = grad_out.to(cdt).permute({0, 2, 1, 3});
+    const at::Tensor delta = (dO * out.to(cdt).permute({0, 2, 1, 3})).sum(-1);  // [B, H, N]
     const int64_t rows = block_rows(a);
     for (int64_t i0 = 0; i0 < a.N; i0 += rows) {
       const int64_t r = std::min(rows, a.N - i0);
