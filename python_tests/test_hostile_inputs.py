@@ -98,6 +98,8 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "strided":  # every dim strided, the last one too
         big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype)
         view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    elif layout == "padded":  # unit stride along the last dim, rows further apart
+        view = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)[..., :t.shape[-1]]
     elif layout == "transposed":  # reversed dim order in memory
         view = torch.zeros(t.shape[::-1], dtype=t.dtype).permute(*reversed(range(t.dim())))
     else:  # "offset": starts one element into its storage (misaligned rows on CUDA)
@@ -124,13 +126,13 @@ def _assert_same(got, want, exact):
 
 
 CASES = list(op_cases(torch.float32))
-LAYOUTS = ["strided", "transposed", "offset", "expanded"]
+LAYOUTS = ["strided", "padded", "transposed", "offset", "expanded"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", CASES)
 def test_side_inputs_in_any_layout(backend, name, layout):
-    """Each side input in turn, as a strided, transposed, offset or expanded view, gives
+    """Each side input in turn, as a strided, padded, transposed, offset or expanded view, gives
     the result of its contiguous copy: exactly on CPU, except where BLAS reads the view in
     place (tmsa_bwd's grad_out and out) and rounds after its layout; up to rounding on
     CUDA, where a misaligned view can select a kernel of another vector width."""

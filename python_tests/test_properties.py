@@ -25,7 +25,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = {"cpu": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
           "emulated": [torch.float32, torch.bfloat16, torch.float16]}
-LAYOUTS = ["contiguous", "strided", "transposed", "offset", "expanded"]
+LAYOUTS = ["contiguous", "strided", "padded", "transposed", "offset", "expanded"]
 # 3e19 ** 2 overflows fp32: the norms must still normalize such rows.
 SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e19, -3e19]
 
@@ -48,7 +48,7 @@ def tensors(draw, shape, dtype, scale=1.0, specials=False, floor=None):
             flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(SPECIALS))
         t = flat.view(shape)
     t = t.to(dtype)
-    if layout in ("strided", "transposed", "offset") and t.dim() > 0:
+    if layout in ("strided", "padded", "transposed", "offset") and t.dim() > 0:
         t = relayout(t, layout)
     return t
 
@@ -171,7 +171,7 @@ def test_int8_ops_are_bit_identical_to_reference(backend, data):
     t = torch.tensor(data.draw(st.lists(st.integers(0, T - 1), min_size=B, max_size=B)))
     if data.draw(st.booleans()):
         t = t[:1]
-    t = relayout(t, data.draw(st.sampled_from(LAYOUTS[1:4])))
+    t = relayout(t, data.draw(st.sampled_from(LAYOUTS[1:5])))
     w_q = torch.randint(-127, 128, (Nw, K), dtype=torch.int8)
     if K and data.draw(st.booleans()):
         w_q = w_q.t().contiguous().t()
