@@ -21,7 +21,9 @@ def ln_modulate(x: Tensor, shift: Optional[Tensor] = None, scale: Optional[Tenso
 
     x: [B, N, C]; shift, scale: [B, C] or None (DiT's adaLN modulation); weight,
     bias: [C] or None (an affine LayerNorm, as in U-ViT and DiffiT). All inputs share
-    x's dtype and device. Statistics are computed in fp32 (fp64 for fp64 inputs).
+    x's dtype and device. Statistics are computed in fp32 (fp64 for fp64 inputs),
+    without overflow for rows of finite values however large; Inf and NaN propagate.
+    Gradients can be taken once (create_graph=True works) but not differentiated again.
     """
     return _ops.ln_modulate(x, shift, scale, eps, weight, bias)
 
@@ -39,6 +41,28 @@ def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Optional[Tensor] = No
     return _ops.gated_residual_ln_modulate(x, h, gate, shift, scale, eps, weight, bias)
 
 
+def _check_one_device(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    """The C++ ops' device check, in the fake (meta) implementations: a meta tensor
+    among CPU or CUDA inputs sends the call here, where returning an empty tensor of
+    x's device would hand back uninitialised memory (or a meta tensor for CPU inputs)."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on "
+                               f"{ref.device}; all inputs must be on one device")
+
+
+def _no_double_backward(op: str):
+    """Autograd formula of a backward op: its outputs, the gradients, can be computed
+    with create_graph=True, but differentiating them raises instead of returning
+    wrong second derivatives."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: double backward is not implemented: the gradients of "
+                           f"ditkernels.{op.removesuffix('_backward').removesuffix('_bwd')} "
+                           f"cannot be differentiated again (create_graph=True); use "
+                           f"ditkernels.reference for higher-order derivatives")
+    return backward
+
+
 def _empty_grad(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
@@ -49,17 +73,22 @@ def _grad_like(t: Optional[Tensor], x: Tensor) -> Tensor:
 
 @torch.library.register_fake("ditkernels::ln_modulate")
 def _ln_modulate_fake(x, shift, scale, eps=1e-6, weight=None, bias=None):
+    _check_one_device("ln_modulate", "x", x, shift=shift, scale=scale, weight=weight, bias=bias)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("ditkernels::gated_residual_ln_modulate")
 def _gated_residual_ln_modulate_fake(x, h, gate, shift, scale, eps=1e-6, weight=None,
                                      bias=None):
+    _check_one_device("gated_residual_ln_modulate", "x", x, h=h, gate=gate, shift=shift,
+                      scale=scale, weight=weight, bias=bias)
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("ditkernels::ln_modulate_backward")
 def _ln_modulate_backward_fake(grad_y, x, shift, scale, eps, weight, bias):
+    _check_one_device("ln_modulate_backward", "x", x, grad_y=grad_y, shift=shift, scale=scale,
+                      weight=weight, bias=bias)
     return (x.new_empty(x.shape), _grad_like(shift, x), _grad_like(scale, x),
             _grad_like(weight, x), _grad_like(bias, x))
 
@@ -67,6 +96,9 @@ def _ln_modulate_backward_fake(grad_y, x, shift, scale, eps, weight, bias):
 @torch.library.register_fake("ditkernels::gated_residual_ln_modulate_backward")
 def _gated_residual_ln_modulate_backward_fake(grad_x_out, grad_y, x_out, h, gate, shift, scale,
                                               eps, weight, bias):
+    _check_one_device("gated_residual_ln_modulate_backward", "x", x_out, grad_x_out=grad_x_out,
+                      grad_y=grad_y, h=h, gate=gate, shift=shift, scale=scale, weight=weight,
+                      bias=bias)
     return (x_out.new_empty(x_out.shape), x_out.new_empty(x_out.shape),
             _grad_like(gate, x_out), _grad_like(shift, x_out), _grad_like(scale, x_out),
             _grad_like(weight, x_out), _grad_like(bias, x_out))
@@ -109,6 +141,8 @@ torch.library.register_autograd("ditkernels::ln_modulate", _ln_modulate_backward
                                 setup_context=_ln_modulate_setup_context)
 torch.library.register_autograd("ditkernels::gated_residual_ln_modulate", _gated_backward,
                                 setup_context=_gated_setup_context)
+for _op in ("ln_modulate_backward", "gated_residual_ln_modulate_backward"):
+    torch.library.register_autograd(f"ditkernels::{_op}", _no_double_backward(_op))
 
 
 # ---------------------------------------------------------------------------
@@ -128,11 +162,14 @@ def skip_concat_linear(x: Tensor, skip: Tensor, weight: Tensor,
 
 @torch.library.register_fake("ditkernels::skip_concat_linear")
 def _skip_concat_linear_fake(x, skip, weight, bias=None):
+    _check_one_device("skip_concat_linear", "x", x, skip=skip, weight=weight, bias=bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("ditkernels::skip_concat_linear_backward")
 def _skip_concat_linear_backward_fake(grad_y, x, skip, weight, has_bias):
+    _check_one_device("skip_concat_linear_backward", "x", x, grad_y=grad_y, skip=skip,
+                      weight=weight)
     grad_bias = x.new_empty((weight.shape[0],) if has_bias else (0,))
     return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(weight.shape), grad_bias)
 
@@ -152,6 +189,8 @@ def _skip_concat_linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("ditkernels::skip_concat_linear", _skip_concat_linear_backward,
                                 setup_context=_skip_concat_linear_setup_context)
+torch.library.register_autograd("ditkernels::skip_concat_linear_backward",
+                                _no_double_backward("skip_concat_linear_backward"))
 
 
 # ---------------------------------------------------------------------------
@@ -178,11 +217,17 @@ def tmsa(qkv: Tensor, time_qkv: Optional[Tensor] = None, rel_table: Optional[Ten
     bias for the Gh x Gw token grid (``grid_size`` = Gh, Gw or an int), which starts
     after ``num_leading`` tokens that get no bias; scale defaults to D ** -0.5.
     Returns [B, N, H, D]; ``.reshape(B, N, H * D)`` feeds the output projection.
+    Backward: an Inf or NaN in the output gradient of (sample b, head h) makes every
+    gradient of (b, h) NaN, and the table's column h, on every backend. Gradients can be
+    taken once but not differentiated again.
     """
     gh, gw = _grid(grid_size)
     if rel_table is not None and grid_size is None:
         raise ValueError("tmsa: rel_table needs grid_size (Gh, Gw)")
-    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale is None:
+        # With D = 0 the op itself reports qkv's shape; D ** -0.5 would divide by zero first.
+        scale = qkv.shape[-1] ** -0.5 if qkv.shape[-1] > 0 else 1.0
+    scale = float(scale)
     return _ops.tmsa_fwd(qkv, time_qkv, rel_table, gh, gw, num_leading, scale)[0]
 
 
@@ -215,6 +260,7 @@ def _lse_dtype(qkv: Tensor) -> torch.dtype:
 
 @torch.library.register_fake("ditkernels::tmsa_fwd")
 def _tmsa_fwd_fake(qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale):
+    _check_one_device("tmsa_fwd", "qkv", qkv, time_qkv=time_qkv, rel_table=rel_table)
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=_lse_dtype(qkv))
 
@@ -222,6 +268,8 @@ def _tmsa_fwd_fake(qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale)
 @torch.library.register_fake("ditkernels::tmsa_bwd")
 def _tmsa_bwd_fake(grad_out, qkv, time_qkv, rel_table, out, lse, grid_h, grid_w, num_leading,
                    scale):
+    _check_one_device("tmsa_bwd", "qkv", qkv, grad_out=grad_out, time_qkv=time_qkv,
+                      rel_table=rel_table, out=out, lse=lse)
     return (qkv.new_empty(qkv.shape), _grad_like(time_qkv, qkv), _grad_like(rel_table, qkv))
 
 
@@ -243,6 +291,7 @@ def _tmsa_backward(ctx, grad_out, _grad_lse):
 
 torch.library.register_autograd("ditkernels::tmsa_fwd", _tmsa_backward,
                                 setup_context=_tmsa_setup_context)
+torch.library.register_autograd("ditkernels::tmsa_bwd", _no_double_backward("tmsa_bwd"))
 
 
 # ---------------------------------------------------------------------------
@@ -257,8 +306,9 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: 
     x: [M, K] or [B, L, K] float; w_q: [N, K] int8 with per-output-channel scales
     w_scale [N] fp32; act_scales: [T] fp32 indexed by t (int64, one timestep per sample
     of x, or a single one). Row r of sample b is quantized with s = act_scales[t[b]]
-    (round half to even, clamp to +-127); the int8 product accumulates exactly in int32
-    and y = acc * s * w_scale + bias, in x's dtype. The gradient w.r.t. x passes
+    (round half to even, clamp to +-127; +-Inf saturates, NaN quantizes to 0; every
+    act_scales[t] must be positive and finite, K at most 133,144 so that the int8 product
+    accumulates exactly in int32); y = acc * s * w_scale + bias, in x's dtype. The gradient w.r.t. x passes
     straight through the activation quantizer (dx = dy @ dequantized W).
     """
     return _ops.int8_linear(x, w_q, w_scale, act_scales, t, bias)
@@ -286,21 +336,28 @@ def ln_modulate_int8(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]
 
 @torch.library.register_fake("ditkernels::int8_linear")
 def _int8_linear_fake(x, w_q, w_scale, act_scales, t, bias=None):
+    _check_one_device("int8_linear", "x", x, w_q=w_q, w_scale=w_scale, act_scales=act_scales,
+                      t=t, bias=bias)
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
 @torch.library.register_fake("ditkernels::int8_gemm_dequant")
 def _int8_gemm_dequant_fake(x_q, w_q, w_scale, act_scales, t, bias, out_dtype):
+    _check_one_device("int8_gemm_dequant", "x_q", x_q, w_q=w_q, w_scale=w_scale,
+                      act_scales=act_scales, t=t, bias=bias)
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
 @torch.library.register_fake("ditkernels::quantize_per_sample")
 def _quantize_per_sample_fake(x, act_scales, t):
+    _check_one_device("quantize_per_sample", "x", x, act_scales=act_scales, t=t)
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
 @torch.library.register_fake("ditkernels::ln_modulate_int8")
 def _ln_modulate_int8_fake(x, shift, scale, eps, weight, bias, act_scales, t):
+    _check_one_device("ln_modulate_int8", "x", x, shift=shift, scale=scale, weight=weight,
+                      bias=bias, act_scales=act_scales, t=t)
     return x.new_empty(x.shape, dtype=torch.int8)
 
 

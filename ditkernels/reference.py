@@ -85,9 +85,10 @@ def _per_sample_scale(x, act_scales, t):
 
 
 def quantize_per_sample(x, act_scales, t):
-    """int8 clamp(round_half_even(x / act_scales[t[b]]), -127, 127)."""
+    """int8 clamp(round_half_even(x / act_scales[t[b]]), -127, 127); +-Inf saturates to
+    +-127 and NaN quantizes to 0 (a float NaN's conversion to int8 is undefined)."""
     s = _per_sample_scale(x, act_scales, t)
-    return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8)
+    return torch.round(x.float() / s).clamp(-127, 127).nan_to_num(nan=0.0).to(torch.int8)
 
 
 def int8_gemm_dequant(x_q, w_q, w_scale, act_scales, t, bias=None, out_dtype=torch.bfloat16):

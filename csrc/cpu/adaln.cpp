@@ -79,6 +79,17 @@ void row_stats(const acc_t* v, int64_t C, double eps, acc_t& mean, acc_t& rstd) 
     const acc_t d = v[c] - mean;
     return d * d;
   });
+  if (std::isinf(sq)) {
+    // Finite deviations whose squares overflow (|v| ~ 1e19 in fp32): redo the sum on
+    // deviations scaled by kStatsRescale, exact powers of two, as the CUDA kernel does.
+    const acc_t k = static_cast<acc_t>(kStatsRescale);
+    const acc_t sq_k = lane_sum<acc_t>(C, [&](int64_t c) {
+      const acc_t d = (v[c] - mean) * k;
+      return d * d;
+    });
+    rstd = k / std::sqrt(sq_k / static_cast<acc_t>(C));
+    return;
+  }
   rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
 }
 

@@ -18,6 +18,7 @@ namespace {
 
 inline int8_t quantize_value(float v, float s) {
   const float q = std::nearbyint(v / s);  // default rounding mode: half to even
+  if (std::isnan(q)) return 0;  // as the CUDA conversion (int8.h)
   return static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
 }
 
@@ -91,8 +92,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   const char* op = "int8_linear";
   check_float(op, x);
   auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
-  at::Tensor q = quantize_rows(r, act_scales);
-  return gemm_dequant(r, q, w_q, w_scale, act_scales, bias, x.scalar_type())
+  at::Tensor q = quantize_rows(r, r.act_scales);
+  return gemm_dequant(r, q, w_q, w_scale, r.act_scales, bias, x.scalar_type())
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
@@ -103,7 +104,7 @@ at::Tensor int8_gemm_dequant_cpu(const at::Tensor& x_q, const at::Tensor& w_q,
   const char* op = "int8_gemm_dequant";
   int8::check_int8_input(op, x_q);
   auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
-  return gemm_dequant(r, r.x2d, w_q, w_scale, act_scales, bias, out_dtype)
+  return gemm_dequant(r, r.x2d, w_q, w_scale, r.act_scales, bias, out_dtype)
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
@@ -112,7 +113,7 @@ at::Tensor quantize_per_sample_cpu(const at::Tensor& x, const at::Tensor& act_sc
   const char* op = "quantize_per_sample";
   check_float(op, x);
   auto r = int8::check_rows(op, x, "x", act_scales, t);
-  return quantize_rows(r, act_scales).view(x.sizes());
+  return quantize_rows(r, r.act_scales).view(x.sizes());
 }
 
 at::Tensor ln_modulate_int8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& shift,
@@ -130,7 +131,7 @@ at::Tensor ln_modulate_int8_cpu(const at::Tensor& x, const std::optional<at::Ten
   auto r = int8::check_rows("ln_modulate_int8", x, "x", act_scales, t);
   at::Tensor y = ln_modulate.call(x, shift, scale, eps, weight, bias);
   r.x2d = y.view({-1, r.K});
-  return quantize_rows(r, act_scales).view(x.sizes());
+  return quantize_rows(r, r.act_scales).view(x.sizes());
 }
 
 }  // namespace

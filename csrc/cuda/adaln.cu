@@ -135,6 +135,23 @@ __device__ __forceinline__ void row_stats(const float (&v)[NV][VEC], const Team<
     }
   }
   team_sum<kWarpTeam, 1>(q, smem);
+  if (q[0] == INFINITY) {  // a sum of squares: +Inf, never -Inf
+    // Uniform over the team (q is the team's sum): see kStatsRescale in adaln.h.
+    q[0] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      if (team.col(i, VEC) < C) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = (v[i][j] - mean) * kStatsRescale;
+          q[0] += d * d;
+        }
+      }
+    }
+    team_sum<kWarpTeam, 1>(q, smem);
+    rstd = kStatsRescale * rsqrtf(q[0] / C);
+    return;
+  }
   rstd = rsqrtf(q[0] / C + eps);
 }
 

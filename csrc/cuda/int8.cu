@@ -384,6 +384,9 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   const int64_t N = w_q.size(0);
   at::Tensor y = at::empty({r.M, N}, a_in.options().dtype(out_dtype));
   if (r.M == 0) return y;
+  // K = 0 (a legal nn.Linear(0, N)): every product is 0, so y is the bias; the
+  // kernels' pipelines assume at least one K tile.
+  if (r.K == 0) return bias ? y.copy_(bias->expand({r.M, N})) : y.zero_();
   at::Tensor a = aligned_rows(r.x2d);
   at::Tensor w = aligned_rows(w_q.contiguous());
   at::Tensor ws = w_scale.contiguous();

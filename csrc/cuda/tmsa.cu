@@ -777,8 +777,11 @@ size_t backward_smem_bytes() {
 
 // Power-of-two exponents e with bound * 2^e <= 2^62 for the dQ and table sums
 // (see the backward kernel's comment), computed on the device: no synchronisation.
+// Rows of grad_out holding an Inf or NaN are left out: their (sample, head) gradients
+// come out NaN anyway (tmsa::poison_nonfinite_heads), and an infinite bound would
+// coarsen every other head's fixed point to nothing.
 at::Tensor fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
-  const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).amax();
+  const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).nan_to_num(0, 0, 0).amax();
   const at::Tensor v_max = a.qkv.select(2, 2).to(at::kFloat).norm(2, -1).amax();
   const at::Tensor k_max = a.qkv.select(2, 1).to(at::kFloat).abs().amax();
   const at::Tensor sum_ds = 2.0 * dout_max * v_max;  // bounds sum_j |dS_ij|
@@ -809,7 +812,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, qkv.options()),
             a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, qkv.options())};
   }
-  const at::Tensor dout = grad_out.contiguous();
+  const at::Tensor dout = aligned_rows(grad_out.contiguous());  // read with cp.async
   at::Tensor out_minus_tv = out.to(at::kFloat);
   if (a.time_qkv) out_minus_tv = out_minus_tv - a.time_qkv->select(1, 2).unsqueeze(1).to(at::kFloat);
   const at::Tensor delta =
@@ -863,10 +866,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   const at::Tensor unit = at::pow(2.0, -exponents.to(at::kDouble));  // [2]
   grad_qkv.select(2, 0).copy_((dq_acc.to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
+  const at::Tensor table_by_head =
+      table.defined() ? table_acc.to(at::kDouble) * unit[1] : at::Tensor();
+  tmsa::poison_nonfinite_heads(dout, grad_qkv, table_by_head);
   at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, qkv.options());
-  at::Tensor grad_table = table.defined()
-                              ? (table_acc.to(at::kDouble) * unit[1]).t().to(qkv.scalar_type())
-                              : at::empty({0}, qkv.options());
+  at::Tensor grad_table = table_by_head.defined() ? table_by_head.t().to(qkv.scalar_type())
+                                                  : at::empty({0}, qkv.options());
   return {grad_qkv, grad_time, grad_table};
 }
 

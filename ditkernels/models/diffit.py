@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.dit import LabelEmbedder, Mlp, TimestepEmbedder
+from ..nn.dit import LabelEmbedder, Mlp, TimestepEmbedder, head_dim
 from ..ops import tmsa, tmsa_windowed
 from ..reference import relative_position_index
 from .dit import PatchEmbed, check_latent_inputs, get_2d_sincos_pos_embed, unpatchify
@@ -87,8 +87,6 @@ class TMSA(nn.Module):
                  temb_dim: Optional[int] = None, qk_scale: Optional[float] = None,
                  proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         gh, gw = self.grid_size = _pair(grid_size)
         wh, ww = (gh, gw) if window_size is None else _pair(window_size)
         wh, ww = min(wh, gh), min(ww, gw)
@@ -100,7 +98,7 @@ class TMSA(nn.Module):
         self.window_size = (wh, ww)
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim(dim, num_heads)
         self.scale = qk_scale or self.head_dim ** -0.5
         self.num_leading = num_leading
         self.temb_dim = dim if temb_dim is None else temb_dim

@@ -49,6 +49,14 @@ def _check_condition(c: Tensor, x: Tensor, hidden_size: int) -> None:
                          f"{tuple(x.shape)}, got shape {tuple(c.shape)}")
 
 
+def head_dim(dim: int, num_heads: int) -> int:
+    """dim // num_heads, for a dim that splits into num_heads heads of at least one
+    feature (a head dim of 0 would make the default scale head_dim ** -0.5 divide by 0)."""
+    if num_heads < 1 or dim < num_heads or dim % num_heads:
+        raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
+    return dim // num_heads
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's parameter layout.
 
@@ -59,10 +67,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim(dim, num_heads)
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop

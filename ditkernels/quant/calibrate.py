@@ -141,6 +141,12 @@ class _Recorder:
         elif t.numel() != batch:
             raise ValueError(f"{t.numel()} timesteps for a layer input of shape "
                              f"{tuple(x.shape)}")
+        num_timesteps = self.ranges.numel()
+        if t.numel() and not (0 <= int(t.min()) and int(t.max()) < num_timesteps):
+            raise ValueError(f"calibrate: the model ran at timesteps t in [{int(t.min())}, "
+                             f"{int(t.max())}] (t of shape {tuple(t.shape)}) but the config "
+                             f"has num_timesteps={num_timesteps}: set it to the model's "
+                             f"number of diffusion steps")
         absx = x.abs()
         channel = absx.reshape(-1, x.shape[-1]).amax(dim=0).cpu()
         self.channel_absmax = (channel if self.channel_absmax is None

@@ -82,6 +82,11 @@ def quantize_(model: nn.Module, config: Optional[TimestepCalibratedInt8Config] =
     its timesteps to the int8 modules (see ditkernels.quant.context).
     """
     config = config or TimestepCalibratedInt8Config()
+    quantized = [name for name, m in model.named_modules()
+                 if isinstance(m, (Int8Linear, Int8SkipConcatLinear))]
+    if quantized:
+        raise ValueError(f"quantize_: the model is already quantized ({len(quantized)} int8 "
+                         f"layers, the first {quantized[0]!r}); quantize_ a float model once")
     linears, skip_blocks = quantization_targets(model, config)
     if not linears and not skip_blocks:
         raise ValueError("the config selects no layer of this model to quantize")

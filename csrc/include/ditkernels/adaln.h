@@ -22,6 +22,13 @@
 
 namespace ditkernels {
 
+// When the sum of squared deviations of a row overflows (finite values of magnitude
+// ~1e19 and more in fp32), the kernels sum the squares of the deviations times this
+// power of two instead: rstd = k / sqrt(sum((k d)^2) / C). eps, below 1e-30 of such a
+// variance, drops out; deviations under ~5e7, whose scaled squares underflow, are
+// below 1e-8 of the largest one, so their squares do not register in fp32 anyway.
+constexpr float kStatsRescale = 0x1p-100f;
+
 struct AdaLNParams {
   // LayerNorm input (x for the plain op; x, then x_out, for the residual op), [B*N, C].
   const void* x = nullptr;

@@ -7,9 +7,17 @@
 //   y[r,n] = (float(acc) * s_b) * w_scale[n] + bias[n]              (fp32, then x's dtype)
 // Rows map to samples through `rows_per_sample`: L for x of shape [B, L, K]; 1 for x
 // of shape [M, K] with one timestep per row; M when one timestep covers all rows.
+// Special values: x / s rounds like torch.round, +-Inf saturates to +-127 as clamp
+// does, and NaN quantizes to 0 on every backend (an int8 cannot hold a NaN, and 0 is
+// what the CUDA float-to-int conversion gives). Every act_scales[t[b]] must be a
+// positive finite number, and K at most kMaxK, so that acc cannot overflow int32.
 
 #include <ATen/ATen.h>
 
+#include <c10/util/accumulate.h>
+
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -18,15 +26,19 @@
 namespace ditkernels {
 namespace int8 {
 
+// The largest K whose worst-case dot product, K * 127 * 127, fits the int32 accumulator.
+constexpr int64_t kMaxK = std::numeric_limits<int32_t>::max() / (127 * 127);
+
 struct Rows {
   at::Tensor x2d;  // [M, K], unit stride along K
   at::Tensor t;    // int64 [num samples], contiguous
+  at::Tensor act_scales;  // fp32 [T], contiguous
   int64_t M = 0, K = 0, rows_per_sample = 1;
   std::vector<int64_t> lead;  // leading dims of x
 };
 
-// Checks x against t and act_scales and flattens it to rows. Values of t are checked
-// against the table length on the host (a synchronisation on CUDA).
+// Checks x against t and act_scales and flattens it to rows. Values of t, and the
+// scales they select, are checked on the host (one synchronisation on CUDA).
 inline Rows check_rows(const char* op, const at::Tensor& x, const char* x_name,
                        const at::Tensor& act_scales, const at::Tensor& t) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": ", x_name,
@@ -44,9 +56,10 @@ inline Rows check_rows(const char* op, const at::Tensor& x, const char* x_name,
   r.K = x.size(-1);
   r.lead = x.sizes().vec();
   r.lead.pop_back();
-  r.x2d = x.reshape({-1, r.K});
+  // M from the leading dims, not reshape(-1, K): that cannot infer M when K = 0.
+  r.M = c10::multiply_integers(r.lead);
+  r.x2d = x.reshape({r.M, r.K});
   if (r.x2d.stride(1) != 1) r.x2d = r.x2d.contiguous();
-  r.M = r.x2d.size(0);
   const int64_t samples = x.dim() == 3 ? x.size(0) : r.M;
   if (t.numel() == samples) {
     r.rows_per_sample = x.dim() == 3 ? x.size(1) : 1;
@@ -56,11 +69,23 @@ inline Rows check_rows(const char* op, const at::Tensor& x, const char* x_name,
     r.rows_per_sample = std::max<int64_t>(r.M, 1);
   }
   r.t = t.contiguous();
+  r.act_scales = act_scales.contiguous();
   if (t.numel() > 0) {
-    auto [lo, hi] = at::aminmax(t);
-    const int64_t tmin = lo.item<int64_t>(), tmax = hi.item<int64_t>();
-    TORCH_CHECK(tmin >= 0 && tmax < act_scales.numel(), op, ": t holds timesteps in [", tmin,
-                ", ", tmax, "] but act_scales has only ", act_scales.numel(), " entries");
+    const int64_t T = act_scales.numel();
+    auto [lo, hi] = at::aminmax(r.t);
+    // The scales t selects (t clamped so that the gather itself stays in bounds; an
+    // out-of-range t is reported first).
+    const at::Tensor used = r.act_scales.index_select(0, r.t.clamp(0, T - 1));
+    const at::Tensor bad = at::logical_not(at::logical_and(used > 0, used.isfinite())).sum();
+    const at::Tensor host = at::stack({lo, hi, bad}).cpu();
+    const int64_t* v = host.const_data_ptr<int64_t>();
+    TORCH_CHECK(v[0] >= 0 && v[1] < T, op, ": t holds timesteps in [", v[0], ", ", v[1],
+                "] but act_scales has only ", T, " entries");
+    TORCH_CHECK(v[2] == 0, op, ": act_scales[t] holds ", v[2],
+                " scales that are zero, negative or not finite (act_scales of shape ",
+                shape_str(act_scales), ", t of shape ", shape_str(t),
+                "); every scale must be a positive finite number (an all-zero table is an "
+                "uncalibrated one)");
   }
   return r;
 }
@@ -75,6 +100,9 @@ inline void check_weights(const char* op, const Rows& r, const at::Tensor& x,
               shape_str(w_q));
   TORCH_CHECK(w_q.size(1) == r.K, op, ": w_q has K = ", w_q.size(1), " (shape ", shape_str(w_q),
               ") but x has K = ", r.K, " (shape ", shape_str(x), ")");
+  TORCH_CHECK(r.K <= kMaxK, op, ": K = ", r.K, " (w_q of shape ", shape_str(w_q),
+              ") exceeds ", kMaxK, ", the largest K whose int8 dot products (up to K * 127 * "
+              "127) fit the int32 accumulator; split the reduction");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 &&
                   w_scale.size(0) == w_q.size(0),
               op, ": w_scale must be float32 of shape [N] = [", w_q.size(0), "], got ",

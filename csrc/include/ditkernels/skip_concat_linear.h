@@ -18,7 +18,7 @@ namespace skip_concat_linear {
 
 struct Checked {
   at::Tensor x2d, skip2d;  // [M, D], unit stride along D
-  at::Tensor weight;       // [Dout, 2D], unit stride along 2D
+  at::Tensor weight;       // [Dout, 2D], contiguous (the CUDA kernels assume row stride 2D)
   std::optional<at::Tensor> bias;
   std::vector<int64_t> out_shape;
   int64_t M = 0, D = 0, Dout = 0;
@@ -61,7 +61,7 @@ inline Checked check(const char* op, const at::Tensor& x, const at::Tensor& skip
   c.x2d = rows_2d(x, D);
   c.skip2d = rows_2d(skip, D);
   c.M = c.x2d.size(0);
-  c.weight = weight.stride(1) == 1 ? weight : weight.contiguous();
+  c.weight = weight.contiguous();
   c.out_shape = x.sizes().vec();
   c.out_shape.back() = c.Dout;
   return c;
@@ -72,9 +72,10 @@ inline Checked check(const char* op, const at::Tensor& x, const at::Tensor& skip
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const Checked& c, bool has_bias) {
   const NoAutocast no_autocast;
-  at::Tensor dy = grad_y.reshape({-1, c.Dout});
-  TORCH_CHECK(dy.size(0) == c.M, "skip_concat_linear_backward: grad_y must have shape ",
+  TORCH_CHECK(grad_y.sizes() == c10::IntArrayRef(c.out_shape),
+              "skip_concat_linear_backward: grad_y must have shape ",
               c10::IntArrayRef(c.out_shape), ", got ", shape_str(grad_y));
+  at::Tensor dy = grad_y.reshape({c.M, c.Dout});
   const at::Tensor w_x = c.weight.narrow(1, 0, c.D), w_skip = c.weight.narrow(1, c.D, c.D);
   at::Tensor grad_x = at::mm(dy, w_x);
   at::Tensor grad_skip = at::mm(dy, w_skip);

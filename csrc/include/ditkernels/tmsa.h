@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -32,6 +33,10 @@ struct Args {
   int64_t grid_h = 0, grid_w = 0, num_leading = 0;
   double scale = 1.0;
 };
+
+inline at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline Args check(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
                   const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
@@ -63,6 +68,10 @@ inline Args check(const char* op, const at::Tensor& qkv, const std::optional<at:
     check_same_dtype(op, *rel_table, "rel_table", qkv, "qkv");
     TORCH_CHECK(grid_h >= 1 && grid_w >= 1, op, ": grid_h and grid_w must be >= 1, got ",
                 grid_h, " x ", grid_w);
+    // Bounded by N first, so that the products below cannot overflow int64.
+    TORCH_CHECK(grid_h <= a.N && grid_w <= a.N && num_leading <= a.N, op, ": a ", grid_h,
+                " x ", grid_w, " grid after ", num_leading, " leading tokens does not fit N = ",
+                a.N, " tokens (qkv of shape ", shape_str(qkv), ")");
     const int64_t T = (2 * grid_h - 1) * (2 * grid_w - 1);
     TORCH_CHECK(rel_table->dim() == 2 && rel_table->size(0) == T && rel_table->size(1) == a.H,
                 op, ": rel_table must have shape [(2*Gh-1)*(2*Gw-1), H] = [", T, ", ", a.H,
@@ -90,6 +99,9 @@ inline void check_backward_tensors(const char* op, const Args& a, const at::Tens
                 at::IntArrayRef(out_shape), ", got ", shape_str(t));
   }
   check_same_device(op, lse, "lse", a.qkv, "qkv");
+  TORCH_CHECK(lse.scalar_type() == compute_dtype(a.qkv), op, ": lse must have dtype ",
+              compute_dtype(a.qkv), " for qkv of dtype ", a.qkv.scalar_type(), ", got ",
+              lse.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({a.B, a.H, a.N}), op,
               ": lse must have shape [B, H, N] = [", a.B, ", ", a.H, ", ", a.N, "], got ",
               shape_str(lse));
@@ -109,10 +121,6 @@ inline at::Tensor relative_index(const Args& a, int64_t i0, int64_t rows) {
   at::Tensor leading = t < a.num_leading;
   at::Tensor no_bias = leading.narrow(0, i0, rows).unsqueeze(1).logical_or(leading.unsqueeze(0));
   return idx.masked_fill(no_bias, T);
-}
-
-inline at::ScalarType compute_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // q, k or v with the time term, as [B, H, N, D] in the compute dtype.
@@ -166,6 +174,18 @@ inline std::tuple<at::Tensor, at::Tensor> forward_blocked(const Args& a) {
   return {out, lse};
 }
 
+// The rule for a non-finite grad_out, the same on every backend: when grad_out[b, :, h]
+// holds an Inf or NaN, every gradient of (sample b, head h) is NaN: grad_qkv[b, :, :, h],
+// hence grad_time_qkv[b, :, h], and the table column h (given as [H, T'] with H first,
+// or undefined). The fused CUDA backward accumulates in fixed point, which cannot carry
+// an Inf; eager attention would give an Inf or NaN in most of these entries too.
+inline void poison_nonfinite_heads(const at::Tensor& grad_out, at::Tensor& grad_qkv,
+                                   const at::Tensor& table_by_head) {
+  const at::Tensor bad = grad_out.isfinite().logical_not().any(3).any(1);  // [B, H]
+  grad_qkv.masked_fill_(bad.view({bad.size(0), 1, 1, bad.size(1), 1}), NAN);
+  if (table_by_head.defined()) table_by_head.masked_fill_(bad.any(0).unsqueeze(1), NAN);
+}
+
 // (grad_qkv [B, N, 3, H, D], grad_time_qkv [B, 3, H, D] or [0], grad_table [T, H] or [0]).
 // Every reduction runs in a fixed order: sums over the batch and token blocks are
 // ordinary reductions, and the table scatter uses index_put_ with accumulation,
@@ -210,6 +230,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_blocked(
   }
   at::Tensor grads[3] = {dq, dk, dv};
   for (int64_t s = 0; s < 3; ++s) grad_qkv.select(2, s).copy_(grads[s].permute({0, 2, 1, 3}));
+  poison_nonfinite_heads(grad_out, grad_qkv, dtable_ext ? *dtable_ext : at::Tensor());
   at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, a.qkv.options());
   at::Tensor grad_table =
       dtable_ext ? dtable_ext->narrow(1, 0, dtable_ext->size(1) - 1).t().contiguous().to(
