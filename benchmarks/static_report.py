@@ -21,6 +21,7 @@ more than 10% worse in issue slots per unit, or hot loops that appeared or vanis
 """
 
 import argparse
+import bisect
 import datetime
 import json
 import math
@@ -44,9 +45,12 @@ FA2_FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr", "--exp
              "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__"]
 
 # Per-SM limits the occupancy needs (CUDA C++ Programming Guide, "Compute Capabilities").
+# clocks_per_unit: an SM sub-partition's time for one bf16 m16n8k16 (2048 FMA) at dense
+# peak: about 3.8 on the H100 (REFERENCE.md); 8 on the A100 (312 TFLOP/s over 108 SMs x 4
+# sub-partitions at 1.41 GHz is 256 FMA per clock).
 DEVICES = {
-    "sm_90a": dict(device="H100", smem_sm=228 * 1024, smem_block=227 * 1024),
-    "sm_80": dict(device="A100", smem_sm=164 * 1024, smem_block=163 * 1024),
+    "sm_90a": dict(device="H100", smem_sm=228 * 1024, smem_block=227 * 1024, clocks_per_unit=3.8),
+    "sm_80": dict(device="A100", smem_sm=164 * 1024, smem_block=163 * 1024, clocks_per_unit=8),
 }
 REGS_SM = 65536
 REG_UNIT = 256          # registers are allocated per warp in units of 256
@@ -110,16 +114,21 @@ def hot_loops(body):
             if m and int(m.group(1), 16) < addr:
                 loops.append((int(m.group(1), 16), addr))
 
-    def has_mma(lo, hi):
-        return any(MMA.match(op) for a, op, _, _ in body if lo <= a <= hi)
+    mma_addrs = [a for a, op, _, _ in body if MMA.match(op)]
 
+    def has_mma(lo, hi):
+        i = bisect.bisect_left(mma_addrs, lo)
+        return i < len(mma_addrs) and mma_addrs[i] <= hi
+
+    addrs = [a for a, _, _, _ in body]
     rows = []
     for lo, hi in loops:
         if not has_mma(lo, hi):
             continue
         if any(l != (lo, hi) and lo <= l[0] and l[1] <= hi and has_mma(*l) for l in loops):
             continue
-        ins = [(op, mods, args) for a, op, mods, args in body if lo <= a <= hi]
+        first = bisect.bisect_left(addrs, lo)
+        ins = [(op, mods, args) for _, op, mods, args in body[first:bisect.bisect_right(addrs, hi)]]
         units = sum(mma_units(op, mods) for op, mods, _ in ins if MMA.match(op))
         rows.append(dict(
             start=f"{lo:#x}", end=f"{hi:#x}", instr=len(ins), units=units,
@@ -228,12 +237,20 @@ def run(cmd):
     return res.stdout
 
 
-def sass_of(binary, arch):
-    """(SASS listing, resource usage) of the arch's code in a cubin, object or shared library."""
+def dump(jobs):
+    """cuobjdump -sass -res-usage of each (binary, arch), run side by side: [listing]. One
+    listing holds each ELF's resource usage followed by its SASS."""
     cuobjdump = find_tool("cuobjdump")
-    sass = run([cuobjdump, "-sass", "-arch", arch, str(binary)])
-    res = run([cuobjdump, "-res-usage", "-arch", arch, str(binary)])
-    return sass, res
+    procs = [subprocess.Popen([cuobjdump, "-sass", "-res-usage", "-arch", arch, str(binary)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for binary, arch in jobs]
+    out = []
+    for (binary, arch), proc in zip(jobs, procs):
+        text, err = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"static_report: cuobjdump -arch {arch} {binary} failed:\n{err[-4000:]}")
+        out.append(text)
+    return out
 
 
 def default_so():
@@ -256,8 +273,8 @@ def nvcc_path():
 def nvcc_version():
     try:
         out = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True).stdout
-        return out.strip().splitlines()[-1]
-    except (OSError, SystemExit):
+        return next(ln for ln in out.splitlines() if "release" in ln).strip()
+    except (OSError, SystemExit, StopIteration):
         return "unknown"
 
 
@@ -267,19 +284,27 @@ def project_nvcc_flags():
     return [f for f in (ln.split("#")[0].strip() for ln in lines) if f]
 
 
+def cpp_extension():
+    """torch.utils.cpp_extension, told where the toolkit is (it guesses wrong from a wrapper
+    nvcc on PATH, and warns)."""
+    os.environ.setdefault("CUDA_HOME", str(Path(nvcc_path()).resolve().parent.parent))
+    from torch.utils import cpp_extension as ext
+    return ext
+
+
 def project_nvcc_command(arch):
     """nvcc -cubin for one arch with the flags setup.py builds with (csrc/nvcc_flags.txt),
     the macros setup.py defines, and what torch's cpp_extension adds for codegen."""
     import torch
-    from torch.utils import cpp_extension
 
+    ext = cpp_extension()
     flags = project_nvcc_flags()
     version = torch.__version__.split("+")[0].replace(".", "_")
     macros = [f"-DDITKERNELS_TORCH_VERSION={version}", "-DDITKERNELS_WITH_CUDA",
               "-DDITKERNELS_CUDA_ARCHS=80_90a", "-DDITKERNELS_SM90A",
               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
-    includes = [ROOT / "csrc" / "include"] + [Path(p) for p in cpp_extension.include_paths("cuda")]
+    includes = [ROOT / "csrc" / "include"] + [Path(p) for p in ext.include_paths("cuda")]
     try:
         import nvidia
         includes += sorted(p for base in map(Path, nvidia.__path__) for p in base.glob("*/include"))
@@ -287,19 +312,19 @@ def project_nvcc_command(arch):
         pass
     import sysconfig
     includes.append(Path(sysconfig.get_paths()["include"]))
-    return ([nvcc_path(), "-cubin", f"-arch={arch}", "-std=c++20"] + flags + cpp_extension.COMMON_NVCC_FLAGS
-            + macros + [f"-I{p}" for p in includes]), flags + cpp_extension.COMMON_NVCC_FLAGS + macros
+    codegen = list(dict.fromkeys(flags + ext.COMMON_NVCC_FLAGS + ["-std=c++20"])) + macros
+    return [nvcc_path(), "-cubin", f"-arch={arch}"] + codegen + [f"-I{p}" for p in includes], codegen
 
 
 def compile_ours(arch, workdir):
-    """SASS of csrc/cuda/*.cu compiled by us for one arch: [(sass, res_usage)]."""
+    """cuobjdump listings of csrc/cuda/*.cu compiled by us for one arch."""
     cmd, _ = project_nvcc_command(arch)
     out = []
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         cubin = Path(workdir) / f"{cu.stem}.{arch}.cubin"
         print(f"static_report: nvcc {cu.name} for {arch}", file=sys.stderr)
         run(cmd + ["-o", str(cubin), str(cu)])
-        out.append(sass_of(cubin, arch))
+        out += dump([(cubin, arch)])
     return out
 
 
@@ -320,8 +345,7 @@ def fa2_sources():
 
 
 def fa2_sass(arch, compile_missing):
-    """{file stem: (sass, res_usage) or the reason it is missing}, compiling what is not cached."""
-    from torch.utils import cpp_extension
+    """{file stem: cuobjdump listing, or why there is none}, compiling what is not cached."""
 
     out = {}
     for stem in FA2_FILES:
@@ -330,7 +354,7 @@ def fa2_sass(arch, compile_missing):
             src = fa2_sources()
             cubin.parent.mkdir(parents=True, exist_ok=True)
             inc = [src / "csrc" / "flash_attn", src / "csrc" / "flash_attn" / "src",
-                   src / "csrc" / "cutlass" / "include"] + [Path(p) for p in cpp_extension.include_paths("cuda")]
+                   src / "csrc" / "cutlass" / "include"] + [Path(p) for p in cpp_extension().include_paths("cuda")]
             cmd = ([nvcc_path(), "-cubin", f"-arch={arch}"] + FA2_FLAGS + [f"-I{p}" for p in inc]
                    + ["-o", str(cubin) + ".tmp", str(src / "csrc" / "flash_attn" / "src" / f"{stem}.cu")])
             print(f"static_report: compiling FA2 {stem} for {arch} (minutes)", file=sys.stderr)
@@ -340,7 +364,7 @@ def fa2_sass(arch, compile_missing):
                 out[stem] = f"nvcc failed (see {cubin.parent / stem}.log)"
                 continue
             os.replace(str(cubin) + ".tmp", cubin)
-        out[stem] = sass_of(cubin, arch) if cubin.exists() else "not cached (run with --fa2)"
+        out[stem] = dump([(cubin, arch)])[0] if cubin.exists() else "not cached (run with --fa2)"
     return out
 
 
@@ -377,13 +401,12 @@ FA2_PLAIN = {
 def fa2_rows(arch, compile_missing):
     rows = []
     for stem, got in fa2_sass(arch, compile_missing).items():
-        if isinstance(got, str):
+        if "Function" not in got:
             rows.append(dict(file=stem, error=got))
             continue
-        sass, res = got
-        funcs = parse_sass(sass)
+        funcs = parse_sass(got)
         names = demangle(funcs)
-        usage = parse_res_usage(res)
+        usage = parse_res_usage(got)
         found = False
         for mangled, body in funcs.items():
             key = kernel_key(names[mangled])
@@ -407,13 +430,13 @@ def load_launch_configs():
     return {}
 
 
-def analyse(sources, arch):
-    """One record per kernel instantiation from [(sass, res_usage)]."""
+def analyse(listings, arch):
+    """One record per kernel instantiation from cuobjdump -sass -res-usage listings."""
     launches = load_launch_configs()
     kernels = {}
-    for sass, res in sources:
-        funcs = parse_sass(sass)
-        usage = parse_res_usage(res)
+    for listing in listings:
+        funcs = parse_sass(listing)
+        usage = parse_res_usage(listing)
         names = demangle(funcs)
         for mangled, body in funcs.items():
             key = kernel_key(names[mangled])
@@ -422,7 +445,10 @@ def analyse(sources, arch):
                 u["SHARED"] -= RESERVED_IN_RES_USAGE[arch]
             loops = hot_loops(body)
             configs = []
-            for cfg in launches.get(key, []):
+            # The sm90:: kernels are Hopper-only: an sm_80 build holds empty stubs of them and
+            # the launchers choose the mma.sync kernels there.
+            hopper_only = key.startswith("sm90::") and arch != "sm_90a"
+            for cfg in [] if hopper_only else launches.get(key, []):
                 threads = math.prod(cfg["block"])
                 ctas, limiter = ctas_per_sm(arch, u.get("REG", 0), threads, u.get("SHARED", 0) + cfg["dyn_smem"])
                 configs.append(dict(cfg, ctas_per_sm=ctas, limiter=limiter,
@@ -454,8 +480,9 @@ def header(arch, source, flags):
 
 
 def fmt_cfg(c):
-    block = "x".join(str(b) for b in c["block"] if b != 1) or "1"
-    return f"{block} thr, {c['dyn_smem'] / 1024:g} KB dyn: {c['ctas_per_sm']} CTA ({c['limiter']}), {c['occupancy']:.0%}"
+    threads = math.prod(c["block"])
+    return (f"{threads} thr, {c['dyn_smem'] / 1024:.1f} KB dyn: {c['ctas_per_sm']} CTA ({c['limiter']}), "
+            f"{c['occupancy']:.0%}")
 
 
 def to_markdown(report):
@@ -466,8 +493,10 @@ def to_markdown(report):
            f"nvcc flags: `{' '.join(h['flags'])}`", "",
            "Issue slots per unit = SASS instructions in the innermost loop that issues tensor-core "
            "instructions, divided by its tensor work in bf16 m16n8k16-per-warp units (HMMA.16816 = 1, "
-           "HMMA.1688 = 0.5, IMMA.16832 = 1, wgmma 64xNxK = N/8). Above ~4 a loop cannot keep an H100's "
-           "tensor cores busy. See benchmarks/PERF_NOTES.md for what the metric cannot see.", "",
+           "HMMA.1688 = 0.5, IMMA.16832 = 1, wgmma 64xNxK = N/8). A sub-partition issues one instruction "
+           f"per clock and its tensor core retires a unit in about {DEVICES[h['arch']]['clocks_per_unit']:g} clocks "
+           f"on the {h['device']}: a loop above that many slots per unit cannot keep the tensor cores busy. "
+           "See benchmarks/PERF_NOTES.md for what the metric cannot see.", "",
            "## Hot loops (kernels with a tensor-core loop)", "",
            "| kernel | loop | instr | units | slots/unit | bra | lds | sts | ldg | atom | lmem | bar |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -486,8 +515,12 @@ def to_markdown(report):
                 out.append(f"| {r['file']} | {r['error']} | | | | | | | | | | | | |")
                 continue
             traits = template_args("void " + r["kernel"] + "()")[0]
-            traits = re.sub(r"^.*Flash_(fwd|bwd)_kernel_traits", r"\1", traits.replace("flash::", ""))
-            out.append(f"| {r['file']} | `{traits[:60]}` | {r['loop']} | {r['regs']} | {r['instr']} | {r['units']:g} | "
+            sizes = []  # the traits' leading numbers and flags: head dim, tile, warps, layouts
+            for a in template_args("void " + traits + "()"):
+                if not re.fullmatch(r"\d+|true|false", a):
+                    break
+                sizes.append(a)
+            out.append(f"| {r['file']} | `<{', '.join(sizes)}>` | {r['loop']} | {r['regs']} | {r['instr']} | {r['units']:g} | "
                        f"**{r['slots_per_unit']:.1f}** | {r['bra']} | {r['lds']} | {r['sts']} | {r['ldg']} | "
                        f"{r['atom']} | {r['local']} | {r['bar']} |")
     out += ["", "## Resources of every kernel", "",
@@ -496,34 +529,33 @@ def to_markdown(report):
             "| kernel | hot | regs | stack | spill st/ld | static smem | launches |",
             "|---|---|---:|---:|---:|---:|---|"]
     for key, k in report["kernels"].items():
-        launches = "<br>".join(fmt_cfg(c) for c in k["launches"]) or "not launched by the representative calls"
+        launches = "<br>".join(fmt_cfg(c) for c in k["launches"]) or (
+            "Hopper only" if key.startswith("sm90::") and h["arch"] != "sm_90a"
+            else "not launched by the representative calls")
         out.append(f"| `{key}` | {'yes' if k['hot'] else ''} | {k['regs']} | {k['stack']} | "
                    f"{k['spill_stores']}/{k['spill_loads']} | {k['static_smem']} | {launches} |")
     return "\n".join(out) + "\n"
 
 
-def build_report(arch, args):
-    if args.compile:
+def build_report(arch, args, so_listing):
+    """The report of one arch, from the extension's listing or (so_listing None) by compiling."""
+    if so_listing is None:
         with tempfile.TemporaryDirectory() as tmp:
-            sources = compile_ours(arch, tmp)
-        _, flags = project_nvcc_command(arch)
+            listings = compile_ours(arch, tmp)
         source = "nvcc -cubin of csrc/cuda/*.cu"
     else:
-        so = args.from_so or default_so()
-        sources = [sass_of(so, arch)]
-        _, flags = project_nvcc_command(arch)
-        source = f"the built extension `{Path(so).name}`"
-    kernels = analyse(sources, arch)
+        listings = [so_listing]
+        source = f"the built extension `{Path(args.from_so or default_so()).name}`"
+    _, flags = project_nvcc_command(arch)
+    kernels = analyse(listings, arch)
     if not kernels:
         sys.exit(f"static_report: no {arch} kernels in the SASS (was the extension built for it?)")
     report = dict(header=header(arch, source, flags), kernels=kernels)
-    if args.fa2 or (args.check is False and fa2_cached(arch)):
+    # --check compares our kernels only; a table written without --fa2 still shows the
+    # FA2 cubins an earlier --fa2 left in the cache.
+    if args.fa2 or (not args.check and any((FA2_CACHE / FA2_VERSION / arch).glob("*.cubin"))):
         report["fa2"] = fa2_rows(arch, compile_missing=args.fa2)
     return report
-
-
-def fa2_cached(arch):
-    return all((FA2_CACHE / FA2_VERSION / arch / f"{s}.cubin").exists() for s in FA2_FILES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,26 +604,41 @@ def check(new, old):
 # ---------------------------------------------------------------------------------------
 # --launch-configs: the launchers' choices, recorded through the CPU emulator
 
-def adaln_model_widths(emu_lib):
-    """adaLN's block size and partial-sum shared memory follow C, so run its four ops at the
-    widths of the models (DiT S/B/L/XL: 384/768/1024/1152, U-ViT M: 512..) in each dtype."""
+def representative_calls(emu_lib):
+    """Launches the emulated tests' small cases leave out: adaLN, whose block size and
+    partial-sum shared memory follow C, at the models' widths (DiT S/B/L/XL 384/768/1024/
+    1152, U-ViT S 512) and at the narrow widths of its warp-team kernels, in each dtype;
+    the int8 ops in each dtype with the mma.sync kernels (DITKERNELS_DISABLE_WGMMA=1)
+    and the wgmma ones, and quantize_per_sample's path for rows that are not 8-aligned."""
     import torch
 
     torch.ops.load_library(str(emu_lib))
     ops = torch.ops.ditkernels_emu
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for C in (384, 512, 768, 1024, 1152):
+        for C in (64, 256, 384, 512, 768, 1024, 1152):
             x, h, g = (torch.randn(2, 4, C, dtype=dtype) for _ in range(3))
             sh, sc, gate = (torch.randn(2, C, dtype=dtype) for _ in range(3))
             ops.ln_modulate(x, sh, sc, 1e-6)
             ops.ln_modulate_backward(g, x, sh, sc, 1e-6, None, None)
             ops.gated_residual_ln_modulate(x, h, gate, sh, sc, 1e-6)
             ops.gated_residual_ln_modulate_backward(g, g, x, h, gate, sh, sc, 1e-6, None, None)
+    K, N = 64, 128
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_scale, act_scales, t = torch.rand(N) / 64, torch.rand(4) + 0.5, torch.tensor([0, 3])
+    for disable_wgmma in ("1", ""):
+        os.environ["DITKERNELS_DISABLE_WGMMA"] = disable_wgmma
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(2, 8, K, dtype=dtype)
+            x_q = ops.quantize_per_sample(x, act_scales, t)
+            ops.int8_gemm_dequant(x_q, w_q, w_scale, act_scales, t, None, dtype)
+            ops.int8_linear(x, w_q, w_scale, act_scales, t, None)
+            ops.quantize_per_sample(torch.randn(2, 8, 7, dtype=dtype), act_scales, t)  # K % 8: the scalar kernel
+    os.environ.pop("DITKERNELS_DISABLE_WGMMA")
 
 
 def record_launch_configs(emu_lib):
     """Runs the emulated CUDA tests' `racecheck` cases (one case of every kernel: each
-    dtype, head dim, GEMM kernel and tile width) and adaLN at the models' widths with the
+    dtype, head dim, GEMM kernel and tile width) and representative_calls with the
     emulator's launch log on, names the logged kernels from the emulator library's
     symbol table and writes launch_configs.json."""
     log = Path(tempfile.mkdtemp()) / "launches.tsv"
@@ -602,13 +649,16 @@ def record_launch_configs(emu_lib):
                           "-p", "no:cacheprovider"], env=env, cwd=ROOT / "python_tests")
     if res.returncode:
         sys.exit("static_report: the emulated tests failed; their launches are not a table to commit")
-    adaln_model_widths(emu_lib)
+    representative_calls(emu_lib)
     symbols = {}
     nm = subprocess.run(["nm", "-C", "--defined-only", str(emu_lib)], capture_output=True, text=True, check=True)
     for line in nm.stdout.splitlines():
         parts = line.split(" ", 2)
         if len(parts) == 3 and parts[1] in "tT":
             symbols[int(parts[0], 16)] = parts[2]
+    # The emulator's self-test kernels (csrc/emu/selftest.cpp) launch too; keep csrc/cuda's.
+    ours = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(",
+                          "".join(p.read_text() for p in (ROOT / "csrc" / "cuda").glob("*.cu"))))
     configs = {}
     for line in log.read_text().splitlines():
         _, offset, grid, block, smem = line.split("\t")
@@ -616,6 +666,8 @@ def record_launch_configs(emu_lib):
         if name is None:
             continue
         key = kernel_key(name)
+        if key.split("<")[0].split("::")[-1] not in ours:
+            continue
         cfg = dict(block=[int(v) for v in block.split(",")], dyn_smem=int(smem))
         if cfg not in configs.setdefault(key, []):
             configs[key].append(cfg)
@@ -647,8 +699,10 @@ def main(argv=None):
         record_launch_configs(args.launch_configs.resolve())
         return 0
     status = 0
-    for arch in args.arch:
-        report = build_report(arch, args)
+    so_listings = [None] * len(args.arch) if args.compile else dump(
+        [(args.from_so or default_so(), arch) for arch in args.arch])
+    for arch, so_listing in zip(args.arch, so_listings):
+        report = build_report(arch, args, so_listing)
         if args.check:
             committed = args.out / f"{arch}.json"
             if not committed.exists():
