@@ -636,6 +636,35 @@ def representative_calls(emu_lib):
     os.environ.pop("DITKERNELS_DISABLE_WGMMA")
 
 
+def read_launch_log(text, emu_lib):
+    """{kernel key: [{block, dyn_smem}]} of csrc/cuda's kernels in a DITKERNELS_EMU_LAUNCH_LOG,
+    named from the emulator library's symbol table."""
+    symbols = {}
+    nm = subprocess.run(["nm", "-C", "--defined-only", str(emu_lib)], capture_output=True, text=True, check=True)
+    for line in nm.stdout.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[1] in "tT":
+            symbols[int(parts[0], 16)] = parts[2]
+    # The emulator's self-test kernels (csrc/emu/selftest.cpp) launch too; keep csrc/cuda's.
+    ours = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(",
+                          "".join(p.read_text() for p in (ROOT / "csrc" / "cuda").glob("*.cu"))))
+    configs = {}
+    for line in text.splitlines():
+        _, offset, _, block, smem = line.split("\t")
+        name = symbols.get(int(offset, 16))
+        if name is None:
+            sys.exit(f"static_report: a logged kernel at {offset} has no symbol in {emu_lib}")
+        key = kernel_key(name)
+        if key.split("<")[0].split("::")[-1] not in ours:
+            continue
+        cfg = dict(block=[int(v) for v in block.split(",")], dyn_smem=int(smem))
+        if cfg not in configs.setdefault(key, []):
+            configs[key].append(cfg)
+    for v in configs.values():
+        v.sort(key=lambda c: (c["block"], c["dyn_smem"]))
+    return configs
+
+
 def record_launch_configs(emu_lib):
     """Runs the emulated CUDA tests' `racecheck` cases (one case of every kernel: each
     dtype, head dim, GEMM kernel and tile width) and representative_calls with the
@@ -650,33 +679,12 @@ def record_launch_configs(emu_lib):
     if res.returncode:
         sys.exit("static_report: the emulated tests failed; their launches are not a table to commit")
     representative_calls(emu_lib)
-    symbols = {}
-    nm = subprocess.run(["nm", "-C", "--defined-only", str(emu_lib)], capture_output=True, text=True, check=True)
-    for line in nm.stdout.splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) == 3 and parts[1] in "tT":
-            symbols[int(parts[0], 16)] = parts[2]
-    # The emulator's self-test kernels (csrc/emu/selftest.cpp) launch too; keep csrc/cuda's.
-    ours = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(",
-                          "".join(p.read_text() for p in (ROOT / "csrc" / "cuda").glob("*.cu"))))
-    configs = {}
-    for line in log.read_text().splitlines():
-        _, offset, grid, block, smem = line.split("\t")
-        name = symbols.get(int(offset, 16))
-        if name is None:
-            continue
-        key = kernel_key(name)
-        if key.split("<")[0].split("::")[-1] not in ours:
-            continue
-        cfg = dict(block=[int(v) for v in block.split(",")], dyn_smem=int(smem))
-        if cfg not in configs.setdefault(key, []):
-            configs[key].append(cfg)
-    for v in configs.values():
-        v.sort(key=lambda c: (c["block"], c["dyn_smem"]))
+    configs = read_launch_log(log.read_text(), emu_lib)
     LAUNCH_CONFIGS.parent.mkdir(parents=True, exist_ok=True)
     LAUNCH_CONFIGS.write_text(json.dumps(dict(
-        note="(block, dynamic shared memory) of every launch the emulated CUDA tests made, per kernel "
-             "instantiation; regenerate with benchmarks/static_report.py --launch-configs EMU_LIB",
+        note="(block, dynamic shared memory) of every launch of the emulated tests' racecheck cases and "
+             "static_report.representative_calls, per kernel instantiation; regenerate with "
+             "benchmarks/static_report.py --launch-configs EMU_LIB",
         commit=git_commit(), kernels=dict(sorted(configs.items()))), indent=1) + "\n")
     print(f"static_report: {sum(map(len, configs.values()))} launch configurations of {len(configs)} kernels "
           f"-> {LAUNCH_CONFIGS.relative_to(ROOT)}")

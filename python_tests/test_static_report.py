@@ -167,3 +167,20 @@ def test_check_fails_when_loops_change_and_notes_improvements():
     assert "new hot kernel" in sr.check(more, _report())[0][0]
     fails, notes = sr.check(_report(slots=4.0), _report())
     assert fails == [] and "better" in notes[0]
+
+
+EMU_LIB = Path(os.environ.get("DITKERNELS_EMU_LIB", ROOT / "build" / "emu" / "libditkernels_emu.so"))
+
+
+@pytest.mark.skipif(not EMU_LIB.exists(), reason="no emulation library (README: CMake -DDITKERNELS_EMULATE_CUDA=ON)")
+def test_emulator_launch_log_names_kernels(tmp_path, monkeypatch):
+    import torch
+
+    torch.ops.load_library(str(EMU_LIB))
+    log = tmp_path / "launches.tsv"
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    x = torch.randn(1, 2, 1152, dtype=torch.bfloat16)
+    torch.ops.ditkernels_emu.ln_modulate(x, None, None, 1e-6)
+    # 1152 channels, 8 a thread: 144 threads, rounded up to whole warps.
+    assert sr.read_launch_log(log.read_text(), EMU_LIB) == {
+        "adaln_forward_kernel<c10::BFloat16, 8, false>": [dict(block=[160, 1, 1], dyn_smem=0)]}
