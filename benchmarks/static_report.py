@@ -210,7 +210,7 @@ def ctas_per_sm(arch, regs, threads, smem_bytes):
 # Tools and SASS sources
 
 def find_tool(name):
-    """cuobjdump from CUDA_HOME, PATH, the nvidia-cuda-cuobjdump wheel, or triton's copy."""
+    """A CUDA binary tool from CUDA_HOME, PATH, the nvidia-cuda-cuobjdump wheel, or triton's copy."""
     cands = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -239,17 +239,21 @@ def run(cmd):
 
 def dump(jobs):
     """cuobjdump -sass -res-usage of each (binary, arch), run side by side: [listing]. One
-    listing holds each ELF's resource usage followed by its SASS."""
+    listing holds each ELF's resource usage followed by its SASS. The listings go to files,
+    not pipes, so that no cuobjdump waits for its pipe to be read while another one is."""
     cuobjdump = find_tool("cuobjdump")
+    files = [tempfile.TemporaryFile("w+") for _ in jobs]
     procs = [subprocess.Popen([cuobjdump, "-sass", "-res-usage", "-arch", arch, str(binary)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for binary, arch in jobs]
+                              stdout=f, stderr=subprocess.PIPE, text=True)
+             for (binary, arch), f in zip(jobs, files)]
     out = []
-    for (binary, arch), proc in zip(jobs, procs):
-        text, err = proc.communicate()
+    for (binary, arch), proc, f in zip(jobs, procs, files):
+        _, err = proc.communicate()
         if proc.returncode:
             sys.exit(f"static_report: cuobjdump -arch {arch} {binary} failed:\n{err[-4000:]}")
-        out.append(text)
+        f.seek(0)
+        out.append(f.read())
+        f.close()
     return out
 
 
@@ -442,7 +446,7 @@ def analyse(listings, arch):
             key = kernel_key(names[mangled])
             u = dict(usage.get(mangled, {}))
             if "SHARED" in u:
-                u["SHARED"] -= RESERVED_IN_RES_USAGE[arch]
+                u["SHARED"] = max(0, u["SHARED"] - RESERVED_IN_RES_USAGE[arch])
             loops = hot_loops(body)
             configs = []
             # The sm90:: kernels are Hopper-only: an sm_80 build holds empty stubs of them and
