@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -304,6 +305,7 @@ def project_nvcc_command(arch):
     ext = cpp_extension()
     flags = project_nvcc_flags()
     version = torch.__version__.split("+")[0].replace(".", "_")
+    # setup.py's macros for its default TORCH_CUDA_ARCH_LIST "8.0;9.0a" (arch_token, has_sm90a).
     macros = [f"-DDITKERNELS_TORCH_VERSION={version}", "-DDITKERNELS_WITH_CUDA",
               "-DDITKERNELS_CUDA_ARCHS=80_90a", "-DDITKERNELS_SM90A",
               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
@@ -314,7 +316,6 @@ def project_nvcc_command(arch):
         includes += sorted(p for base in map(Path, nvidia.__path__) for p in base.glob("*/include"))
     except ImportError:
         pass
-    import sysconfig
     includes.append(Path(sysconfig.get_paths()["include"]))
     codegen = list(dict.fromkeys(flags + ext.COMMON_NVCC_FLAGS + ["-std=c++20"])) + macros
     return [nvcc_path(), "-cubin", f"-arch={arch}"] + codegen + [f"-I{p}" for p in includes], codegen
@@ -403,6 +404,7 @@ FA2_PLAIN = {
 
 
 def fa2_rows(arch, compile_missing):
+    """The hot loops of FA2's plain variants (FA2_PLAIN) in each cached file, or why not."""
     rows = []
     for stem, got in fa2_sass(arch, compile_missing).items():
         if "Function" not in got:

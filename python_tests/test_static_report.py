@@ -120,6 +120,16 @@ def test_kernel_key():
     assert sr.kernel_key(fn_param) == "k<(void (*)(int))0, 2>"
 
 
+def test_fa2_plain_variant_is_picked_by_its_flags():
+    traits = ("Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t, "
+              "Flash_kernel_traits<64, 128, 128, 4, cutlass::bfloat16_t> >")
+    plain = f"void flash::flash_fwd_kernel<{traits}, false, false, false, false, true, true, false, false>(Flash_fwd_params)"
+    args = sr.template_args(plain)
+    assert args[0] == traits and args[1:] == sr.FA2_PLAIN["flash_fwd_kernel"]
+    causal = plain.replace("false, false, false, false, true", "false, true, false, false, true")
+    assert sr.template_args(causal)[1:] != sr.FA2_PLAIN["flash_fwd_kernel"]
+
+
 @pytest.mark.parametrize("arch,regs,threads,smem,expected", [
     ("sm_90a", 168, 256, 0, (1, "regs")),          # 5376 regs a warp: 3 warps per sub-partition
     ("sm_90a", 32, 128, 0, (16, "warps")),         # registers would allow 16 too
