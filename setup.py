@@ -75,6 +75,12 @@ def read_sources():
     return cpp, cuda
 
 
+def read_nvcc_flags():
+    """csrc/nvcc_flags.txt, shared with benchmarks/static_report.py --compile."""
+    lines = (CSRC / "nvcc_flags.txt").read_text().splitlines()
+    return [f for f in (ln.split("#")[0].strip() for ln in lines) if f]
+
+
 def arch_token(arch_list):
     """'8.0;9.0a;9.0+PTX' -> '80_90a_90ptx', a preprocessor token build_info() decodes."""
     archs = [a for a in re.split(r"[;\s,]+", arch_list) if a]
@@ -122,7 +128,7 @@ def make_extension():
     ]
     if has_sm90a(arch_list):
         macros.append(("DITKERNELS_SM90A", None))
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    nvcc_flags = read_nvcc_flags()
     return CUDAExtension(
         "ditkernels._C",
         cpp + cuda,

@@ -15,6 +15,8 @@ extern "C" void __tsan_read_range(void* addr, unsigned long size);
 extern "C" void __tsan_write_range(void* addr, unsigned long size);
 #endif
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -877,6 +879,26 @@ void set_landing(LaunchState& state) {
   state.seed = splitmix64(s);
 }
 
+// DITKERNELS_EMU_LAUNCH_LOG=FILE appends one line per launch: the kernel's offset in
+// the library that defines it (kernels live in anonymous namespaces, so they have no
+// dynamic symbol; benchmarks/static_report.py names them from the library's symbol
+// table), grid, block and dynamic shared memory. That is how the static report learns
+// the launch configurations the real launchers choose.
+void log_launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes) {
+  const char* path = std::getenv("DITKERNELS_EMU_LAUNCH_LOG");
+  if (path == nullptr || *path == '\0') return;
+  Dl_info info{};
+  const uintptr_t base =
+      dladdr(kernel, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+  static std::mutex log_mutex;
+  std::lock_guard<std::mutex> lock(log_mutex);
+  FILE* f = std::fopen(path, "a");
+  TORCH_CHECK(f != nullptr, "DITKERNELS_EMU_LAUNCH_LOG: cannot open ", path);
+  std::fprintf(f, "%s\t0x%zx\t%u,%u,%u\t%u,%u,%u\t%zu\n", info.dli_fname ? info.dli_fname : "?",
+               static_cast<size_t>(reinterpret_cast<uintptr_t>(kernel) - base), grid.x, grid.y,
+               grid.z, block.x, block.y, block.z, smem_bytes);
+  std::fclose(f);
+}
 }  // namespace
 
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
@@ -902,6 +924,7 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
   TORCH_CHECK(smem_bytes <= allowed, "emulated CUDA launch of ", name, ": ", smem_bytes,
               " bytes of dynamic shared memory but the kernel allows ", allowed,
               " (cudaFuncSetAttribute MaxDynamicSharedMemorySize)");
+  log_launch(kernel, grid, block, smem_bytes);
 
   LaunchState state;
   state.name = name;
