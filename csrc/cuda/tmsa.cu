@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
       row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
       row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
       const float m_new = fmaxf(m[r], row_max[r]);
-      corr[r] = exp2f(m[r] - m_new);  // m = -inf on the first tile gives 0
+      corr[r] = mma::ex2_approx(m[r] - m_new);  // m = -inf on the first tile gives 0
       m[r] = m_new;
     }
     float row_sum[2] = {0.f, 0.f};
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        s[t][e] = exp2f(s[t][e] - m[r]);
+        s[t][e] = mma::ex2_approx(s[t][e] - m[r]);
         row_sum[r] += s[t][e];
       }
     }
@@ -547,7 +547,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
         if (table != nullptr && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
           v += __ldg(table + s_qbase[qc] - koff[r]);
         }
-        s[t][e] = exp2f(v - s_lse[qc]);
+        s[t][e] = mma::ex2_approx(v - s_lse[qc]);
       }
     }
 
