@@ -430,18 +430,6 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
     if (lane < 16) sm.row_shift[row0 + 16 * i + lane] = c * p.scale;
   }
 
-  uint32_t qf[kM][kK16][4];
-  uint32_t qf8[kM][2];
-#pragma unroll
-  for (int i = 0; i < kM; ++i) {
-    const T* qrows = &sm.q[row0 + 16 * i + (lane & 15)][0];
-#pragma unroll
-    for (int ks = 0; ks < kK16; ++ks) {
-      mma::ldmatrix_x4(qf[i][ks], qrows + ks * 16 + (lane >> 4) * 8);
-    }
-    if constexpr (Tiles::kTail8) mma::ldmatrix_x2(qf8[i], qrows + kK16 * 16);
-  }
-
   float o[kM][kDTiles][4];
 #pragma unroll
   for (int i = 0; i < kM; ++i)
@@ -486,6 +474,19 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
         for (int e = 0; e < 4; ++e) {
           s[i][t][e] = __ldg(bias_row[i][e >> 1] + ((e & 1) ? kb.hi : kb.lo));
         }
+    }
+    // Q' fragments, re-read in every tile: held across the loop they would take
+    // 32-36 registers that the accumulators need (ptxas spilled at D = 64 and 72).
+    uint32_t qf[kM][kK16][4];
+    uint32_t qf8[kM][2];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      const T* qrows = &sm.q[row0 + 16 * i + (lane & 15)][0];
+#pragma unroll
+      for (int ks = 0; ks < kK16; ++ks) {
+        mma::ldmatrix_x4(qf[i][ks], qrows + ks * 16 + (lane >> 4) * 8);
+      }
+      if constexpr (Tiles::kTail8) mma::ldmatrix_x2(qf8[i], qrows + kK16 * 16);
     }
     frags_times_tile_t<T, kD, kS, kM, kNTiles>(s, qf, qf8, &sm.k[stage][0][0], lane);
     softmax.update(s, o, p.scale_log2);
