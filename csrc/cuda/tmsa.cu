@@ -84,7 +84,7 @@ struct alignas(16) FwdSharedStorage {
   T q[Tiles::kBr][Tiles::kS];  // Q' = q + tq
   T k[2][Tiles::kBc][Tiles::kS];  // two pipeline stages of K and V
   T v[2][Tiles::kBc][Tiles::kS];
-  unsigned key_bias[2][Tiles::kBc];  // key_bias_offset of each key, per stage
+  unsigned key_bias[2][Tiles::kBc];  // each key's offset (KeyCursor), per stage
   // Each query row's row of the padded bias table. Read back from here in every tile,
   // the compiler cannot fold the row into each score's 64-bit address: one
   // IMAD.WIDE.U32 per score instead of four instructions.
@@ -92,13 +92,15 @@ struct alignas(16) FwdSharedStorage {
   float row_shift[Tiles::kBr];  // scale * c_i
 };
 
-// K and V rows j0.. into one stage; rows past N are zero-filled.
+// K and V rows j0.. into one stage from the K and V of one (sample, head) at k_base
+// and v_base; rows past N are zero-filled. Row offsets are 32-bit (the launcher
+// checks N * s_n fits), one multiply-add per chunk rather than 64-bit arithmetic.
 template <typename T, int kD>
-__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, T* sk, T* sv, int b, int h,
-                                             int j0) {
+__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
+                                             const T* v_base, T* sk, T* sv, int j0) {
   constexpr int kS = smem_stride<kD>(), kBc = FwdTiles<kD>::kBc;
   constexpr int kChunks = kD / 8, kTotal = kBc * kChunks;
-  const T* base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  const unsigned s_n = static_cast<unsigned>(p.s_n);
 #pragma unroll
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int idx = threadIdx.x + it * kThreads;
@@ -106,9 +108,9 @@ __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, T* sk, T* s
       const int row = idx / kChunks, chunk = idx % kChunks;
       const int j = j0 + row;
       const bool valid = j < p.N;
-      const T* src = base + (valid ? j : 0) * p.s_n + chunk * 8;
-      mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
-      mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+      const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
+      mma::cp_async_16(sk + row * kS + chunk * 8, k_base + off, valid ? 16 : 0);
+      mma::cp_async_16(sv + row * kS + chunk * 8, v_base + off, valid ? 16 : 0);
     }
   }
 }
@@ -135,7 +137,7 @@ __device__ __forceinline__ int query_base(const Params& p, int i) {
 
 // The forward gathers every score's bias unconditionally from the padded table of
 // fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros | T + 1 masks], at
-// query_bias_base(i) + key_bias_offset(j), with A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
+// query_bias_base(i) + key offset(j) (KeyCursor), with A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
 //   grid query: query_base - A, in [0, A];   leading query (or past N): 2A + 1;
 //   grid key: A - key_offset, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
 // Grid pairs land in the table, pairs with a leading token in the zeros
@@ -148,24 +150,47 @@ __device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int 
   return i < p.bias_leading || i >= p.N ? 2 * p.bias_span + 1 : base;
 }
 
-__device__ __forceinline__ unsigned key_bias_offset(const TmsaFwdParams& p, int j) {
-  const int g = j < p.bias_leading ? 0 : j - p.bias_leading, y = g / p.grid_w;
-  const int off = p.bias_span - (y * (2 * p.grid_w - 1) + (g - y * p.grid_w));
-  return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1 : off;
-}
-
-// Two adjacent keys' key_bias_offset, read from shared memory at once.
+// Two adjacent keys' offsets, read from shared memory at once.
 struct alignas(8) KeyPair {
   unsigned lo, hi;
 };
 
-// key_bias_offset of keys j0.. of a tile, one thread a key.
-__device__ __forceinline__ void load_key_bias(const TmsaFwdParams& p, unsigned* dst, int j0,
-                                              int tid) {
-  constexpr int kBc = FwdTiles<64>::kBc;
-  static_assert(kThreads >= kBc, "one thread per key");
-  const unsigned off = key_bias_offset(p, j0 + tid % kBc);
+// The table offset of key j = j0 + tid % kBc and of its successors j + kBc, j + 2 kBc, ...:
+// the grid position g = j - L = y Gw + x (0 <= x < Gw; y < 0 for leading keys) is
+// carried from tile to tile, so the CTA divides by Gw once rather than every tile.
+struct KeyCursor {
+  int j, y, x, dy, dx;
+
+  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0, int kBc) : j(j0) {
+    const int g = j - p.bias_leading;
+    y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
+    x = g - y * p.grid_w;
+    dy = kBc / p.grid_w;
+    dx = kBc - dy * p.grid_w;
+  }
+
+  __device__ __forceinline__ unsigned offset(const TmsaFwdParams& p) const {
+    const int off = p.bias_span - (y * (2 * p.grid_w - 1) + x);
+    return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1 : off;
+  }
+
+  __device__ __forceinline__ void advance(const TmsaFwdParams& p, int kBc) {
+    j += kBc;
+    x += dx;
+    y += dy;
+    const bool wrap = x >= p.grid_w;
+    x -= wrap ? p.grid_w : 0;
+    y += wrap ? 1 : 0;
+  }
+};
+
+// The cursor's key offset into a stage's key_bias (threads past the tile width,
+// whose cursors repeat the first kBc, store nothing); then on to the next tile.
+__device__ __forceinline__ void store_key_bias(KeyCursor& cursor, const TmsaFwdParams& p,
+                                               unsigned* dst, int tid, int kBc) {
+  const unsigned off = cursor.offset(p);
   if (tid < kBc) dst[tid] = off;
+  cursor.advance(p, kBc);
 }
 
 // The kRows-row tile Q' = q + tq at rows q0.. of q (row stride s_n), rounded to T
@@ -410,9 +435,12 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
   const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
   const float* table = p.table + h * p.table_stride;
 
-  load_kv_tile<T, kD>(p, &sm.k[0][0][0], &sm.v[0][0][0], b, h, 0);
+  const T* k_base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h + p.s_3;
+  const T* v_base = k_base + p.s_3;
+  load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[0][0][0], &sm.v[0][0][0], 0);
   mma::cp_async_commit();
-  load_key_bias(p, sm.key_bias[0], 0, tid);
+  KeyCursor keys(p, tid % kBc, kBc);
+  store_key_bias(keys, p, sm.key_bias[0], tid, kBc);
   for (int row = tid; row < kBr; row += kThreads) {
     sm.bias_row[row] = table + query_bias_base(p, q0 + row);
   }
@@ -445,8 +473,9 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
     // Prefetch the next tile into the other stage, whose last reader finished at the
     // barrier closing the previous tile. Past the last tile this fills zeros and
     // "past N" offsets that nobody reads: no branch.
-    load_kv_tile<T, kD>(p, &sm.k[stage ^ 1][0][0], &sm.v[stage ^ 1][0][0], b, h, (jt + 1) * kBc);
-    load_key_bias(p, sm.key_bias[stage ^ 1], (jt + 1) * kBc, tid);
+    load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[stage ^ 1][0][0], &sm.v[stage ^ 1][0][0],
+                        (jt + 1) * kBc);
+    store_key_bias(keys, p, sm.key_bias[stage ^ 1], tid, kBc);
     mma::cp_async_commit();
     mma::cp_async_wait<1>();
     __syncthreads();
@@ -862,9 +891,12 @@ at::Tensor fwd_bias_table(const tmsa::Args& a) {
 }
 
 // The fused forward seeds unscaled scores with bias / scale and takes row maxima before
-// scaling: it needs a positive scale of moderate size (any sane softmax scale); other
-// scales take the blocked path.
-bool fused_forward_scale(double scale) { return scale >= 1e-20 && scale <= 1e20; }
+// scaling, so it needs a positive scale of moderate size (any sane softmax scale), and
+// it addresses K and V rows with 32-bit offsets; anything else takes the blocked path.
+bool fused_forward_supports(const tmsa::Args& a, const at::Tensor& packed) {
+  return a.scale >= 1e-20 && a.scale <= 1e20 &&
+         (a.N + 1) * packed.stride(1) < (int64_t{1} << 32);
+}
 
 template <typename T, int kD>
 void launch_forward(const TmsaFwdParams& p, cudaStream_t stream) {
@@ -886,11 +918,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   const char* op = "tmsa_fwd";
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   const c10::cuda::CUDAGuard guard(qkv.device());
-  if (qkv.scalar_type() == at::kFloat || !fused_forward_scale(a.scale)) {
-    return tmsa::forward_blocked(a);
-  }
-
+  if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
   const at::Tensor packed = aligned_qkv(a);
+  if (!fused_forward_supports(a, packed)) return tmsa::forward_blocked(a);
+
   const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
