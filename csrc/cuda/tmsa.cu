@@ -76,19 +76,27 @@ struct FwdTiles {
   static constexpr bool kTail8 = kD % 16 == 8;  // one k8 step more (D = 72)
   static constexpr int kDTiles = kD / 8;        // n8 output tiles of P V
   static constexpr int kNTiles = kBc / 8;       // n8 score tiles per key tile
+  // Each thread copies the same number of 16-byte chunks of a K (or V) tile; where
+  // kBc * kD / 8 is not a multiple of the thread count (D = 72), the last chunks land
+  // in spare rows past kBc that nobody reads, so no thread needs a bounds check.
+  static constexpr int kChunkRounds = (kBc * (kD / 8) + kThreads - 1) / kThreads;
+  static constexpr int kStageRows = (kChunkRounds * kThreads + kD / 8 - 1) / (kD / 8);
 };
 
 template <typename T, int kD>
 struct alignas(16) FwdSharedStorage {
   using Tiles = FwdTiles<kD>;
   T q[Tiles::kBr][Tiles::kS];  // Q' = q + tq
-  T k[2][Tiles::kBc][Tiles::kS];  // two pipeline stages of K and V
-  T v[2][Tiles::kBc][Tiles::kS];
-  unsigned key_bias[2][Tiles::kBc];  // each key's offset (KeyCursor), per stage
-  // Each query row's row of the padded bias table. Read back from here in every tile,
-  // the compiler cannot fold the row into each score's 64-bit address: one
-  // IMAD.WIDE.U32 per score instead of four instructions.
+  T k[2][Tiles::kStageRows][Tiles::kS];  // two pipeline stages of K and V
+  T v[2][Tiles::kStageRows][Tiles::kS];
+  // Each key's offset (KeyCursor), per stage; threads past kBc write unread copies
+  // to the second half rather than branch.
+  unsigned key_bias[2][kThreads];
+  // Each query row's row of the padded bias table, and the CTA's K and V. Read back
+  // from here in every tile, the compiler cannot fold the 64-bit bases into each
+  // address: one IMAD.WIDE.U32 per load instead of four instructions.
   const float* bias_row[Tiles::kBr];
+  const T* kv_base[2];
   float row_shift[Tiles::kBr];  // scale * c_i
 };
 
@@ -98,20 +106,17 @@ struct alignas(16) FwdSharedStorage {
 template <typename T, int kD>
 __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
                                              const T* v_base, T* sk, T* sv, int j0) {
-  constexpr int kS = smem_stride<kD>(), kBc = FwdTiles<kD>::kBc;
-  constexpr int kChunks = kD / 8, kTotal = kBc * kChunks;
+  constexpr int kS = smem_stride<kD>(), kChunks = kD / 8;
   const unsigned s_n = static_cast<unsigned>(p.s_n);
 #pragma unroll
-  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+  for (int it = 0; it < FwdTiles<kD>::kChunkRounds; ++it) {
     const int idx = threadIdx.x + it * kThreads;
-    if (kTotal % kThreads == 0 || idx < kTotal) {
-      const int row = idx / kChunks, chunk = idx % kChunks;
-      const int j = j0 + row;
-      const bool valid = j < p.N;
-      const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
-      mma::cp_async_16(sk + row * kS + chunk * 8, k_base + off, valid ? 16 : 0);
-      mma::cp_async_16(sv + row * kS + chunk * 8, v_base + off, valid ? 16 : 0);
-    }
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const int j = j0 + row;
+    const bool valid = j < p.N;
+    const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
+    mma::cp_async_16(sk + row * kS + chunk * 8, k_base + off, valid ? 16 : 0);
+    mma::cp_async_16(sv + row * kS + chunk * 8, v_base + off, valid ? 16 : 0);
   }
 }
 
@@ -185,11 +190,10 @@ struct KeyCursor {
 };
 
 // The cursor's key offset into a stage's key_bias (threads past the tile width,
-// whose cursors repeat the first kBc, store nothing); then on to the next tile.
+// whose cursors repeat the first kBc, store unread copies); then on to the next tile.
 __device__ __forceinline__ void store_key_bias(KeyCursor& cursor, const TmsaFwdParams& p,
                                                unsigned* dst, int tid, int kBc) {
-  const unsigned off = cursor.offset(p);
-  if (tid < kBc) dst[tid] = off;
+  dst[tid] = cursor.offset(p);
   cursor.advance(p, kBc);
 }
 
@@ -444,6 +448,10 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
   for (int row = tid; row < kBr; row += kThreads) {
     sm.bias_row[row] = table + query_bias_base(p, q0 + row);
   }
+  if (tid == 0) {
+    sm.kv_base[0] = k_base;
+    sm.kv_base[1] = v_base;
+  }
   load_q_time_tile<T, kD, kS, kBr>(&sm.q[0][0],
                                    static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h, p.s_n,
                                    time != nullptr ? time + time_base : nullptr, q0, p.N, tid);
@@ -473,8 +481,8 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
     // Prefetch the next tile into the other stage, whose last reader finished at the
     // barrier closing the previous tile. Past the last tile this fills zeros and
     // "past N" offsets that nobody reads: no branch.
-    load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[stage ^ 1][0][0], &sm.v[stage ^ 1][0][0],
-                        (jt + 1) * kBc);
+    load_kv_tile<T, kD>(p, sm.kv_base[0], sm.kv_base[1], &sm.k[stage ^ 1][0][0],
+                        &sm.v[stage ^ 1][0][0], (jt + 1) * kBc);
     store_key_bias(keys, p, sm.key_bias[stage ^ 1], tid, kBc);
     mma::cp_async_commit();
     mma::cp_async_wait<1>();
