@@ -52,6 +52,9 @@ struct TmsaFwdParams {
   // table), A = (Gh - 1)(2 Gw - 1) + Gw - 1, and the tokens without grid position.
   int64_t table_stride;
   int bias_span, bias_leading;
+  // A key tile's width kBc = key_step_y Gw + key_step_x as grid rows and columns, and
+  // as a step of the table offset, key_step_y (2 Gw - 1) + key_step_x.
+  int key_step_x, key_step_lin;
 };
 
 // Shared-memory row stride (elements): an odd number of 16-byte chunks per row
@@ -65,12 +68,14 @@ constexpr int smem_stride() {
 // fragment it reads from shared memory feeds 2 * kRowTiles mmas: two tiles (128-row
 // CTAs) while the output and score accumulators fit twice in registers (head dims up
 // to 72), one above.
+constexpr int kFwdKeyTile = 64;  // keys per pipeline stage at every head dim
+
 template <int kD>
 struct FwdTiles {
   static constexpr int kRowTiles = kD <= 72 ? 2 : 1;
   static constexpr int kRowsPerWarp = 16 * kRowTiles;
   static constexpr int kBr = kWarps * kRowsPerWarp;  // queries per CTA
-  static constexpr int kBc = 64;                      // keys per pipeline stage
+  static constexpr int kBc = kFwdKeyTile;             // keys per pipeline stage
   static constexpr int kS = smem_stride<kD>();
   static constexpr int kK16 = kD / 16;          // full k16 steps of Q K^T
   static constexpr bool kTail8 = kD % 16 == 8;  // one k8 step more (D = 72)
@@ -83,19 +88,36 @@ struct FwdTiles {
   static constexpr int kStageRows = (kChunkRounds * kThreads + kD / 8 - 1) / (kD / 8);
 };
 
+// The table offsets of the 2 kBc / 8 keys a thread's score accumulators hold, keys
+// 8 t + 2 (lane % 4) + e of the tile at v[2 t + e]: stored in this order, so that
+// they come in 16-byte loads.
+struct alignas(16) KeyOffsets {
+  unsigned v[16];
+};
+__device__ __forceinline__ int key_offsets_slot(int key) {
+  return ((key >> 1) & 3) * 16 + (key >> 3) * 2 + (key & 1);
+}
+
+// The bias-table rows of the 2 kM query rows a thread holds (rows 16 i + 8 r + lane / 4
+// of its warp's), together for 16-byte loads.
+template <int kM>
+struct alignas(16) RowBias {
+  const float* row[kM][2];
+};
+
 template <typename T, int kD>
 struct alignas(16) FwdSharedStorage {
   using Tiles = FwdTiles<kD>;
   T q[Tiles::kBr][Tiles::kS];  // Q' = q + tq
   T k[2][Tiles::kStageRows][Tiles::kS];  // two pipeline stages of K and V
   T v[2][Tiles::kStageRows][Tiles::kS];
-  // Each key's offset (KeyCursor), per stage; threads past kBc write unread copies
-  // to the second half rather than branch.
+  // Each key's offset (KeyCursor), per stage, in KeyOffsets order; threads past kBc
+  // write unread copies to the second half rather than branch.
   unsigned key_bias[2][kThreads];
   // Each query row's row of the padded bias table, and the CTA's K and V. Read back
   // from here in every tile, the compiler cannot fold the 64-bit bases into each
   // address: one IMAD.WIDE.U32 per load instead of four instructions.
-  const float* bias_row[Tiles::kBr];
+  RowBias<Tiles::kRowTiles> bias_rows[kWarps * 8];
   const T* kv_base[2];
   float row_shift[Tiles::kBr];  // scale * c_i
 };
@@ -155,45 +177,40 @@ __device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int 
   return i < p.bias_leading || i >= p.N ? 2 * p.bias_span + 1 : base;
 }
 
-// Two adjacent keys' offsets, read from shared memory at once.
-struct alignas(8) KeyPair {
-  unsigned lo, hi;
-};
-
 // The table offset of key j = j0 + tid % kBc and of its successors j + kBc, j + 2 kBc, ...:
 // the grid position g = j - L = y Gw + x (0 <= x < Gw; y < 0 for leading keys) is
-// carried from tile to tile, so the CTA divides by Gw once rather than every tile.
+// carried from tile to tile as x and lin = y (2 Gw - 1) + x, so the CTA divides by Gw
+// once rather than every tile.
 struct KeyCursor {
-  int j, y, x, dy, dx;
+  int j, x, lin;
 
-  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0, int kBc) : j(j0) {
+  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0) : j(j0) {
     const int g = j - p.bias_leading;
-    y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
+    const int y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
     x = g - y * p.grid_w;
-    dy = kBc / p.grid_w;
-    dx = kBc - dy * p.grid_w;
+    lin = y * (2 * p.grid_w - 1) + x;
   }
 
   __device__ __forceinline__ unsigned offset(const TmsaFwdParams& p) const {
-    const int off = p.bias_span - (y * (2 * p.grid_w - 1) + x);
-    return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1 : off;
+    return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1
+                                                              : p.bias_span - lin;
   }
 
+  // kBc keys on: key_step_y rows and key_step_x columns, one row more when x wraps.
   __device__ __forceinline__ void advance(const TmsaFwdParams& p, int kBc) {
     j += kBc;
-    x += dx;
-    y += dy;
+    x += p.key_step_x;
     const bool wrap = x >= p.grid_w;
     x -= wrap ? p.grid_w : 0;
-    y += wrap ? 1 : 0;
+    lin += p.key_step_lin + (wrap ? p.grid_w - 1 : 0);
   }
 };
 
 // The cursor's key offset into a stage's key_bias (threads past the tile width,
 // whose cursors repeat the first kBc, store unread copies); then on to the next tile.
 __device__ __forceinline__ void store_key_bias(KeyCursor& cursor, const TmsaFwdParams& p,
-                                               unsigned* dst, int tid, int kBc) {
-  dst[tid] = cursor.offset(p);
+                                               unsigned* dst, int slot, int kBc) {
+  dst[slot] = cursor.offset(p);
   cursor.advance(p, kBc);
 }
 
@@ -387,11 +404,13 @@ struct OnlineSoftmax {
       for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[i][t][e]);
+      float cm[2];  // c m_new
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float corr = mma::ex2_approx((m[i][r] - mx[r]) * c);
+        cm[r] = mx[r] * c;
+        const float corr = mma::ex2_approx(fmaf(m[i][r], c, -cm[r]));
         m[i][r] = mx[r];
         l[i][r] *= corr;
 #pragma unroll
@@ -400,7 +419,6 @@ struct OnlineSoftmax {
           o[i][t][2 * r + 1] *= corr;
         }
       }
-      const float cm[2] = {m[i][0] * c, m[i][1] * c};
 #pragma unroll
       for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
@@ -443,10 +461,14 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
   const T* v_base = k_base + p.s_3;
   load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[0][0][0], &sm.v[0][0][0], 0);
   mma::cp_async_commit();
-  KeyCursor keys(p, tid % kBc, kBc);
-  store_key_bias(keys, p, sm.key_bias[0], tid, kBc);
+  static_assert(2 * kBc / 8 == 16, "KeyOffsets holds a thread's 16 keys");
+  KeyCursor keys(p, tid % kBc);
+  const int key_slot = key_offsets_slot(tid % kBc) + (tid / kBc) * kBc;
+  store_key_bias(keys, p, sm.key_bias[0], key_slot, kBc);
   for (int row = tid; row < kBr; row += kThreads) {
-    sm.bias_row[row] = table + query_bias_base(p, q0 + row);
+    const int w = row / Tiles::kRowsPerWarp, in_warp = row % Tiles::kRowsPerWarp;
+    sm.bias_rows[w * 8 + in_warp % 8].row[in_warp / 16][(in_warp / 8) % 2] =
+        table + query_bias_base(p, q0 + row);
   }
   if (tid == 0) {
     sm.kv_base[0] = k_base;
@@ -478,40 +500,31 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
   const int n_tiles = (p.N + kBc - 1) / kBc;
   for (int jt = 0; jt < n_tiles; ++jt) {
     const int stage = jt & 1;
-    // Prefetch the next tile into the other stage, whose last reader finished at the
-    // barrier closing the previous tile. Past the last tile this fills zeros and
-    // "past N" offsets that nobody reads: no branch.
+    // One barrier a tile: past it, this tile's copies are visible and every warp is
+    // done with the previous tile, so the next one can go into the other stage. Past
+    // the last tile that fills zeros and "past N" offsets nobody reads: no branch.
+    mma::cp_async_wait<0>();
+    __syncthreads();
     load_kv_tile<T, kD>(p, sm.kv_base[0], sm.kv_base[1], &sm.k[stage ^ 1][0][0],
                         &sm.v[stage ^ 1][0][0], (jt + 1) * kBc);
-    store_key_bias(keys, p, sm.key_bias[stage ^ 1], tid, kBc);
+    store_key_bias(keys, p, sm.key_bias[stage ^ 1], key_slot, kBc);
     mma::cp_async_commit();
-    mma::cp_async_wait<1>();
-    __syncthreads();
 
     // S = bias / scale + Q' K^T: the bias (the padded table, stored divided by the
     // scale, masks keys past N) seeds the accumulators, so it needs no registers of
-    // its own and no instruction to add it. A thread's two keys of an n8 tile take
-    // their offsets in one 8-byte load.
-    // Row r of row tile i of this thread is row 16 i + 8 r + lane / 4 of the warp's.
-    const float* bias_row[kM][2];
-#pragma unroll
-    for (int i = 0; i < kM; ++i)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        bias_row[i][r] = sm.bias_row[row0 + 16 * i + 8 * r + (lane >> 2)];
-      }
+    // its own and no instruction to add it.
+    const RowBias<kM> rows = sm.bias_rows[warp * 8 + (lane >> 2)];
+    const KeyOffsets keys_of =
+        *reinterpret_cast<const KeyOffsets*>(&sm.key_bias[stage][(lane & 3) * 16]);
     float s[kM][kNTiles][4];
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) {
-      const KeyPair kb =
-          *reinterpret_cast<const KeyPair*>(&sm.key_bias[stage][t * 8 + (lane & 3) * 2]);
+    for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
       for (int i = 0; i < kM; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[i][t][e] = __ldg(bias_row[i][e >> 1] + ((e & 1) ? kb.hi : kb.lo));
+          s[i][t][e] = __ldg(rows.row[i][e >> 1] + keys_of.v[2 * t + (e & 1)]);
         }
-    }
     // Q' fragments, re-read in every tile: held across the loop they would take
     // 32-36 registers that the accumulators need (ptxas spilled at D = 64 and 72).
     uint32_t qf[kM][kK16][4];
@@ -536,8 +549,6 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
       for (int i = 0; i < kM; ++i) tiles_as_fragment<T>(pa[i], s[i][2 * kb], s[i][2 * kb + 1]);
       frags_times_rows16<T, kD, kS, kM>(o, pa, &sm.v[stage][kb * 16][0], lane);
     }
-    // Every warp is done with this stage before the next iteration refills it.
-    __syncthreads();
   }
   mma::cp_async_wait<0>();
   softmax.finish();
@@ -943,6 +954,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   p.table_stride = a.rel_table ? table.size(1) : 0;
   p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
   p.bias_leading = a.rel_table ? p.num_leading : p.N;
+  p.key_step_x = kFwdKeyTile % p.grid_w;
+  p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
