@@ -959,13 +959,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    switch (a.D) {
-      case 32: launch_forward<scalar_t, 32>(p, stream); break;
-      case 64: launch_forward<scalar_t, 64>(p, stream); break;
-      case 72: launch_forward<scalar_t, 72>(p, stream); break;
-      case 96: launch_forward<scalar_t, 96>(p, stream); break;
-      default: launch_forward<scalar_t, 128>(p, stream); break;
-    }
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_forward<scalar_t, kD>(p, stream); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -1046,14 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                 : nullptr;
   p.grad_qkv = grad_qkv.data_ptr();
 
-  size_t bytes = 0;
-  switch (a.D) {
-    case 32: bytes = backward_smem_bytes<32>(); break;
-    case 64: bytes = backward_smem_bytes<64>(); break;
-    case 72: bytes = backward_smem_bytes<72>(); break;
-    case 96: bytes = backward_smem_bytes<96>(); break;
-    default: bytes = backward_smem_bytes<128>(); break;
-  }
+  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] { return backward_smem_bytes<kD>(); });
   // The table's partial sums stay in shared memory when they fit, else go straight
   // to global memory (same integer sums, more atomics).
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
@@ -1063,13 +1050,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    switch (a.D) {
-      case 32: launch_backward<scalar_t, 32>(p, bytes, stream); break;
-      case 64: launch_backward<scalar_t, 64>(p, bytes, stream); break;
-      case 72: launch_backward<scalar_t, 72>(p, bytes, stream); break;
-      case 96: launch_backward<scalar_t, 96>(p, bytes, stream); break;
-      default: launch_backward<scalar_t, 128>(p, bytes, stream); break;
-    }
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_backward<scalar_t, kD>(p, bytes, stream); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
