@@ -1,11 +1,12 @@
 // CUDA TMSA forward: one flash-attention-style kernel (fp16/bf16, mma.sync).
 //
-// A CTA owns 64 queries of one (sample, head); four warps each own 16 rows and
-// stream 64-key tiles of K and V through double-buffered shared memory (cp.async,
-// read in place from the packed [B, N, 3, H, D] projection). The bias is gathered
-// per score from the [H, T] table inside the tile, so no N x N tensor exists.
-// Online softmax in the exp2 domain with fp32 statistics; the log-sum-exp is saved
-// for the backward pass.
+// A CTA owns 128 queries of one (sample, head) at head dims up to 72 (64 above);
+// four warps each own 32 (16) rows and stream 64-key tiles of K and V through
+// double-buffered shared memory (cp.async, read in place from the packed
+// [B, N, 3, H, D] projection). Each score's bias is gathered, without a branch, from
+// a padded copy of the [H, T] table (fwd_bias_table), so no N x N tensor exists.
+// Online softmax in the exp2 domain (ex2.approx) with fp32 statistics; the
+// log-sum-exp is saved for the backward pass.
 //
 // The time term is folded in exactly rather than added to every K and V tile:
 //   (q + tq) . (k + tk) = (q + tq) . k + c_i,  c_i = (q + tq) . tk   (constant per row,
@@ -21,6 +22,7 @@
 #include <ATen/ATen.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "ditkernels/cuda_runtime.cuh"
@@ -32,13 +34,13 @@
 namespace ditkernels {
 namespace {
 
-constexpr int kBr = 64, kBc = 64, kWarps = 4, kThreads = kWarps * 32;
+constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct TmsaFwdParams {
   const void* qkv;       // [B, N, 3, H, D], unit stride along D
   const void* time_qkv;  // [B, 3, H, D] contiguous, or null
-  const float* table;    // [H, T] fp32 times log2 e, or null
+  const float* table;    // fwd_bias_table: [H or 1, table_stride] fp32, never null
   void* out;             // [B, N, H, D] contiguous
   float* lse;            // [B, H, N]
   int64_t s_b, s_n, s_3, s_h;  // qkv strides in elements
@@ -46,6 +48,13 @@ struct TmsaFwdParams {
   int grid_h, grid_w, num_leading, table_size;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
+  // The bias gather (query_bias_base): the padded table's head stride (0 without a
+  // table), A = (Gh - 1)(2 Gw - 1) + Gw - 1, and the tokens without grid position.
+  int64_t table_stride;
+  int bias_span, bias_leading;
+  // A key tile's width kBc = key_step_y Gw + key_step_x as grid rows and columns, and
+  // as a step of the table offset, key_step_y (2 Gw - 1) + key_step_x.
+  int key_step_x, key_step_lin;
 };
 
 // Shared-memory row stride (elements): an odd number of 16-byte chunks per row
@@ -55,25 +64,81 @@ constexpr int smem_stride() {
   return (kD / 8) % 2 == 1 ? kD : kD + 8;
 }
 
-// Q tile, two stages of K and V, the per-row shift and two stages of key offsets.
+// Forward tiles. A warp owns kRowTiles 16-row tiles of queries, so each K or V
+// fragment it reads from shared memory feeds 2 * kRowTiles mmas: two tiles (128-row
+// CTAs) while the output and score accumulators fit twice in registers (head dims up
+// to 72), one above.
+constexpr int kFwdKeyTile = 64;  // keys per pipeline stage at every head dim
+
 template <int kD>
-constexpr int smem_bytes() {
-  return (kBr + 4 * kBc) * smem_stride<kD>() * 2 + kBr * 4 + 2 * kBc * 4;
+struct FwdTiles {
+  static constexpr int kRowTiles = kD <= 72 ? 2 : 1;
+  static constexpr int kRowsPerWarp = 16 * kRowTiles;
+  static constexpr int kBr = kWarps * kRowsPerWarp;  // queries per CTA
+  static constexpr int kBc = kFwdKeyTile;             // keys per pipeline stage
+  static constexpr int kS = smem_stride<kD>();
+  static constexpr int kK16 = kD / 16;          // full k16 steps of Q K^T
+  static constexpr bool kTail8 = kD % 16 == 8;  // one k8 step more (D = 72)
+  static constexpr int kDTiles = kD / 8;        // n8 output tiles of P V
+  static constexpr int kNTiles = kBc / 8;       // n8 score tiles per key tile
+  // Each thread copies the same number of 16-byte chunks of a K (or V) tile; where
+  // kBc * kD / 8 is not a multiple of the thread count (D = 72), the last chunks land
+  // in spare rows past kBc that nobody reads, so no thread needs a bounds check.
+  static constexpr int kChunkRounds = (kBc * (kD / 8) + kThreads - 1) / kThreads;
+  static constexpr int kStageRows = (kChunkRounds * kThreads + kD / 8 - 1) / (kD / 8);
+};
+
+// The table offsets of the 2 kBc / 8 keys a thread's score accumulators hold, keys
+// 8 t + 2 (lane % 4) + e of the tile at v[2 t + e]: stored in this order, so that
+// they come in 16-byte loads.
+struct alignas(16) KeyOffsets {
+  unsigned v[16];
+};
+__device__ __forceinline__ int key_offsets_slot(int key) {
+  return ((key >> 1) & 3) * 16 + (key >> 3) * 2 + (key & 1);
 }
 
+// The bias-table rows of the 2 kM query rows a thread holds (rows 16 i + 8 r + lane / 4
+// of its warp's), together for 16-byte loads.
+template <int kM>
+struct alignas(16) RowBias {
+  const float* row[kM][2];
+};
+
 template <typename T, int kD>
-__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, T* sk, T* sv, int b, int h,
-                                             int j0) {
-  constexpr int kS = smem_stride<kD>();
-  constexpr int kChunks = kD / 8;
-  const T* base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
-  for (int idx = threadIdx.x; idx < kBc * kChunks; idx += kThreads) {
+struct alignas(16) FwdSharedStorage {
+  using Tiles = FwdTiles<kD>;
+  T q[Tiles::kBr][Tiles::kS];  // Q' = q + tq
+  T k[2][Tiles::kStageRows][Tiles::kS];  // two pipeline stages of K and V
+  T v[2][Tiles::kStageRows][Tiles::kS];
+  // Each key's offset (KeyCursor), per stage, in KeyOffsets order; threads past kBc
+  // write unread copies to the second half rather than branch.
+  unsigned key_bias[2][kThreads];
+  // Each query row's row of the padded bias table, and the CTA's K and V. Read back
+  // from here in every tile, the compiler cannot fold the 64-bit bases into each
+  // address: one IMAD.WIDE.U32 per load instead of four instructions.
+  RowBias<Tiles::kRowTiles> bias_rows[kWarps * 8];
+  const T* kv_base[2];
+  float row_shift[Tiles::kBr];  // scale * c_i
+};
+
+// K and V rows j0.. into one stage from the K and V of one (sample, head) at k_base
+// and v_base; rows past N are zero-filled. Row offsets are 32-bit (the launcher
+// checks N * s_n fits), one multiply-add per chunk rather than 64-bit arithmetic.
+template <typename T, int kD>
+__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
+                                             const T* v_base, T* sk, T* sv, int j0) {
+  constexpr int kS = smem_stride<kD>(), kChunks = kD / 8;
+  const unsigned s_n = static_cast<unsigned>(p.s_n);
+#pragma unroll
+  for (int it = 0; it < FwdTiles<kD>::kChunkRounds; ++it) {
+    const int idx = threadIdx.x + it * kThreads;
     const int row = idx / kChunks, chunk = idx % kChunks;
     const int j = j0 + row;
     const bool valid = j < p.N;
-    const T* src = base + (valid ? j : 0) * p.s_n + chunk * 8;
-    mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
-    mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+    const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
+    mma::cp_async_16(sk + row * kS + chunk * 8, k_base + off, valid ? 16 : 0);
+    mma::cp_async_16(sv + row * kS + chunk * 8, v_base + off, valid ? 16 : 0);
   }
 }
 
@@ -97,10 +162,62 @@ __device__ __forceinline__ int query_base(const Params& p, int i) {
   return (y + p.grid_h - 1) * (2 * p.grid_w - 1) + (g - y * p.grid_w) + p.grid_w - 1;
 }
 
-// The 64-row tile Q' = q + tq at rows q0.. of q (row stride s_n), rounded to T as
-// the unfused sum would be, zeros past N; in 16-byte chunks (q's rows and tq are
+// The forward gathers every score's bias unconditionally from the padded table of
+// fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros | T + 1 masks], at
+// query_bias_base(i) + key offset(j) (KeyCursor), with A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
+//   grid query: query_base - A, in [0, A];   leading query (or past N): 2A + 1;
+//   grid key: A - key_offset, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
+// Grid pairs land in the table, pairs with a leading token in the zeros
+// [2A + 1, 4A + 2], keys past N in the masks [4A + 3, 6A + 4]: one load per score,
+// no branch, and the offsets are never negative (unsigned 32-bit address arithmetic).
+// Without a table every token counts as leading (A = 0).
+__device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int i) {
+  const int g = i < p.bias_leading ? 0 : i - p.bias_leading, y = g / p.grid_w;
+  const int base = y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
+  return i < p.bias_leading || i >= p.N ? 2 * p.bias_span + 1 : base;
+}
+
+// The table offset of key j = j0 + tid % kBc and of its successors j + kBc, j + 2 kBc, ...:
+// the grid position g = j - L = y Gw + x (0 <= x < Gw; y < 0 for leading keys) is
+// carried from tile to tile as x and lin = y (2 Gw - 1) + x, so the CTA divides by Gw
+// once rather than every tile.
+struct KeyCursor {
+  int j, x, lin;
+
+  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0) : j(j0) {
+    const int g = j - p.bias_leading;
+    const int y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
+    x = g - y * p.grid_w;
+    lin = y * (2 * p.grid_w - 1) + x;
+  }
+
+  __device__ __forceinline__ unsigned offset(const TmsaFwdParams& p) const {
+    return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1
+                                                              : p.bias_span - lin;
+  }
+
+  // kBc keys on: key_step_y rows and key_step_x columns, one row more when x wraps.
+  __device__ __forceinline__ void advance(const TmsaFwdParams& p, int kBc) {
+    j += kBc;
+    x += p.key_step_x;
+    const bool wrap = x >= p.grid_w;
+    x -= wrap ? p.grid_w : 0;
+    lin += p.key_step_lin + (wrap ? p.grid_w - 1 : 0);
+  }
+};
+
+// The cursor's key offset into a stage's key_bias (threads past the tile width,
+// whose cursors repeat the first kBc, store unread copies); then on to the next tile.
+__device__ __forceinline__ void store_key_bias(KeyCursor& cursor, const TmsaFwdParams& p,
+                                               unsigned* dst, int slot, int kBc) {
+  dst[slot] = cursor.offset(p);
+  cursor.advance(p, kBc);
+}
+
+// The kRows-row tile Q' = q + tq at rows q0.. of q (row stride s_n), rounded to T
+// as the unfused sum would be, zeros past N; in 16-byte chunks (q's rows and tq are
 // 16-byte aligned).
-template <typename T, int kD, int kS>
+template <typename T, int kD, int kS, int kRows = 64>
 __device__ __forceinline__ void load_q_time_tile(T* sq, const T* q, int64_t s_n, const T* tq,
                                                  int q0, int N, int tid) {
   struct alignas(16) Chunk {
@@ -109,7 +226,7 @@ __device__ __forceinline__ void load_q_time_tile(T* sq, const T* q, int64_t s_n,
   // Not unrolled: the backward kernel's dK and dV accumulators are live here, and
   // unrolling costs it registers (sm_90, kD = 64: 215 instead of 168).
 #pragma unroll 1
-  for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+  for (int idx = tid; idx < kRows * (kD / 8); idx += kThreads) {
     const int row = idx / (kD / 8), d0 = idx % (kD / 8) * 8, i = q0 + row;
     Chunk c{};
     if (i < N) {
@@ -126,12 +243,12 @@ __device__ __forceinline__ void load_q_time_tile(T* sq, const T* q, int64_t s_n,
   }
 }
 
-// c_i = q'_i . tk for this warp's 16 rows of the tile at sq (two lanes a row), the
+// c_i = q'_i . tk for the 16 rows row0.. of the tile at sq (two lanes a row), the
 // term the folded time embedding adds to every score of row i; lanes 0-15 get row
-// warp * 16 + lane.
+// row0 + lane.
 template <typename T, int kD, int kS>
-__device__ __forceinline__ float row_time_dot(const T* sq, const T* tk, int warp, int lane) {
-  const int row = warp * 16 + (lane & 15), d0 = (lane >> 4) * (kD / 2);
+__device__ __forceinline__ float row_time_dot(const T* sq, const T* tk, int row0, int lane) {
+  const int row = row0 + (lane & 15), d0 = (lane >> 4) * (kD / 2);
   float c[2] = {0.f, 0.f};
   if (tk != nullptr) {
 #pragma unroll 4
@@ -176,11 +293,13 @@ __device__ __forceinline__ void rows16_times_tile64_t(float (&c)[8][4], const T*
   }
 }
 
-// C[16 x kD] += A[16 x 16] B[16 x kD]: A as an mma fragment, B the 16 rows at b
-// (row-major, stride kS) read transposed by ldmatrix (P V-shaped products).
-template <typename T, int kD, int kS>
-__device__ __forceinline__ void frag_times_rows16(float (&c)[kD / 8][4], const uint32_t (&a)[4],
-                                                  const T* b, int lane) {
+// C[m][16 x kD] += A[m][16 x 16] B[16 x kD] for kM row tiles m: A as mma fragments,
+// B the 16 rows at b (row-major, stride kS) read transposed by ldmatrix once for all
+// kM (P V-shaped products).
+template <typename T, int kD, int kS, int kM>
+__device__ __forceinline__ void frags_times_rows16(float (&c)[kM][kD / 8][4],
+                                                   const uint32_t (&a)[kM][4], const T* b,
+                                                   int lane) {
   constexpr int kDTiles = kD / 8;
   const int row = (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
@@ -188,13 +307,59 @@ __device__ __forceinline__ void frag_times_rows16(float (&c)[kD / 8][4], const u
     uint32_t r[4];
     mma::ldmatrix_x4_trans(r, b + row * kS + dp * 16 + (lane >> 4) * 8);
     const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-    mma::mma_16816<T>(c[2 * dp], a, b0);
-    mma::mma_16816<T>(c[2 * dp + 1], a, b1);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      mma::mma_16816<T>(c[m][2 * dp], a[m], b0);
+      mma::mma_16816<T>(c[m][2 * dp + 1], a[m], b1);
+    }
   }
   if constexpr (kDTiles % 2 == 1) {
     uint32_t r[2];
     mma::ldmatrix_x2_trans(r, b + (lane & 15) * kS + (kDTiles - 1) * 8);
-    mma::mma_16816<T>(c[kDTiles - 1], a, r);
+#pragma unroll
+    for (int m = 0; m < kM; ++m) mma::mma_16816<T>(c[m][kDTiles - 1], a[m], r);
+  }
+}
+
+template <typename T, int kD, int kS>
+__device__ __forceinline__ void frag_times_rows16(float (&c)[kD / 8][4], const uint32_t (&a)[4],
+                                                  const T* b, int lane) {
+  frags_times_rows16<T, kD, kS, 1>(reinterpret_cast<float (&)[1][kD / 8][4]>(c),
+                                   reinterpret_cast<const uint32_t (&)[1][4]>(a), b, lane);
+}
+
+// S[m][16 x 8 kNTiles] += Q'[m] K^T for kM row tiles m of Q' held as register fragments
+// (qf, and qf8 for the k8 tail of D = 72) and the kNTiles * 8 key rows at kt
+// (row-major, stride kS), each K fragment read once for all kM.
+template <typename T, int kD, int kS, int kM, int kNTiles>
+__device__ __forceinline__ void frags_times_tile_t(float (&s)[kM][kNTiles][4],
+                                                   const uint32_t (&qf)[kM][kD / 16][4],
+                                                   const uint32_t (&qf8)[kM][2], const T* kt,
+                                                   int lane) {
+  constexpr int kK16 = kD / 16;
+#pragma unroll
+  for (int pair = 0; pair < kNTiles / 2; ++pair) {
+    const int key = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+    for (int ks = 0; ks < kK16; ++ks) {
+      uint32_t r[4];
+      mma::ldmatrix_x4(r, kt + key * kS + ks * 16 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma::mma_16816<T>(s[m][2 * pair], qf[m][ks], b0);
+        mma::mma_16816<T>(s[m][2 * pair + 1], qf[m][ks], b1);
+      }
+    }
+    if constexpr (kD % 16 == 8) {
+      uint32_t r[2];
+      mma::ldmatrix_x2(r, kt + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma::mma_1688<T>(s[m][2 * pair], qf8[m], r[0]);
+        mma::mma_1688<T>(s[m][2 * pair + 1], qf8[m], r[1]);
+      }
+    }
   }
 }
 
@@ -208,194 +373,211 @@ __device__ __forceinline__ void tiles_as_fragment(uint32_t (&a)[4], const float 
   a[3] = mma::pack2<T>(hi[2], hi[3]);
 }
 
+// Online softmax in the exp2 domain over the rows a thread holds in kM row tiles of
+// mma accumulators (rows lane / 4 and lane / 4 + 8 of each): the running max m of the
+// unscaled scores and this thread's part l of the running sum (the quad's parts are
+// added by finish()).
+template <int kM>
+struct OnlineSoftmax {
+  float m[kM][2], l[kM][2];
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      m[i][0] = m[i][1] = -INFINITY;
+      l[i][0] = l[i][1] = 0.f;
+    }
+  }
+
+  // s: one key tile's unscaled scores, replaced by P = exp2(c (s - m_new)) with
+  // c = scale * log2 e > 0 (so the max commutes with the scaling, and c s - c m is one
+  // FFMA); the output accumulator o is rescaled by exp2(c (m_old - m_new)). Every row
+  // has a finite score in the first tile (key 0), so m_new is finite and m_old = -inf
+  // gives a factor of 0.
+  template <int kNTiles, int kDTiles>
+  __device__ __forceinline__ void update(float (&s)[kM][kNTiles][4], float (&o)[kM][kDTiles][4],
+                                         float c) {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      float mx[2] = {m[i][0], m[i][1]};
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[i][t][e]);
+      float cm[2];  // c m_new
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        cm[r] = mx[r] * c;
+        const float corr = mma::ex2_approx(fmaf(m[i][r], c, -cm[r]));
+        m[i][r] = mx[r];
+        l[i][r] *= corr;
+#pragma unroll
+        for (int t = 0; t < kDTiles; ++t) {
+          o[i][t][2 * r] *= corr;
+          o[i][t][2 * r + 1] *= corr;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kNTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[i][t][e] = mma::ex2_approx(fmaf(s[i][t][e], c, -cm[e >> 1]));
+          l[i][e >> 1] += s[i][t][e];
+        }
+    }
+  }
+
+  __device__ __forceinline__ void finish() {
+#pragma unroll
+    for (int i = 0; i < kM; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 1);
+        l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 2);
+      }
+  }
+};
+
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) tmsa_fwd_kernel(const TmsaFwdParams p) {
-  constexpr int kS = smem_stride<kD>();
-  constexpr int kK16 = kD / 16;           // full k16 steps of Q K^T
-  constexpr bool kTail8 = kD % 16 == 8;   // one k8 step more (D = 72)
-  constexpr int kDTiles = kD / 8;         // n8 output tiles of P V
+__global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdParams p) {
+  using Tiles = FwdTiles<kD>;
+  constexpr int kM = Tiles::kRowTiles, kBr = Tiles::kBr, kBc = Tiles::kBc, kS = Tiles::kS;
+  constexpr int kK16 = Tiles::kK16, kDTiles = Tiles::kDTiles, kNTiles = Tiles::kNTiles;
   DK_DYNAMIC_SMEM(16, smem_raw);
-  T* sq = reinterpret_cast<T*>(smem_raw);
-  // Stage s of K at sq + (kBr + s * kBc) * kS, of V at sq + (kBr + (2 + s) * kBc) * kS.
-  auto k_stage = [&](int st) { return sq + (kBr + st * kBc) * kS; };
-  auto v_stage = [&](int st) { return sq + (kBr + (2 + st) * kBc) * kS; };
-  float* row_shift = reinterpret_cast<float*>(sq + (kBr + 4 * kBc) * kS);
-  int* key_offsets = reinterpret_cast<int*>(row_shift + kBr);  // [2 stages][kBc]
+  auto& sm = *reinterpret_cast<FwdSharedStorage<T, kD>*>(smem_raw);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * kBr;
+  const int row0 = warp * Tiles::kRowsPerWarp;  // this warp's first row of the tile
   const T* time = static_cast<const T*>(p.time_qkv);
   const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;  // [b, 0, h, :]
   const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
+  const float* table = p.table + h * p.table_stride;
 
-  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
-                                          : nullptr;
-  load_kv_tile<T, kD>(p, k_stage(0), v_stage(0), b, h, 0);
+  const T* k_base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h + p.s_3;
+  const T* v_base = k_base + p.s_3;
+  load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[0][0][0], &sm.v[0][0][0], 0);
   mma::cp_async_commit();
-  if (table != nullptr && tid < kBc) key_offsets[tid] = key_offset(p, tid);
-
-  static_assert(kBr == 64, "load_q_time_tile loads 64 rows");
-  load_q_time_tile<T, kD, kS>(sq, static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h, p.s_n,
-                              time != nullptr ? time + time_base : nullptr, q0, p.N, tid);
+  static_assert(2 * kBc / 8 == 16, "KeyOffsets holds a thread's 16 keys");
+  KeyCursor keys(p, tid % kBc);
+  const int key_slot = key_offsets_slot(tid % kBc) + (tid / kBc) * kBc;
+  store_key_bias(keys, p, sm.key_bias[0], key_slot, kBc);
+  for (int row = tid; row < kBr; row += kThreads) {
+    const int w = row / Tiles::kRowsPerWarp, in_warp = row % Tiles::kRowsPerWarp;
+    sm.bias_rows[w * 8 + in_warp % 8].row[in_warp / 16][(in_warp / 8) % 2] =
+        table + query_bias_base(p, q0 + row);
+  }
+  if (tid == 0) {
+    sm.kv_base[0] = k_base;
+    sm.kv_base[1] = v_base;
+  }
+  load_q_time_tile<T, kD, kS, kBr>(&sm.q[0][0],
+                                   static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h, p.s_n,
+                                   time != nullptr ? time + time_base : nullptr, q0, p.N, tid);
   __syncthreads();
   // scale * c_i = scale * (q_i + tq) . tk, added back to the log-sum-exp (see the
   // file comment). Each warp reads it back for its own rows only.
-  {
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
     const float c = row_time_dot<T, kD, kS>(
-        sq, time != nullptr ? time + time_base + time_slot : nullptr, warp, lane);
-    if (lane < 16) row_shift[warp * 16 + lane] = c * p.scale;
+        &sm.q[0][0], time != nullptr ? time + time_base + time_slot : nullptr, row0 + 16 * i,
+        lane);
+    if (lane < 16) sm.row_shift[row0 + 16 * i + lane] = c * p.scale;
   }
 
-  uint32_t qf[kK16][4];
-  uint32_t qf8[2];
+  float o[kM][kDTiles][4];
 #pragma unroll
-  for (int ks = 0; ks < kK16; ++ks) {
-    mma::ldmatrix_x4(qf[ks], sq + (warp * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
-  }
-  if constexpr (kTail8) {
-    mma::ldmatrix_x2(qf8, sq + (warp * 16 + (lane & 15)) * kS + kK16 * 16);
-  }
-
-  // This thread's two query rows and their table bases. Leading tokens and the
-  // padding rows past N take no bias (and padding rows must not index the table).
-  const int qi[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
-  const int qbase[2] = {query_base(p, qi[0]), query_base(p, qi[1])};
-
-  float o[kDTiles][4];
+  for (int i = 0; i < kM; ++i)
 #pragma unroll
-  for (int t = 0; t < kDTiles; ++t)
+    for (int t = 0; t < kDTiles; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      for (int e = 0; e < 4; ++e) o[i][t][e] = 0.f;
+  OnlineSoftmax<kM> softmax;
 
   const int n_tiles = (p.N + kBc - 1) / kBc;
   for (int jt = 0; jt < n_tiles; ++jt) {
     const int stage = jt & 1;
-    if (jt + 1 < n_tiles) {
-      load_kv_tile<T, kD>(p, k_stage(stage ^ 1), v_stage(stage ^ 1), b, h, (jt + 1) * kBc);
-      // The stage's last reader finished at the barrier closing the previous tile.
-      if (table != nullptr && tid < kBc) {
-        key_offsets[(stage ^ 1) * kBc + tid] = key_offset(p, (jt + 1) * kBc + tid);
-      }
-    }
-    mma::cp_async_commit();
-    mma::cp_async_wait<1>();
+    // One barrier a tile: past it, this tile's copies are visible and every warp is
+    // done with the previous tile, so the next one can go into the other stage. Past
+    // the last tile that fills zeros and "past N" offsets nobody reads: no branch.
+    mma::cp_async_wait<0>();
     __syncthreads();
+    load_kv_tile<T, kD>(p, sm.kv_base[0], sm.kv_base[1], &sm.k[stage ^ 1][0][0],
+                        &sm.v[stage ^ 1][0][0], (jt + 1) * kBc);
+    store_key_bias(keys, p, sm.key_bias[stage ^ 1], key_slot, kBc);
+    mma::cp_async_commit();
 
-    // S = Q K^T for 16 rows x 64 keys per warp.
-    float s[kBc / 8][4];
+    // S = bias / scale + Q' K^T: the bias (the padded table, stored divided by the
+    // scale, masks keys past N) seeds the accumulators, so it needs no registers of
+    // its own and no instruction to add it.
+    const RowBias<kM> rows = sm.bias_rows[warp * 8 + (lane >> 2)];
+    const KeyOffsets keys_of =
+        *reinterpret_cast<const KeyOffsets*>(&sm.key_bias[stage][(lane & 3) * 16]);
+    float s[kM][kNTiles][4];
 #pragma unroll
-    for (int t = 0; t < kBc / 8; ++t)
+    for (int t = 0; t < kNTiles; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
-    const T* kt = k_stage(stage);
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-    for (int pair = 0; pair < kBc / 16; ++pair) {
-      const int key = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+        for (int e = 0; e < 4; ++e) {
+          s[i][t][e] = __ldg(rows.row[i][e >> 1] + keys_of.v[2 * t + (e & 1)]);
+        }
+    // Q' fragments, re-read in every tile: held across the loop they would take
+    // 32-36 registers that the accumulators need (ptxas spilled at D = 64 and 72).
+    uint32_t qf[kM][kK16][4];
+    uint32_t qf8[kM][2];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      const T* qrows = &sm.q[row0 + 16 * i + (lane & 15)][0];
 #pragma unroll
       for (int ks = 0; ks < kK16; ++ks) {
-        uint32_t r[4];
-        mma::ldmatrix_x4(r, kt + key * kS + ks * 16 + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        mma::mma_16816<T>(s[2 * pair], qf[ks], b0);
-        mma::mma_16816<T>(s[2 * pair + 1], qf[ks], b1);
+        mma::ldmatrix_x4(qf[i][ks], qrows + ks * 16 + (lane >> 4) * 8);
       }
-      if constexpr (kTail8) {
-        uint32_t r[2];
-        mma::ldmatrix_x2(r, kt + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
-        mma::mma_1688<T>(s[2 * pair], qf8, r[0]);
-        mma::mma_1688<T>(s[2 * pair + 1], qf8, r[1]);
-      }
+      if constexpr (Tiles::kTail8) mma::ldmatrix_x2(qf8[i], qrows + kK16 * 16);
     }
-
-    // Scale, bias (the table is stored times log2 e), mask, then the online softmax
-    // update (log2 domain).
-    const int* koff = key_offsets + stage * kBc;
-    float row_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int t = 0; t < kBc / 8; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, jc = t * 8 + (lane & 3) * 2 + (e & 1);
-        float v = s[t][e] * p.scale_log2;
-        if (jt * kBc + jc >= p.N) {
-          v = -INFINITY;
-        } else if (table != nullptr && qbase[r] != kNoBias && koff[jc] != kNoBias) {
-          v += __ldg(table + qbase[r] - koff[jc]);
-        }
-        s[t][e] = v;
-        row_max[r] = fmaxf(row_max[r], v);
-      }
-    }
-    float corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
-      const float m_new = fmaxf(m[r], row_max[r]);
-      corr[r] = exp2f(m[r] - m_new);  // m = -inf on the first tile gives 0
-      m[r] = m_new;
-    }
-    float row_sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int t = 0; t < kBc / 8; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        s[t][e] = exp2f(s[t][e] - m[r]);
-        row_sum[r] += s[t][e];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * corr[r] + row_sum[r];
-#pragma unroll
-    for (int t = 0; t < kDTiles; ++t) {
-      o[t][0] *= corr[0];
-      o[t][1] *= corr[0];
-      o[t][2] *= corr[1];
-      o[t][3] *= corr[1];
-    }
+    frags_times_tile_t<T, kD, kS, kM, kNTiles>(s, qf, qf8, &sm.k[stage][0][0], lane);
+    softmax.update(s, o, p.scale_log2);
 
     // O += P V: two adjacent S tiles form one k16 A fragment of P.
-    const T* vt = v_stage(stage);
 #pragma unroll
-    for (int kb = 0; kb < kBc / 16; ++kb) {
-      uint32_t pa[4];
-      tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
-      frag_times_rows16<T, kD, kS>(o, pa, vt + kb * 16 * kS, lane);
+    for (int kb = 0; kb < kNTiles / 2; ++kb) {
+      uint32_t pa[kM][4];
+#pragma unroll
+      for (int i = 0; i < kM; ++i) tiles_as_fragment<T>(pa[i], s[i][2 * kb], s[i][2 * kb + 1]);
+      frags_times_rows16<T, kD, kS, kM>(o, pa, &sm.v[stage][kb * 16][0], lane);
     }
-    // Every warp is done with this stage before the next iteration refills it.
-    __syncthreads();
   }
   mma::cp_async_wait<0>();
+  softmax.finish();
 
-  // Full row sums, then out = O / l + tv and lse = ln(sum exp S) + c_i.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
+  // out = O / l + tv and lse = ln(sum exp S) + c_i.
   T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = qi[r];
-    if (i >= p.N) continue;
-    const float inv = 1.f / l[r];
-    T* orow = out + ((static_cast<int64_t>(b) * p.N + i) * p.H + h) * kD;
+  for (int i = 0; i < kM; ++i) {
 #pragma unroll
-    for (int t = 0; t < kDTiles; ++t) {
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * i + 8 * r + (lane >> 2), qi = q0 + row;
+      if (qi >= p.N) continue;
+      const float inv = 1.f / softmax.l[i][r];
+      T* orow = out + ((static_cast<int64_t>(b) * p.N + qi) * p.H + h) * kD;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + (lane & 3) * 2 + e;
-        float v = o[t][r * 2 + e] * inv;
-        if (time != nullptr) v += static_cast<float>(time[time_base + 2 * time_slot + d]);
-        orow[d] = static_cast<T>(v);
+      for (int t = 0; t < kDTiles; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = t * 8 + (lane & 3) * 2 + e;
+          float v = o[i][t][r * 2 + e] * inv;
+          if (time != nullptr) v += static_cast<float>(time[time_base + 2 * time_slot + d]);
+          orow[d] = static_cast<T>(v);
+        }
       }
-    }
-    if ((lane & 3) == 0) {
-      const float lse = (m[r] + log2f(l[r])) / kLog2e + row_shift[warp * 16 + (lane >> 2) + r * 8];
-      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.N + i] = lse;
+      if ((lane & 3) == 0) {
+        const float lse = (softmax.m[i][r] * p.scale_log2 + log2f(softmax.l[i][r])) / kLog2e +
+                          sm.row_shift[row];
+        p.lse[(static_cast<int64_t>(b) * p.H + h) * p.N + qi] = lse;
+      }
     }
   }
 }
@@ -511,7 +693,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
     __syncthreads();
     {
       const float c = row_time_dot<T, kD, kS>(
-          sq, time != nullptr ? time + time_base + time_slot : nullptr, warp, lane);
+          sq, time != nullptr ? time + time_base + time_slot : nullptr, warp * 16, lane);
       if (lane < 16) {
         const int row = warp * 16 + lane, i = q0 + row;
         const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
@@ -547,7 +729,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
         if (table != nullptr && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
           v += __ldg(table + s_qbase[qc] - koff[r]);
         }
-        s[t][e] = exp2f(v - s_lse[qc]);
+        s[t][e] = mma::ex2_approx(v - s_lse[qc]);
       }
     }
 
@@ -711,13 +893,38 @@ tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
   return a;
 }
 
+// The forward's bias table (see query_bias_base): [H, 3T + 2] fp32, the table divided
+// by the scale (the kernel seeds unscaled scores with it), then T + 1 zeros, then
+// T + 1 masks; without a table the one row [0, 0, 0, mask, mask] (T = 1, A = 0) that
+// every head shares. A mask is finite, so the tensor cores add it like any bias, and so
+// far below any score that its exponential is 0.
+constexpr float kMaskedScore = -1e30f;
+
+at::Tensor fwd_bias_table(const tmsa::Args& a) {
+  const auto opts = a.qkv.options().dtype(at::kFloat);
+  const int64_t T = a.rel_table ? a.rel_table->size(0) : 1;
+  at::Tensor t = at::zeros({a.rel_table ? a.H : 1, 3 * T + 2}, opts);
+  if (a.rel_table) t.narrow(1, 0, T).copy_(a.rel_table->t()).div_(a.scale);
+  t.narrow(1, 2 * T + 1, T + 1).fill_(kMaskedScore);
+  return t;
+}
+
+// The fused forward seeds unscaled scores with bias / scale and takes row maxima before
+// scaling, so it needs a positive scale of moderate size (any sane softmax scale), and
+// it addresses K and V rows with 32-bit offsets; anything else takes the blocked path.
+bool fused_forward_supports(const tmsa::Args& a, const at::Tensor& packed) {
+  return a.scale >= 1e-20 && a.scale <= 1e20 &&
+         (a.N + 1) * packed.stride(1) < (int64_t{1} << 32);
+}
+
 template <typename T, int kD>
 void launch_forward(const TmsaFwdParams& p, cudaStream_t stream) {
   auto kernel = tmsa_fwd_kernel<T, kD>;
-  constexpr int bytes = smem_bytes<kD>();
+  constexpr int bytes = sizeof(FwdSharedStorage<T, kD>);
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
+  constexpr int kBr = FwdTiles<kD>::kBr;
   const dim3 grid((p.N + kBr - 1) / kBr, p.B * p.H);
   DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
@@ -731,29 +938,28 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
-
   const at::Tensor packed = aligned_qkv(a);
+  if (!fused_forward_supports(a, packed)) return tmsa::forward_blocked(a);
+
   const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
   if (a.B * a.N == 0) return {out, lse};
-  at::Tensor table;
-  if (a.rel_table) table = tmsa_table_log2(*a.rel_table);
+  const at::Tensor table = fwd_bias_table(a);
 
   TmsaFwdParams p;
   fill_layout(p, a, packed, time, table);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.table_stride = a.rel_table ? table.size(1) : 0;
+  p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
+  p.bias_leading = a.rel_table ? p.num_leading : p.N;
+  p.key_step_x = kFwdKeyTile % p.grid_w;
+  p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    switch (a.D) {
-      case 32: launch_forward<scalar_t, 32>(p, stream); break;
-      case 64: launch_forward<scalar_t, 64>(p, stream); break;
-      case 72: launch_forward<scalar_t, 72>(p, stream); break;
-      case 96: launch_forward<scalar_t, 96>(p, stream); break;
-      default: launch_forward<scalar_t, 128>(p, stream); break;
-    }
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_forward<scalar_t, kD>(p, stream); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -837,14 +1043,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                 : nullptr;
   p.grad_qkv = grad_qkv.data_ptr();
 
-  size_t bytes = 0;
-  switch (a.D) {
-    case 32: bytes = backward_smem_bytes<32>(); break;
-    case 64: bytes = backward_smem_bytes<64>(); break;
-    case 72: bytes = backward_smem_bytes<72>(); break;
-    case 96: bytes = backward_smem_bytes<96>(); break;
-    default: bytes = backward_smem_bytes<128>(); break;
-  }
+  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] { return backward_smem_bytes<kD>(); });
   // The table's partial sums stay in shared memory when they fit, else go straight
   // to global memory (same integer sums, more atomics).
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
@@ -854,13 +1053,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    switch (a.D) {
-      case 32: launch_backward<scalar_t, 32>(p, bytes, stream); break;
-      case 64: launch_backward<scalar_t, 64>(p, bytes, stream); break;
-      case 72: launch_backward<scalar_t, 72>(p, bytes, stream); break;
-      case 96: launch_backward<scalar_t, 96>(p, bytes, stream); break;
-      default: launch_backward<scalar_t, 128>(p, bytes, stream); break;
-    }
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_backward<scalar_t, kD>(p, bytes, stream); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 

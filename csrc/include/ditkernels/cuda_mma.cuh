@@ -119,6 +119,14 @@ __device__ __forceinline__ void mma_16832_s8(int (&d)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// 2^x by the SFU's ex2.approx.ftz.f32 (about 2 ulp; denormal results flush to 0,
+// ex2(-inf) = +0): one MUFU.EX2, where exp2f adds range reduction around it.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace mma
 }  // namespace ditkernels
 #endif  // DITKERNELS_EMULATE_CUDA

@@ -47,3 +47,24 @@
                     " for the tensor-core kernels (supported: float16, bfloat16)");  \
     }                                                                                \
   }()
+
+#define DK_HEAD_DIM_CASE_(VALUE, CONST_NAME, ...) \
+  case VALUE: {                                   \
+    constexpr static int CONST_NAME = VALUE;      \
+    return __VA_ARGS__();                         \
+  }
+
+// The attention kernels' head dims, 32, 64, 72, 96 and 128 (the caller has checked
+// D against them; anything else is an internal error).
+#define DK_HEAD_DIM_SWITCH(D, CONST_NAME, ...)                                  \
+  [&] {                                                                         \
+    switch (D) {                                                                \
+      DK_HEAD_DIM_CASE_(32, CONST_NAME, __VA_ARGS__)                            \
+      DK_HEAD_DIM_CASE_(64, CONST_NAME, __VA_ARGS__)                            \
+      DK_HEAD_DIM_CASE_(72, CONST_NAME, __VA_ARGS__)                            \
+      DK_HEAD_DIM_CASE_(96, CONST_NAME, __VA_ARGS__)                            \
+      DK_HEAD_DIM_CASE_(128, CONST_NAME, __VA_ARGS__)                           \
+      default:                                                                  \
+        TORCH_CHECK(false, "head dim ", D, " has no kernel instantiation");     \
+    }                                                                           \
+  }()
