@@ -23,7 +23,8 @@ TENSOR_PASSES = {
 
 def shapes(ctx: BenchContext):
     if ctx.quick:
-        return [(2, 256, 384), (8, 256, 1152)]
+        # Small DiT-S and DiT-XL batches, where per-call overheads weigh most on CPU.
+        return [(2, 256, 384), (8, 256, 384), (4, 256, 1152), (8, 256, 1152)]
     out = []
     for C in (384, 768, 1152):
         out += [(8, 256, C), (32, 256, C), (128, 256, C), (256, 256, C), (8, 1024, C),
