@@ -193,6 +193,26 @@ DK_ALWAYS_INLINE void backward_xhat(int64_t C, acc_t mean, acc_t rstd,
   }
 }
 
+// grad_x from xhat and dxhat (plus grad_x_out), and, for the residual op, grad_h and
+// the gate's sum, in one pass: the flags are template arguments so that each case
+// is a straight loop the compiler vectorizes.
+template <bool kWithGradXOut, bool kWithH, typename T, typename acc_t>
+DK_ALWAYS_INLINE void backward_dx(int64_t C, acc_t rstd, acc_t m1, acc_t m2,
+                                  const acc_t* __restrict__ xhat, const acc_t* __restrict__ dxhat,
+                                  const T* __restrict__ gxo, T* __restrict__ gx,
+                                  const acc_t* __restrict__ gate, const T* __restrict__ h,
+                                  T* __restrict__ gh, acc_t* __restrict__ sum_gate) {
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t d = rstd * (dxhat[c] - m1 - xhat[c] * m2);
+    if constexpr (kWithGradXOut) d += static_cast<acc_t>(gxo[c]);
+    gx[c] = static_cast<T>(d);
+    if constexpr (kWithH) {
+      gh[c] = static_cast<T>(gate[c] * d);
+      sum_gate[c] += d * static_cast<acc_t>(h[c]);
+    }
+  }
+}
+
 // Backward pass of row r: writes grad_x (and grad_h), adds into the task's sums.
 template <typename T, typename acc_t = at::opmath_type<T>>
 DK_ALWAYS_INLINE void backward_row(const AdaLNParams& p, const Modulation<T>& m, int64_t r,
@@ -209,25 +229,18 @@ DK_ALWAYS_INLINE void backward_row(const AdaLNParams& p, const Modulation<T>& m,
   const acc_t m1 = lane_sum<acc_t>(C, [&](int64_t c) { return dxhat[c]; }) / static_cast<acc_t>(C);
   const acc_t m2 =
       lane_sum<acc_t>(C, [&](int64_t c) { return dxhat[c] * xhat[c]; }) / static_cast<acc_t>(C);
-  if (p.grad_x_out) {
-    const T* __restrict__ gxo = static_cast<const T*>(p.grad_x_out) + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      dxhat[c] = rstd * (dxhat[c] - m1 - xhat[c] * m2) + static_cast<acc_t>(gxo[c]);
-    }
+  const T* gxo = p.grad_x_out ? static_cast<const T*>(p.grad_x_out) + r * C : nullptr;
+  T* gx = static_cast<T*>(p.grad_x) + r * C;
+  const T* h = p.h ? static_cast<const T*>(p.h) + r * C : nullptr;
+  T* gh = p.h ? static_cast<T*>(p.grad_h) + r * C : nullptr;
+  auto dx = [&](auto with_gxo, auto with_h) {
+    backward_dx<decltype(with_gxo)::value, decltype(with_h)::value, T, acc_t>(
+        C, rstd, m1, m2, xhat, dxhat, gxo, gx, m.gate.data(), h, gh, buf.sums[kGate]);
+  };
+  if (h) {
+    gxo ? dx(std::true_type{}, std::true_type{}) : dx(std::false_type{}, std::true_type{});
   } else {
-    for (int64_t c = 0; c < C; ++c) dxhat[c] = rstd * (dxhat[c] - m1 - xhat[c] * m2);
-  }
-  T* __restrict__ gx = static_cast<T*>(p.grad_x) + r * C;
-  for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(dxhat[c]);
-  if (p.h) {
-    const T* __restrict__ h = static_cast<const T*>(p.h) + r * C;
-    const acc_t* __restrict__ gate = m.gate.data();
-    acc_t* __restrict__ sum_gate = buf.sums[kGate];
-    T* __restrict__ gh = static_cast<T*>(p.grad_h) + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      gh[c] = static_cast<T>(gate[c] * dxhat[c]);
-      sum_gate[c] += dxhat[c] * static_cast<acc_t>(h[c]);
-    }
+    gxo ? dx(std::true_type{}, std::false_type{}) : dx(std::false_type{}, std::false_type{});
   }
 }
 

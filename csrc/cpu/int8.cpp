@@ -71,8 +71,8 @@ at::Tensor quantize_rows(const int8::Rows& r, const at::Tensor& act_scales) {
   int8_t* qp = q.data_ptr<int8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x2d.scalar_type(), "quantize", [&] {
     const QuantizeFn fn = DK_VARIANT(quantize<scalar_t>);
-    at::parallel_for(0, r.M, std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(r.K, 1)),
-                     [&](int64_t r0, int64_t r1) { fn(r, scales, t, qp, r0, r1); });
+    const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(r.K, 1));
+    at::parallel_for(0, r.M, grain, [&](int64_t r0, int64_t r1) { fn(r, scales, t, qp, r0, r1); });
   });
   return q;
 }
