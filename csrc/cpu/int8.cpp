@@ -85,7 +85,10 @@ at::Tensor gemm_dequant(const int8::Rows& r, const at::Tensor& q, const at::Tens
                         const at::Tensor& w_scale, const at::Tensor& act_scales,
                         const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const int64_t N = w_q.size(0);
-  const at::Tensor acc = at::_int_mm(q, w_q.t());
+  // torch._int_mm on CPU (2.14) returns wrong sums for K = 1 with N > 1; there the
+  // product is an outer product, exact in int32.
+  const at::Tensor acc = r.K == 1 ? q.to(at::kInt) * w_q.t().to(at::kInt)
+                                  : at::_int_mm(q, w_q.t());
   const at::Tensor ws = w_scale.contiguous();
   at::Tensor y = at::empty({r.M, N}, q.options().dtype(out_dtype));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
