@@ -36,8 +36,8 @@ def tensor_passes(op: str, pass_name: str) -> int:
 
 def shapes(ctx: BenchContext):
     if ctx.quick:
-        # DiT-S and DiT-XL widths at 256 tokens: the shapes the CPU kernels are tuned on.
-        return [(8, 256, 384), (4, 256, 1152)]
+        # Small DiT-S and DiT-XL batches, where per-call overheads weigh most on CPU.
+        return [(2, 256, 384), (8, 256, 384), (4, 256, 1152), (8, 256, 1152)]
     out = []
     for C in (384, 768, 1152):
         out += [(8, 256, C), (32, 256, C), (128, 256, C), (256, 256, C), (8, 1024, C),

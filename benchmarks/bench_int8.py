@@ -32,10 +32,11 @@ NUM_TIMESTEPS = 1000
 
 
 def _cases(ctx: BenchContext):
-    """(label, B, K, N); activations are [B, 256, K] (quick: [B, 64, K], small K, N,
-    and DiT-S/2's qkv GEMM at M = 1024, where the CPU kernel's blocking matters)."""
+    """(label, B, K, N); activations are [B, 256, K] (quick: [B, 64, K], DiT-S sizes)."""
     if ctx.quick:
-        return [("tiny", 2, 128, 384), ("tiny", 4, 384, 128), ("DiT-S qkv", 16, 384, 1152)]
+        # DiT-S/2's qkv and fc2 at M = 1024 and 2048 rows: the CPU target's sizes.
+        return [("tiny", 2, 128, 384), ("tiny", 4, 384, 128), ("S/2 qkv", 16, 384, 1152),
+                ("S/2 fc2", 32, 1536, 384)]
     return [(name, B, K, N) for B in BATCHES for name, (K, N) in GEMMS.items()]
 
 

@@ -258,3 +258,30 @@ def assert_same_state(a: nn.Module, b: nn.Module):
     assert list(state_a) == list(state_b)
     for name, value in state_a.items():
         torch.testing.assert_close(value, state_b[name], atol=0, rtol=0, msg=name)
+
+
+# CPU kernels are compiled once per instruction set and pick one by ATen's CPU
+# capability; a test reaches the others only in a child process started with
+# ATEN_CPU_CAPABILITY set.
+CPU_CAPABILITIES = ["DEFAULT", "AVX2"]
+
+
+def run_with_cpu_capability(capability: str, code: str) -> None:
+    """Runs `code` (with this folder and the tested ditkernels importable) in a child
+    Python whose ATen capability is `capability`, and fails on any error there."""
+    import os
+    import subprocess
+    import sys
+
+    import ditkernels
+
+    if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the CPU has no AVX2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    package_root = os.path.dirname(os.path.dirname(ditkernels.__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(),
+               PYTHONPATH=os.pathsep.join([package_root, here, os.environ.get("PYTHONPATH", "")]))
+    check = f"import torch\nassert torch.backends.cpu.get_cpu_capability() == {capability!r}\n"
+    run = subprocess.run([sys.executable, "-c", check + code], env=env, cwd=here,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

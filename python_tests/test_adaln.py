@@ -7,7 +7,8 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES, NORM_TOL, rel_err, rel_err_bound, upcast
+from conftest import (CPU_CAPABILITIES, DEVICES, DTYPES, NORM_TOL, rel_err, rel_err_bound,
+                      run_with_cpu_capability, upcast)
 
 OPS = ["ln_modulate", "gated_residual_ln_modulate"]
 EPS = 1e-6
@@ -211,6 +212,46 @@ def test_backward_is_deterministic(device, op):
         again = _grads(ditkernels, op, _leaf(args), seeds)
         for k in first:
             assert torch.equal(first[k], again[k]), k
+
+
+def _outputs_and_grads(op, args, seeds):
+    leaves = _leaf(args)
+    outs = [o.detach() for o in call(ditkernels, op, leaves)]
+    grads = _grads(ditkernels, op, leaves, seeds)
+    return outs + list(grads.values())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_results_independent_of_thread_count(op):
+    """Rows split over threads, and backward slots of 32 tokens, by the thread count;
+    results must not move. N = 300 leaves a partial slot, C = 390 a vector tail."""
+    B, N, C = 5, 300, 390
+    args = make_inputs(op, B, N, C, torch.float32, "cpu")
+    seeds = [torch.randn(B, N, C) for _ in range(2)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _outputs_and_grads(op, args, seeds)
+        torch.set_num_threads(4)
+        multi = _outputs_and_grads(op, args, seeds)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_cpu_instruction_set_variants(capability):
+    """The baseline and AVX2 kernels (this process runs the best the CPU has) against
+    the reference, at vector tails and rows shorter than one vector."""
+    run_with_cpu_capability(capability, """
+import test_adaln as t
+for dtype in t.DTYPES["cpu"]:
+    for op in t.OPS:
+        for B, N, C in [(2, 5, 7), (2, 33, 390), (1, 3, 4097)]:
+            t._forward_case("cpu", dtype, op, B, N, C)
+            t.check_backward("cpu", dtype, op, B, N, C)
+""")
 
 
 @pytest.mark.parametrize("device", DEVICES)

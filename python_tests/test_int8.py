@@ -7,7 +7,8 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DEVICES, DTYPES, GEMM_KERNELS, set_gemm_kernel
+from conftest import (CPU_CAPABILITIES, DEVICES, DTYPES, GEMM_KERNELS,
+                      run_with_cpu_capability, set_gemm_kernel)
 
 T_STEPS = 1000
 
@@ -74,6 +75,31 @@ def test_quantize_rounds_half_to_even_and_clamps():
     x = torch.tensor([[0.25, 0.75, -0.25, 1.25, 200.0, -200.0, 0.0, 3e38, -3e38]])
     q = ditkernels.quantize_per_sample(x, s, torch.tensor([0]))
     assert q.tolist() == [[0, 2, 0, 2, 127, -127, 0, 127, -127]]
+
+
+# The CPU kernels take any K and N: sizes off every vector width, and M >= 1024
+# rows, where the quantize loop and the dequantization run many full vectors.
+# K = 1 is an outer product (torch._int_mm gets it wrong on CPU).
+CPU_ODD_CASES = [((1030,), 37, 23, False), ((3, 400), 1153, 129, False), ((2, 9), 1, 7, True)]
+
+
+@pytest.mark.parametrize("lead,K,N,one_t", CPU_ODD_CASES)
+def test_cpu_int8_linear_odd_sizes(lead, K, N, one_t):
+    for dtype in DTYPES["cpu"]:
+        check_int8_linear("cpu", dtype, lead, K, N, one_t, True)
+
+
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_cpu_instruction_set_variants(capability):
+    """The baseline and AVX2 quantize kernels (this process runs the best the CPU
+    has) against the integer reference, bit for bit."""
+    run_with_cpu_capability(capability, """
+import test_int8 as t
+for dtype in t.DTYPES["cpu"]:
+    for lead, K, N, one_t in t.CASES + t.CPU_ODD_CASES:
+        t.check_int8_linear("cpu", dtype, lead, K, N, one_t, True)
+    t.check_quantize_rows_of_eight("cpu", dtype)
+""")
 
 
 @pytest.mark.parametrize("device", DEVICES)
