@@ -86,10 +86,11 @@ at::Tensor gemm_dequant(const int8::Rows& r, const at::Tensor& q, const at::Tens
                         const at::Tensor& w_scale, const at::Tensor& act_scales,
                         const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const int64_t N = w_q.size(0);
-  // torch._int_mm on CPU (2.14) returns wrong sums for K = 1 with N > 1; there the
-  // product is an outer product, exact in int32.
+  // torch._int_mm on CPU (2.14) returns wrong sums for K = 1 with N > 1, and for
+  // operands with a zero stride (expanded views); so K = 1 is an outer product, exact
+  // in int32, and the operands are made contiguous (free for the usual layouts).
   const at::Tensor acc = r.K == 1 ? q.to(at::kInt) * w_q.t().to(at::kInt)
-                                  : at::_int_mm(q, w_q.t());
+                                  : at::_int_mm(q.contiguous(), w_q.contiguous().t());
   const at::Tensor ws = w_scale.contiguous();
   at::Tensor y = at::empty({r.M, N}, q.options().dtype(out_dtype));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
