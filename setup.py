@@ -107,12 +107,20 @@ def cuda_wheel_include_dirs():
     return dirs
 
 
+def openmp_flags():
+    """-fopenmp where torch parallelises with OpenMP. ATen's at::parallel_for is a header
+    template whose OpenMP region exists only in files compiled with it: without the flag
+    every parallel_for in csrc/cpu runs on one thread. The runtime is the libgomp.so.1
+    torch has already loaded (one soname, so one OpenMP runtime in the process)."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def make_extension():
     cpp, cuda = read_sources()
     version = torch.__version__.split("+")[0].replace(".", "_")
     macros = [("DITKERNELS_TORCH_VERSION", version)]
     include_dirs = [str(CSRC / "include")]
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] + openmp_flags()
     if not WITH_CUDA:
         return CppExtension(
             "ditkernels._C",
@@ -120,6 +128,7 @@ def make_extension():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp_flags(),
         )
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     macros += [
@@ -135,6 +144,7 @@ def make_extension():
         include_dirs=include_dirs + cuda_wheel_include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=openmp_flags(),
     )
 
 
