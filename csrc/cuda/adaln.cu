@@ -237,7 +237,32 @@ struct PartialLayout {
   }
 };
 
-template <typename T, int VEC, bool kWarpTeam>
+enum { kShift, kScale, kGate, kWeight, kBias, kNumPartials };
+
+__device__ __forceinline__ int partial_index(const PartialLayout& layout, int k) {
+  switch (k) {
+    case kShift: return layout.shift;
+    case kScale: return layout.scale;
+    case kGate: return layout.gate;
+    case kWeight: return layout.weight;
+    default: return layout.bias;
+  }
+}
+
+__device__ __forceinline__ float* partial_buffer(const AdaLNParams& p, int k) {
+  switch (k) {
+    case kShift: return static_cast<float*>(p.part_shift);
+    case kScale: return static_cast<float*>(p.part_scale);
+    case kGate: return static_cast<float*>(p.part_gate);
+    case kWeight: return static_cast<float*>(p.part_weight);
+    default: return static_cast<float*>(p.part_bias);
+  }
+}
+
+// kGlobalAcc: the partial sums accumulate in place in the team's own rows of the fp32
+// [B, slots, C] buffers, for C too wide for the device's shared memory (C = 8192 on
+// 99 KiB parts); a separate instantiation, so the shared-memory kernel stays as it is.
+template <typename T, int VEC, bool kWarpTeam, bool kGlobalAcc>
 __global__ void __launch_bounds__(1024)
     adaln_backward_kernel(const AdaLNParams p, const PartialLayout layout) {
   constexpr int NV = kEPT / VEC;
@@ -255,17 +280,28 @@ __global__ void __launch_bounds__(1024)
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t n1 = min(N, n0 + rows_per_block);
   float* acc = acc_smem + static_cast<int64_t>(team.index) * layout.count * C;
-  auto acc_add = [&](int which, int c, float value) {
-    if (which >= 0) acc[which * C + c] += value;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * team.count + team.index;
+  // Partial k's row for this team (k is a constant at every use once unrolled).
+  auto acc_row = [&](int k) -> float* {
+    if constexpr (kGlobalAcc) {
+      return partial_buffer(p, k) + (b * p.slots + slot) * C;
+    } else {
+      return acc + partial_index(layout, k) * C;
+    }
+  };
+  auto acc_add = [&](int k, int c, float value) {
+    if (partial_index(layout, k) >= 0) acc_row(k)[c] += value;
   };
 
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int c = team.col(i, VEC);
     if (c < C) {
-      for (int k = 0; k < layout.count; ++k) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[k * C + c + j] = 0.f;
+      for (int k = 0; k < kNumPartials; ++k) {
+        if (partial_index(layout, k) < 0) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc_row(k)[c + j] = 0.f;
       }
     }
   }
@@ -302,10 +338,10 @@ __global__ void __launch_bounds__(1024)
           const float x_hat = (xh[i][j] - mean) * rstd;
           const float dy = dxh[i][j];
           const float dn = dy * (1.f + sc[j]);
-          acc_add(layout.shift, c + j, dy);
-          acc_add(layout.scale, c + j, dy * (x_hat * w[j] + bi[j]));
-          acc_add(layout.weight, c + j, dn * x_hat);
-          acc_add(layout.bias, c + j, dn);
+          acc_add(kShift, c + j, dy);
+          acc_add(kScale, c + j, dy * (x_hat * w[j] + bi[j]));
+          acc_add(kWeight, c + j, dn * x_hat);
+          acc_add(kBias, c + j, dn);
           const float d = dn * w[j];
           s[0] += d;
           s[1] += d * x_hat;
@@ -333,7 +369,7 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             dh[j] = g[j] * dx[j];
-            acc_add(layout.gate, c + j, dx[j] * h[j]);
+            acc_add(kGate, c + j, dx[j] * h[j]);
           }
           store_vec<T, VEC>(p.grad_h, base + c, dh);
         }
@@ -341,13 +377,12 @@ __global__ void __launch_bounds__(1024)
     }
   }
 
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * team.count + team.index;
+  if constexpr (kGlobalAcc) return;
   const int64_t out = (b * p.slots + slot) * C;
-  void* const parts[5] = {p.part_shift, p.part_scale, p.part_gate, p.part_weight, p.part_bias};
   const int which[5] = {layout.shift, layout.scale, layout.gate, layout.weight, layout.bias};
   for (int k = 0; k < 5; ++k) {
     if (which[k] < 0) continue;
-    float* part = static_cast<float*>(parts[k]);
+    float* part = partial_buffer(p, k);
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = team.col(i, VEC);
@@ -417,11 +452,13 @@ void launch_backward(const AdaLNParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks_per_sample), static_cast<unsigned>(p.B));
   const PartialLayout layout(p);
   const size_t smem_bytes = sizeof(float) * static_cast<size_t>(teams) * layout.count * p.C;
-  auto kernel = adaln_backward_kernel<T, VEC, kWarpTeam>;
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(smem_bytes + 64 * sizeof(float) <= smem_limit, "ln_modulate backward: C = ", p.C,
-              " needs ", smem_bytes, " bytes of shared memory for its partial sums; this device "
-              "allows ", smem_limit);
+  if (smem_bytes + 64 * sizeof(float) > smem_limit) {
+    auto global_kernel = adaln_backward_kernel<T, VEC, kWarpTeam, true>;
+    DK_LAUNCH(global_kernel, grid, threads, 0, stream)(p, layout);
+    return;
+  }
+  auto kernel = adaln_backward_kernel<T, VEC, kWarpTeam, false>;
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_bytes)));
