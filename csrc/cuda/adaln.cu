@@ -377,18 +377,18 @@ __global__ void __launch_bounds__(1024)
     }
   }
 
-  if constexpr (kGlobalAcc) return;
+  if constexpr (kGlobalAcc) return;  // the sums are already in their output rows
   const int64_t out = (b * p.slots + slot) * C;
-  const int which[5] = {layout.shift, layout.scale, layout.gate, layout.weight, layout.bias};
-  for (int k = 0; k < 5; ++k) {
-    if (which[k] < 0) continue;
-    float* part = partial_buffer(p, k);
+  for (int k = 0; k < kNumPartials; ++k) {
+    if (partial_index(layout, k) < 0) continue;
+    float* const part = partial_buffer(p, k) + out;
+    const float* const sums = acc_row(k);
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = team.col(i, VEC);
       if (c < C) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) part[out + c + j] = acc[which[k] * C + c + j];
+        for (int j = 0; j < VEC; ++j) part[c + j] = sums[c + j];
       }
     }
   }
