@@ -52,7 +52,7 @@ def racecheck(*values):
 
 OPS = ["ln_modulate", "gated_residual_ln_modulate", "ln_modulate_backward",
        "gated_residual_ln_modulate_backward", "ln_modulate_int8", "skip_concat_linear",
-       "skip_concat_linear_backward", "tmsa_fwd", "tmsa_bwd", "int8_linear",
+       "skip_concat_linear_backward", "tmsa", "tmsa_backward", "int8_linear",
        "int8_gemm_dequant", "quantize_per_sample"]
 
 

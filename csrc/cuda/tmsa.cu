@@ -837,10 +837,6 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
   }
 }
 
-bool cuda_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 // The packed projection with 16-byte aligned rows for cp.async (a contiguous copy
 // otherwise).
 at::Tensor aligned_qkv(const tmsa::Args& a) {
@@ -885,8 +881,7 @@ tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
                       const std::optional<at::Tensor>& time_qkv,
                       const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
                       int64_t num_leading, double scale) {
-  auto a = tmsa::check(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale,
-                       cuda_supports, "float32, float16 and bfloat16", "CUDA");
+  auto a = tmsa::check(kCuda, op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   TORCH_CHECK(a.D == 32 || a.D == 64 || a.D == 72 || a.D == 96 || a.D == 128, op, ": head dim ",
               a.D, " is not supported on CUDA (supported: 32, 64, 72, 96, 128); qkv has shape ",
               shape_str(qkv));
@@ -934,7 +929,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
                                                 const std::optional<at::Tensor>& rel_table,
                                                 int64_t grid_h, int64_t grid_w,
                                                 int64_t num_leading, double scale) {
-  const char* op = "tmsa_fwd";
+  const char* op = "tmsa";
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
@@ -1003,7 +998,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
     const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
     int64_t grid_h, int64_t grid_w, int64_t num_leading, double scale) {
-  const char* op = "tmsa_bwd";
+  const char* op = "tmsa_backward";
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   tmsa::check_backward_tensors(op, a, grad_out, out, lse);
   const c10::cuda::CUDAGuard guard(qkv.device());
@@ -1072,6 +1067,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace ditkernels
 
 DK_TORCH_LIBRARY_IMPL_CUDA(m) {
-  m.impl("tmsa_fwd", &ditkernels::forward_cuda);
-  m.impl("tmsa_bwd", &ditkernels::backward_cuda);
+  m.impl("tmsa", &ditkernels::forward_cuda);
+  m.impl("tmsa_backward", &ditkernels::backward_cuda);
 }
