@@ -1,5 +1,5 @@
 """U-ViT on the fused kernels (ditkernels.models.uvit) against the plain-PyTorch U-ViT
-in ditkernels.reference_uvit.
+in ditkernels.reference.uvit.
 
 Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
@@ -12,9 +12,10 @@ import torch.nn as nn
 
 import conftest
 import ditkernels.models.uvit as uvit
+import ditkernels.nn.functional as fused
 from conftest import (DEVICES, assert_compiled_matches_eager, assert_matches_reference,
                       assert_same_state, ditkernels_copy, forward_backward, image_model_inputs)
-from ditkernels import reference_uvit as ref
+from ditkernels.reference import uvit as ref
 from ditkernels.models.uvit import UVIT_CONFIGS, UVIT_SIZES, Block, UViT, UViT_models
 
 # Small configs that still cover every path. "cond": label + time tokens (27 tokens),
@@ -173,7 +174,7 @@ def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
     ours = ditkernels_copy(reference, UViT, config)
     inputs = uvit_inputs(config, 2, "cpu")
     expected = reference(*inputs)
-    skip_concat_linear = uvit.skip_concat_linear
+    skip_concat_linear = fused.skip_concat_linear
     fused_calls = []
 
     def counted(*args):
@@ -184,7 +185,7 @@ def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
         raise AssertionError("UViT.forward should chain the blocks' parts")
 
     with monkeypatch.context() as patch:
-        patch.setattr(uvit, "skip_concat_linear", counted)
+        patch.setattr(fused, "skip_concat_linear", counted)
         patch.setattr(Block, "forward", not_called)
         torch.testing.assert_close(ours(*inputs), expected, atol=1e-4, rtol=1e-4)
     assert fused_calls == [(2, 27, 144)] * len(ours.out_blocks)

@@ -1,4 +1,5 @@
-"""Whole models on the ditkernels modules, loading the original checkpoints unchanged."""
+"""Whole models on the ditkernels modules, loading the original checkpoints unchanged,
+and their named configurations (every name in one registry, registry.MODELS)."""
 
 from .dit import (DIT_CONFIGS, DiT, DiT_B_2, DiT_B_4, DiT_B_8, DiT_L_2, DiT_L_4, DiT_L_8,
                   DiT_models, DiT_S_2, DiT_S_4, DiT_S_8, DiT_XL_2, DiT_XL_4, DiT_XL_8)
@@ -24,3 +25,6 @@ from .diffit import (DIFFIT_CONFIGS, DIFFIT_IMAGE_CONFIGS, TMSA, DiffiT, DiffiT_
 __all__ += ["DIFFIT_CONFIGS", "DIFFIT_IMAGE_CONFIGS", "TMSA", "DiffiT", "DiffiT_CIFAR10",
             "DiffiT_FFHQ64", "DiffiT_models", "DiffiT_S_2", "DiffiT_XL_2", "DiffiT_XL_2_512",
             "DiffiTBlock", "DiffiTFinalLayer", "DiffiTResBlock", "DiffiTUNet"]
+from .registry import MODELS, create_model
+
+__all__ += ["MODELS", "create_model"]
