@@ -12,36 +12,23 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .functional import head_dim, layer_norm, residual_layer_norm, skip_merge
+from .dit import Attention as DiTAttention
+from .functional import layer_norm, residual_layer_norm, skip_merge
 
 
-class Attention(nn.Module):
-    """U-ViT's multi-head self-attention: qkv Linear(dim, 3*dim) laid out [q | k | v],
-    each split into heads; proj Linear(dim, dim); scale qk_scale or head_dim**-0.5."""
+class Attention(DiTAttention):
+    """U-ViT's multi-head self-attention: DiT's (timm's layout: qkv Linear(dim, 3*dim)
+    laid out [q | k | v], each split into heads; proj Linear(dim, dim)) with U-ViT's
+    argument order and scale qk_scale or head_dim**-0.5."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim(dim, num_heads)
-        self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, C = x.shape
-        q, k, v = (self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
-                   .permute(2, 0, 3, 1, 4).unbind(0))
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.scale = qk_scale or self.scale
 
 
 class Mlp(nn.Module):
