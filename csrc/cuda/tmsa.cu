@@ -24,6 +24,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
@@ -142,36 +144,21 @@ __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_
   }
 }
 
-// The bias of query i and key j at grid positions (qy, qx) and (ky, kx) is
-//   table[(qy - ky + Gh - 1) (2 Gw - 1) + (qx - kx + Gw - 1)] = table[query_base(i) - key_offset(j)],
-// so a tile needs one division per token rather than one per score. Leading tokens
-// and tokens past N have no grid position: kNoBias.
-constexpr int kNoBias = INT_MIN;
-
-template <typename Params>
-__device__ __forceinline__ int key_offset(const Params& p, int j) {
-  if (j < p.num_leading || j >= p.N) return kNoBias;
-  const int g = j - p.num_leading, y = g / p.grid_w;
-  return y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
-}
-
-template <typename Params>
-__device__ __forceinline__ int query_base(const Params& p, int i) {
-  if (i < p.num_leading || i >= p.N) return kNoBias;
-  const int g = i - p.num_leading, y = g / p.grid_w;
-  return (y + p.grid_h - 1) * (2 * p.grid_w - 1) + (g - y * p.grid_w) + p.grid_w - 1;
-}
-
-// The forward gathers every score's bias unconditionally from the padded table of
-// fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros | T + 1 masks], at
-// query_bias_base(i) + key offset(j) (KeyCursor), with A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
-//   grid query: query_base - A, in [0, A];   leading query (or past N): 2A + 1;
-//   grid key: A - key_offset, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
+// The bias of query i and key j at grid positions (qy, qx) and (ky, kx) (token
+// g = y Gw + x after the leading ones) is table[(qy - ky + Gh - 1) (2 Gw - 1) + (qx - kx + Gw - 1)],
+// the sum of a per-query and a per-key term, so a tile needs one division per token
+// rather than one per score. Both passes gather every score's bias unconditionally
+// from the padded table of fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros |
+// T + 1 masks], at query_bias_base(i) + key offset(j) (KeyCursor), with
+// A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
+//   grid query: qy (2 Gw - 1) + qx, in [0, A];       leading query (or past N): 2A + 1;
+//   grid key: A - ky (2 Gw - 1) - kx, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
 // Grid pairs land in the table, pairs with a leading token in the zeros
 // [2A + 1, 4A + 2], keys past N in the masks [4A + 3, 6A + 4]: one load per score,
 // no branch, and the offsets are never negative (unsigned 32-bit address arithmetic).
 // Without a table every token counts as leading (A = 0).
-__device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int i) {
+template <typename Params>
+__device__ __forceinline__ unsigned query_bias_base(const Params& p, int i) {
   const int g = i < p.bias_leading ? 0 : i - p.bias_leading, y = g / p.grid_w;
   const int base = y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
   return i < p.bias_leading || i >= p.N ? 2 * p.bias_span + 1 : base;
@@ -184,14 +171,16 @@ __device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int 
 struct KeyCursor {
   int j, x, lin;
 
-  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0) : j(j0) {
+  template <typename Params>
+  __device__ __forceinline__ KeyCursor(const Params& p, int j0) : j(j0) {
     const int g = j - p.bias_leading;
     const int y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
     x = g - y * p.grid_w;
     lin = y * (2 * p.grid_w - 1) + x;
   }
 
-  __device__ __forceinline__ unsigned offset(const TmsaFwdParams& p) const {
+  template <typename Params>
+  __device__ __forceinline__ unsigned offset(const Params& p) const {
     return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1
                                                               : p.bias_span - lin;
   }
@@ -584,92 +573,233 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
 
 // ---------------------------------------------------------------------------
 // Backward (fp16/bf16): a CTA owns 64 keys of one (sample, head), each warp 16 of
-// them, and walks all query tiles, recomputing P from the saved log-sum-exp:
+// them, and walks all query tiles (64 queries, Q' and dO double-buffered through
+// cp.async), recomputing P from the saved log-sum-exp:
 //   S^T = K Q'^T (+ bias), P^T = exp(S^T - lse'), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta'), dK += dS^T Q', dQ += dS K, dtable[rel] += dS.
 // With the time term folded as in the forward pass, raw K and V suffice:
 // lse' = lse - scale * q'.tk, delta' = dO . (out - tv), and the tk term of dQ,
-// tk * sum_j dS_ij, is zero because rows of dS sum to zero.
-// dQ and the table gradient are sums over CTAs. They accumulate as int64 fixed
-// point with integer atomics, which are exact and so deterministic in any order;
-// the power-of-two scales come from bounds on the sums (computed on the device
-// from max |dO|, |v| and |k|), so they cannot overflow.
+// tk * sum_j dS_ij, is zero because rows of dS sum to zero. Q' = q + tq (rounded as
+// the forward rounds it), lse' (times log2 e) and delta' come from the launcher.
+// The bias seeds the S^T accumulators from the forward's padded table
+// (fwd_bias_table, query_bias_base + KeyCursor offsets): one load per score, no
+// branch, and keys past N masked.
+//
+// dQ and the table gradient are sums over CTAs. They accumulate in fixed point with
+// integer atomics, which are exact and so deterministic in any order; the
+// power-of-two scales come from bounds on the sums (bwd_fixed_point_exponents), so
+// they cannot overflow:
+//   dQ: int64 in global memory (native 64-bit reductions), one per element and tile;
+//   the table gradient: int32 in shared memory (native 32-bit shared atomics) over
+//   the CTA's 64 keys, then added once per CTA to the int64 [H, T] sums. A table
+//   entry is one relative offset, and each key meets that offset in at most one
+//   query, so a CTA adds at most 64 terms |dS| <= 2 max|dO| max|v| to an entry: the
+//   scale keeps 64 such terms below 2^30. Pairs without a table entry (leading
+//   tokens, keys past N) go to a spare slot past the table that nobody reads.
+//   Where the table does not fit in shared memory (kSmemTable false) the same
+//   int32 terms go straight to the int64 sums.
 // ---------------------------------------------------------------------------
 
-struct TmsaBwdParams {
-  const void* qkv;
-  const void* time_qkv;
-  const float* table;      // [H, T] fp32 times log2 e, or null
-  const void* grad_out;    // [B, N, H, D] contiguous
-  const float* lse;        // [B, H, N]
-  const float* delta;      // [B, H, N]: dO . (out - tv)
-  const int* exponents;    // [2]: fixed-point exponents of dQ and of the table gradient
-  unsigned long long* dq_acc;     // [B, H, N, D] int64
-  unsigned long long* table_acc;  // [H, T] int64, or null
-  void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
-  int64_t s_b, s_n, s_3, s_h;
-  int B, N, H;
-  int grid_h, grid_w, num_leading, table_size;
-  float scale, scale_log2;
-  bool table_in_smem;
-};
+constexpr int kBwdKeys = 64;     // keys per CTA (16 a warp)
+constexpr int kBwdQueries = 64;  // queries per pipeline stage
 
 template <int kD>
-constexpr int bwd_smem_bytes() {
-  // Q', K, V, dO tiles; dS^T tile; lse', delta' and query_base per query.
-  return 4 * 64 * smem_stride<kD>() * 2 + 64 * 72 * 2 + 3 * 64 * 4;
-}
+struct BwdTiles {
+  static constexpr int kBc = kBwdKeys, kBr = kBwdQueries;
+  static constexpr int kS = smem_stride<kD>();
+  static constexpr int kDsS = kBr + 8;  // dS^T row stride: an odd number of 16-byte chunks
+  static constexpr int kDTiles = kD / 8;
+  // The scores are formed kSlice queries at a time: at D = 128 the dK and dV
+  // accumulators take 128 registers (96 at D = 96), and a 64-query slice of S^T and
+  // dP^T 64 more.
+  static constexpr int kSlice = kD >= 96 ? 32 : 64;
+  static constexpr int kSliceTiles = kSlice / 8;
+  static constexpr int kSlices = kBr / kSlice;
+  static constexpr int kDqParts = kD >= 96 ? 2 : 1;  // dQ column blocks (registers)
+  static constexpr int kMinBlocks = 2;  // CTAs per SM the registers allow
+  // Q' and dO tiles are copied in rounds of kRowStep rows, each thread one 16-byte
+  // column chunk of one row, so its addresses step by a constant from round to round
+  // (threads past kRowStep * kD / 8 idle). The last round may run into spare rows
+  // past kBr that nobody reads (no bounds check).
+  static constexpr int kRowStep = kThreads / (kD / 8);
+  static constexpr int kRounds = (kBr + kRowStep - 1) / kRowStep;
+  static constexpr int kStageRows = kRounds * kRowStep;
+};
 
-__device__ __forceinline__ unsigned long long to_fixed(float v, int e) {
-  return static_cast<unsigned long long>(__float2ll_rn(ldexpf(v, e)));
-}
+struct TmsaBwdParams {
+  const void* qkv;         // [B, N, 3, H, D]: K and V read in place
+  const void* q;           // Q' rows: q + tq ([B, N, H, D]) or q itself (in qkv)
+  int64_t q_s_b, q_s_n, q_s_h;  // their strides
+  const float* table;      // fwd_bias_table: [H or 1, table_stride]
+  const void* grad_out;    // [B, N, H, D] contiguous
+  const float* lse;        // [B, H, n_pad]: lse' times log2 e (0 past N)
+  const float* delta;      // [B, H, n_pad]: dO . (out - tv) (0 past N)
+  const int* exponents;    // [2]: fixed-point exponents of dQ and of the table gradient
+  unsigned long long* dq_acc;     // [B, H, n_pad, D] int64
+  unsigned long long* table_acc;  // [H, table_size + 1] int64 (the last a spare), or null
+  void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
+  int64_t s_b, s_n, s_3, s_h;
+  int B, N, H, n_pad;
+  int grid_h, grid_w, num_leading, table_size;
+  float scale, scale_log2;
+  // The bias gather, as in TmsaFwdParams.
+  int64_t table_stride;
+  int bias_span, bias_leading;
+};
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams p) {
-  constexpr int kS = smem_stride<kD>();
-  constexpr int kDsS = 72;  // dS^T row stride: 9 chunks, conflict-free for ldmatrix
-  constexpr int kDTiles = kD / 8;
+struct alignas(16) BwdSharedStorage {
+  using Tiles = BwdTiles<kD>;
+  T k[Tiles::kBc][Tiles::kS];
+  T v[Tiles::kBc][Tiles::kS];
+  T q[2][Tiles::kStageRows][Tiles::kS];     // two pipeline stages of Q' and dO
+  T dout[2][Tiles::kStageRows][Tiles::kS];
+  T ds[Tiles::kBc][Tiles::kDsS];            // dS^T, read transposed for dQ
+  float lse[2][Tiles::kBr];
+  float delta[2][Tiles::kBr];
+  unsigned query_bias[2][Tiles::kBr];       // query_bias_base of each query
+  // Q', dO, lse', delta', grad_qkv and the table sums of the (sample, head).
+  const void* bases[6];
+  // kSmemTable: int table_grad[table_size + 1] follows (the launcher adds its bytes).
+};
+
+// Q', dO, lse', delta' and the query bias bases of queries q0.. into one stage; rows
+// past N are zero-filled (lse' and delta' are zero there too: padded to n_pad; a
+// stage past the last tile reads nothing).
+template <typename T, int kD>
+__device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p, BwdSharedStorage<T, kD>& sm,
+                                               int stage, int q0) {
+  using Tiles = BwdTiles<kD>;
+  constexpr int kChunks = kD / 8, kRowStep = Tiles::kRowStep;
+  const int row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  if (row < kRowStep) {
+    const T* q_base = static_cast<const T*>(sm.bases[0]);
+    const T* dout_base = static_cast<const T*>(sm.bases[1]);
+    // 32-bit offsets (the launcher checks they fit): one multiply-add an address.
+    const unsigned q_s_n = static_cast<unsigned>(p.q_s_n), dout_s_n = p.H * kD;
+    unsigned q_off = (q0 + row) * q_s_n + chunk * 8, dout_off = (q0 + row) * dout_s_n + chunk * 8;
+    T* q_dst = &sm.q[stage][row][chunk * 8];
+    T* dout_dst = &sm.dout[stage][row][chunk * 8];
+#pragma unroll
+    for (int r = 0; r < Tiles::kRounds; ++r) {
+      const bool valid = q0 + row + r * kRowStep < p.N;
+      mma::cp_async_16(q_dst + r * kRowStep * Tiles::kS, q_base + (valid ? q_off : 0),
+                       valid ? 16 : 0);
+      mma::cp_async_16(dout_dst + r * kRowStep * Tiles::kS, dout_base + (valid ? dout_off : 0),
+                       valid ? 16 : 0);
+      q_off += kRowStep * q_s_n;
+      dout_off += kRowStep * dout_s_n;
+    }
+  }
+  const int tid = threadIdx.x;
+  const bool in_pad = q0 < p.n_pad;
+  if (tid < 2 * (Tiles::kBr / 4)) {  // 16-byte chunks of lse' (16) and delta' (16)
+    const int c = tid % (Tiles::kBr / 4);
+    const float* src = static_cast<const float*>(sm.bases[tid < Tiles::kBr / 4 ? 2 : 3]) +
+                       (in_pad ? q0 + 4 * c : 0);
+    float* dst = (tid < Tiles::kBr / 4 ? sm.lse[stage] : sm.delta[stage]) + 4 * c;
+    mma::cp_async_16(dst, src, in_pad ? 16 : 0);
+  } else if (tid >= kThreads - Tiles::kBr) {
+    const int row = tid - (kThreads - Tiles::kBr);
+    sm.query_bias[stage][row] = query_bias_base(p, q0 + row);
+  }
+}
+
+// C[16 x 8 kNTiles] = A[16 x kD] B[8 kNTiles x kD]^T with A and B row-major in shared
+// memory (stride kS): K Q'^T- and V dO^T-shaped products, added to c.
+template <typename T, int kD, int kS, int kNTiles>
+__device__ __forceinline__ void rows16_times_tile_t(float (&c)[kNTiles][4], const T* a,
+                                                    const T* b, int lane) {
+  constexpr int kK16 = kD / 16;
+#pragma unroll
+  for (int ks = 0; ks < kK16; ++ks) {
+    uint32_t af[4];
+    mma::ldmatrix_x4(af, a + (lane & 15) * kS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t r[4];
+      mma::ldmatrix_x4(r, b + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
+                              ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      mma::mma_16816<T>(c[2 * pair], af, b0);
+      mma::mma_16816<T>(c[2 * pair + 1], af, b1);
+    }
+  }
+  if constexpr (kD % 16 == 8) {
+    uint32_t af[2];
+    mma::ldmatrix_x2(af, a + (lane & 15) * kS + kK16 * 16);
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t r[2];
+      mma::ldmatrix_x2(r, b + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+      mma::mma_1688<T>(c[2 * pair], af, r[0]);
+      mma::mma_1688<T>(c[2 * pair + 1], af, r[1]);
+    }
+  }
+}
+
+template <typename T, int kD, bool kSmemTable>
+__global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_kernel(const TmsaBwdParams p) {
+  using Tiles = BwdTiles<kD>;
+  constexpr int kS = Tiles::kS, kDTiles = Tiles::kDTiles;
+  constexpr int kBr = Tiles::kBr, kSlice = Tiles::kSlice, kSliceTiles = Tiles::kSliceTiles;
   DK_DYNAMIC_SMEM(16, smem_raw);
-  T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + 64 * kS;
-  T* sv = sk + 64 * kS;
-  T* sdo = sv + 64 * kS;
-  T* sds = sdo + 64 * kS;
-  float* s_lse = reinterpret_cast<float*>(sds + 64 * kDsS);
-  float* s_delta = s_lse + 64;
-  int* s_qbase = reinterpret_cast<int*>(s_delta + 64);
-  unsigned long long* s_table = reinterpret_cast<unsigned long long*>(s_qbase + 64);
+  auto& sm = *reinterpret_cast<BwdSharedStorage<T, kD>*>(smem_raw);
+  int* const table_grad = reinterpret_cast<int*>(smem_raw + sizeof(BwdSharedStorage<T, kD>));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int k0 = blockIdx.x * 64;
-  const int e_q = p.exponents[0], e_tab = p.exponents[1];
+  const int k0 = blockIdx.x * Tiles::kBc;
+  const bool has_table = p.table_acc != nullptr;
   const T* qkv = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
-  const T* time = static_cast<const T*>(p.time_qkv);
-  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;
-  const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
-  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
-                                          : nullptr;
-  unsigned long long* table_acc =
-      p.table_acc != nullptr ? p.table_acc + static_cast<int64_t>(h) * p.table_size : nullptr;
+  // This head's int64 table sums (recomputed where used: a 64-bit pointer held across
+  // the loop costs the D = 128 kernel a spill).
+  const auto head_table_acc = [&p] {
+    return p.table_acc + static_cast<int64_t>(blockIdx.y % p.H) * (p.table_size + 1);
+  };
+  unsigned long long* const global_table_acc =
+      !kSmemTable && has_table ? head_table_acc() : nullptr;
+  // Fixed-point scales: dQ's includes the softmax scale.
+  const float dq_unit = ldexpf(p.scale, p.exponents[0]);
+  const float table_unit = ldexpf(1.f, p.exponents[1]);
 
-  // K and V tiles of this CTA, read in place.
-  for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+  // K and V of this CTA (read in place), the first stage, the table's partial sums.
+  for (int idx = tid; idx < Tiles::kBc * (kD / 8); idx += kThreads) {
     const int row = idx / (kD / 8), chunk = idx % (kD / 8), j = k0 + row;
     const bool valid = j < p.N;
     const T* src = qkv + (valid ? j : 0) * p.s_n + chunk * 8;
-    mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
-    mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(&sm.k[row][chunk * 8], src + p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(&sm.v[row][chunk * 8], src + 2 * p.s_3, valid ? 16 : 0);
   }
+  // The (sample, head)'s Q', dO, lse' and delta', read back from shared memory by
+  // each load rather than held in registers across the loop (so too the epilogue's
+  // bases: at D = 128 every register counts).
+  if (tid == 0) {
+    sm.bases[0] = static_cast<const T*>(p.q) + b * p.q_s_b + h * p.q_s_h;
+    sm.bases[1] = static_cast<const T*>(p.grad_out) + static_cast<int64_t>(b) * p.N * p.H * kD +
+                  h * kD;
+    sm.bases[2] = p.lse + static_cast<int64_t>(bh) * p.n_pad;
+    sm.bases[3] = p.delta + static_cast<int64_t>(bh) * p.n_pad;
+    sm.bases[4] = static_cast<T*>(p.grad_qkv) + static_cast<int64_t>(b) * p.N * 3 * p.H * kD +
+                  h * kD;
+    sm.bases[5] = head_table_acc();
+  }
+  __syncthreads();
+  load_bwd_stage<T, kD>(p, sm, 0, 0);
   mma::cp_async_commit();
-  if (table_acc != nullptr && p.table_in_smem) {
-    for (int i = tid; i < p.table_size; i += kThreads) s_table[i] = 0ull;
+  if (kSmemTable && has_table) {
+    for (int i = tid; i <= p.table_size; i += kThreads) table_grad[i] = 0;
   }
 
-  // This thread's two keys (rows of S^T) and their table offsets.
-  const int kj[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
-  const bool k_valid[2] = {kj[0] < p.N, kj[1] < p.N};
-  const int koff[2] = {key_offset(p, kj[0]), key_offset(p, kj[1])};
+  // This thread's two keys (rows of S^T): their offsets into the padded bias table
+  // (and into the gradient's table, where past the table means the spare slot).
+  const float* head_table = mma::opaque(p.table + h * p.table_stride);
+  unsigned key_off[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_off[r] = KeyCursor(p, k0 + warp * 16 + (lane >> 2) + 8 * r).offset(p);
+  }
+  const unsigned spare = static_cast<unsigned>(p.table_size);
 
   float dk[kDTiles][4], dv[kDTiles][4];
 #pragma unroll
@@ -677,148 +807,138 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  const T* dout = static_cast<const T*>(p.grad_out);
-  for (int q0 = 0; q0 < p.N; q0 += 64) {
-    // dO tile (cp.async), Q' = q + tq tile, lse' and delta' of these queries.
-    for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
-      const int row = idx / (kD / 8), chunk = idx % (kD / 8), i = q0 + row;
-      const bool valid = i < p.N;
-      const T* src = dout + ((static_cast<int64_t>(b) * p.N + (valid ? i : 0)) * p.H + h) * kD +
-                     chunk * 8;
-      mma::cp_async_16(sdo + row * kS + chunk * 8, src, valid ? 16 : 0);
-    }
-    mma::cp_async_commit();
-    load_q_time_tile<T, kD, kS>(sq, qkv, p.s_n, time != nullptr ? time + time_base : nullptr, q0,
-                                p.N, tid);
-    __syncthreads();
-    {
-      const float c = row_time_dot<T, kD, kS>(
-          sq, time != nullptr ? time + time_base + time_slot : nullptr, warp * 16, lane);
-      if (lane < 16) {
-        const int row = warp * 16 + lane, i = q0 + row;
-        const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
-        s_lse[row] = i < p.N ? (p.lse[at] - c * p.scale) * kLog2e : 0.f;
-        s_delta[row] = i < p.N ? p.delta[at] : 0.f;
-        s_qbase[row] = query_base(p, i);
-      }
-    }
+  const int n_tiles = (p.N + kBr - 1) / kBr;
+  unsigned long long* dq_rows =
+      p.dq_acc + (static_cast<int64_t>(bh) * p.n_pad + warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
+  for (int it = 0; it < n_tiles; ++it, dq_rows += kBr * kD) {
+    const int stage = it & 1;
+    // One barrier here: this tile's copies are visible, and every warp is done with
+    // the other stage and with dS^T. The next tile goes into the other stage (past
+    // the last tile: zeros nobody reads).
     mma::cp_async_wait<0>();
     __syncthreads();
+    load_bwd_stage<T, kD>(p, sm, stage ^ 1, (it + 1) * kBr);
+    mma::cp_async_commit();
 
-    // S^T for this warp's 16 keys x 64 queries.
-    float s[8][4];
 #pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
-    rows16_times_tile64_t<T, kD, kS>(s, sk + warp * 16 * kS, sq, lane);
+    for (int sl = 0; sl < Tiles::kSlices; ++sl) {
+      const int c0 = sl * kSlice;  // the slice's first query in the tile
+      const T* sq = &sm.q[stage][c0][0];
+      const T* sdo = &sm.dout[stage][c0][0];
+      // Per query column of this thread (8 t + 2 (lane % 4) + e), read where used (held
+      // across the products they would cost registers): bias base, lse', delta'.
+      const int col0 = c0 + (lane & 3) * 2;
+      const auto bias_base = [&](int t) {
+        return *reinterpret_cast<const uint2*>(&sm.query_bias[stage][col0 + t * 8]);
+      };
 
-    // P^T (the table is stored times log2 e). A pair's table index is re-read below
-    // rather than kept: registers are the scarce resource here.
+      // S^T for this warp's 16 keys, seeded with the bias (divided by the scale).
+      float s[kSliceTiles][4];
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const uint2 qb = bias_base(t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int qc = t * 8 + (lane & 3) * 2 + (e & 1), i = q0 + qc;
-        if (!k_valid[r] || i >= p.N) {
-          s[t][e] = 0.f;
-          continue;
-        }
-        float v = s[t][e] * p.scale_log2;
-        if (table != nullptr && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
-          v += __ldg(table + s_qbase[qc] - koff[r]);
-        }
-        s[t][e] = mma::ex2_approx(v - s_lse[qc]);
+        for (int e = 0; e < 4; ++e) s[t][e] = __ldg(head_table + (key_off[e >> 1] + ((e & 1) ? qb.y : qb.x)));
       }
-    }
+      rows16_times_tile_t<T, kD, kS, kSliceTiles>(s, &sm.k[warp * 16][0], sq, lane);
+      // P^T = exp2(scale log2 e S^T - lse').
+#pragma unroll
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const float2 lse = *reinterpret_cast<const float2*>(&sm.lse[stage][col0 + t * 8]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[t][e] = mma::ex2_approx(fmaf(s[t][e], p.scale_log2, -((e & 1) ? lse.y : lse.x)));
+        }
+      }
 
-    // dV += P^T dO (k = queries), and dP^T = V dO^T.
-    float dp[8][4];
+      // dV += P^T dO (k = queries), and dP^T = V dO^T.
 #pragma unroll
-    for (int t = 0; t < 8; ++t)
+      for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
+        uint32_t pa[4];
+        tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
+        frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
+      }
+      float dp[kSliceTiles][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
+      for (int t = 0; t < kSliceTiles; ++t)
 #pragma unroll
-    for (int kb = 0; kb < 4; ++kb) {
-      uint32_t pa[4];
-      tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
-      frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
-    }
-    rows16_times_tile64_t<T, kD, kS>(dp, sv + warp * 16 * kS, sdo, lane);
+        for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
+      rows16_times_tile_t<T, kD, kS, kSliceTiles>(dp, &sm.v[warp * 16][0], sdo, lane);
 
-    // dS^T = P^T (dP^T - delta'); the table gradient; dS^T to shared memory for dQ.
+      // dS^T = P^T (dP^T - delta'), into dp; to shared memory for dQ; the table
+      // gradient, in fixed point (see above).
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[stage][col0 + t * 8]);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int qc = t * 8 + (lane & 3) * 2 + (e & 1);
-        const float ds = s[t][e] * (dp[t][e] - s_delta[qc]);
-        dp[t][e] = ds;
-        // P = 0 outside the valid pairs, so ds = 0 there and nothing is added.
-        if (table_acc != nullptr && ds != 0.f && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
-          const int idx = s_qbase[qc] - koff[r];
-          const unsigned long long v = to_fixed(ds, e_tab);
-          if (p.table_in_smem) {
-            atomicAdd(s_table + idx, v);
-          } else {
-            atomicAdd(table_acc + idx, v);
+        for (int e = 0; e < 4; ++e) {
+          dp[t][e] = s[t][e] * (dp[t][e] - ((e & 1) ? delta.y : delta.x));
+        }
+        const int row = warp * 16 + (lane >> 2), col = col0 + t * 8;
+        *reinterpret_cast<uint32_t*>(&sm.ds[row][col]) = mma::pack2<T>(dp[t][0], dp[t][1]);
+        *reinterpret_cast<uint32_t*>(&sm.ds[row + 8][col]) = mma::pack2<T>(dp[t][2], dp[t][3]);
+        if (has_table) {
+          const uint2 qb = bias_base(t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const unsigned idx = min(key_off[e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
+            const int v = __float2int_rn(dp[t][e] * table_unit);
+            if constexpr (kSmemTable) {
+              atomicAdd(table_grad + idx, v);
+            } else {
+              atomicAdd(global_table_acc + idx,
+                        static_cast<unsigned long long>(static_cast<long long>(v)));
+            }
           }
         }
       }
-      const int row = warp * 16 + (lane >> 2), col = t * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(sds + row * kDsS + col) = mma::pack2<T>(dp[t][0], dp[t][1]);
-      *reinterpret_cast<uint32_t*>(sds + (row + 8) * kDsS + col) = mma::pack2<T>(dp[t][2], dp[t][3]);
-    }
 
-    // dK += dS^T Q' (k = queries).
+      // dK += dS^T Q' (k = queries).
 #pragma unroll
-    for (int kb = 0; kb < 4; ++kb) {
-      uint32_t da[4];
-      tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
-      frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
+      for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
+        uint32_t da[4];
+        tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
+        frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
+      }
     }
     __syncthreads();
 
-    // dQ for this warp's 16 queries: dS (from the dS^T tile, transposed on load) K.
-    {
-      float dq[kDTiles][4];
+    // dQ for this warp's 16 queries: dS (the dS^T tile read transposed) K, added to
+    // the int64 sums (rows padded to n_pad: no bounds check); in kDqParts column
+    // blocks, whose accumulators fit beside dK and dV.
 #pragma unroll
-      for (int t = 0; t < kDTiles; ++t)
+    for (int part = 0; part < Tiles::kDqParts; ++part) {
+      constexpr int kDq = kD / Tiles::kDqParts;
+      float dq[kDq / 8][4];
+#pragma unroll
+      for (int t = 0; t < kDq / 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[t][e] = 0.f;
 #pragma unroll
-      for (int kb = 0; kb < 4; ++kb) {
+      for (int kb = 0; kb < Tiles::kBc / 16; ++kb) {
         uint32_t a[4];
-        mma::ldmatrix_x4_trans(a, sds + (kb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kDsS +
-                                      warp * 16 + ((lane >> 3) & 1) * 8);
-        frag_times_rows16<T, kD, kS>(dq, a, sk + kb * 16 * kS, lane);
+        mma::ldmatrix_x4_trans(a, &sm.ds[kb * 16 + (lane & 7) + ((lane >> 4) << 3)]
+                                        [warp * 16 + ((lane >> 3) & 1) * 8]);
+        frag_times_rows16<T, kDq, kS>(dq, a, &sm.k[kb * 16][part * kDq], lane);
       }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = q0 + warp * 16 + (lane >> 2) + r * 8;
-        if (i >= p.N) continue;
-        unsigned long long* dst = p.dq_acc + ((static_cast<int64_t>(b) * p.H + h) * p.N + i) * kD;
+      for (int t = 0; t < kDq / 8; ++t)
 #pragma unroll
-        for (int t = 0; t < kDTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float v = dq[t][r * 2 + e] * p.scale;
-            if (v != 0.f) atomicAdd(dst + t * 8 + (lane & 3) * 2 + e, to_fixed(v, e_q));
-          }
+        for (int e = 0; e < 4; ++e) {
+          atomicAdd(dq_rows + (e >> 1) * 8 * kD + part * kDq + t * 8 + (e & 1),
+                    static_cast<unsigned long long>(__float2ll_rn(dq[t][e] * dq_unit)));
         }
-      }
     }
-    __syncthreads();
   }
+  mma::cp_async_wait<0>();
 
   // dK (scaled) and dV of this warp's keys into slots 1 and 2 of grad_qkv.
-  T* gq = static_cast<T*>(p.grad_qkv);
+  T* gq = static_cast<T*>(const_cast<void*>(sm.bases[4]));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (!k_valid[r]) continue;
-    T* row = gq + ((static_cast<int64_t>(b) * p.N + kj[r]) * 3) * p.H * kD + h * kD;
+    const int j = blockIdx.x * Tiles::kBc + warp * 16 + (lane >> 2) + 8 * r;
+    if (j >= p.N) continue;
+    T* row = gq + static_cast<int64_t>(j) * 3 * p.H * kD;
 #pragma unroll
     for (int t = 0; t < kDTiles; ++t) {
 #pragma unroll
@@ -829,10 +949,12 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       }
     }
   }
-  if (table_acc != nullptr && p.table_in_smem) {
+  if (kSmemTable && has_table) {
     __syncthreads();
+    auto* table_acc = static_cast<unsigned long long*>(const_cast<void*>(sm.bases[5]));
     for (int i = tid; i < p.table_size; i += kThreads) {
-      if (s_table[i] != 0ull) atomicAdd(table_acc + i, s_table[i]);
+      const int v = table_grad[i];
+      if (v != 0) atomicAdd(table_acc + i, static_cast<unsigned long long>(static_cast<long long>(v)));
     }
   }
 }
@@ -847,21 +969,14 @@ at::Tensor aligned_qkv(const tmsa::Args& a) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// The bias table as the kernels read it: [H, T] fp32, times log2 e (they work in
-// the exp2 domain).
-at::Tensor tmsa_table_log2(const at::Tensor& rel_table) {
-  return (rel_table.t().to(at::kFloat) * kLog2e).contiguous();
-}
-
 // The fields the forward and backward parameter structs share.
 template <typename Params>
 void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
-                 const at::Tensor& time, const at::Tensor& table) {
+                 const at::Tensor& table) {
   TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), "tmsa: B * H = ", a.B * a.H, " or N = ",
               a.N, " exceeds the CUDA grid limits of the fused kernels");
   p.qkv = packed.data_ptr();
-  p.time_qkv = time.defined() ? time.data_ptr() : nullptr;
-  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  p.table = table.data_ptr<float>();
   p.s_b = packed.stride(0);
   p.s_n = packed.stride(1);
   p.s_3 = packed.stride(2);
@@ -872,9 +987,13 @@ void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
   p.grid_h = static_cast<int>(a.grid_h);
   p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
   p.num_leading = static_cast<int>(a.num_leading);
-  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
+  p.table_size = a.rel_table ? static_cast<int>(a.rel_table->size(0)) : 0;
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = p.scale * kLog2e;
+  // The bias gather from fwd_bias_table (query_bias_base, KeyCursor).
+  p.table_stride = a.rel_table ? table.size(1) : 0;
+  p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
+  p.bias_leading = a.rel_table ? p.num_leading : p.N;
 }
 
 tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
@@ -943,12 +1062,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   const at::Tensor table = fwd_bias_table(a);
 
   TmsaFwdParams p;
-  fill_layout(p, a, packed, time, table);
+  fill_layout(p, a, packed, table);
+  p.time_qkv = time.defined() ? time.data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.table_stride = a.rel_table ? table.size(1) : 0;
-  p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
-  p.bias_leading = a.rel_table ? p.num_leading : p.N;
   p.key_step_x = kFwdKeyTile % p.grid_w;
   p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
@@ -960,38 +1077,42 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   return {out, lse};
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSmemTable>
 void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) {
-  auto kernel = tmsa_bwd_kernel<T, kD>;
+  auto kernel = tmsa_bwd_kernel<T, kD, kSmemTable>;
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
-  const dim3 grid((p.N + 63) / 64, p.B * p.H);
+  const dim3 grid((p.N + kBwdKeys - 1) / kBwdKeys, p.B * p.H);
   DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
 
-template <int kD>
-size_t backward_smem_bytes() {
-  return bwd_smem_bytes<kD>();
-}
-
-// Power-of-two exponents e with bound * 2^e <= 2^62 for the dQ and table sums
-// (see the backward kernel's comment), computed on the device: no synchronisation.
-// Rows of grad_out holding an Inf or NaN are left out: their (sample, head) gradients
-// come out NaN anyway (tmsa::poison_nonfinite_heads), and an infinite bound would
-// coarsen every other head's fixed point to nothing.
-at::Tensor fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
+// Power-of-two exponents of the fixed-point sums (see the backward kernel's comment),
+// computed on the device: no synchronisation. |dS_ij| and sum_j |dS_ij| are at most
+// 2 |dO_i| max_j |v_j|, so a dQ element is at most scale max|k| times that (an int64
+// sum below 2^62), and a CTA's partial sum of one table entry at most 64 times that
+// (an int32 sum below 2^30). Rows of grad_out holding an Inf or NaN are left out:
+// their (sample, head) gradients come out NaN anyway (tmsa::poison_nonfinite_heads),
+// and an infinite bound would coarsen every other head's fixed point to nothing.
+at::Tensor bwd_fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
   const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).nan_to_num(0, 0, 0).amax();
   const at::Tensor v_max = a.qkv.select(2, 2).to(at::kFloat).norm(2, -1).amax();
   const at::Tensor k_max = a.qkv.select(2, 1).to(at::kFloat).abs().amax();
-  const at::Tensor sum_ds = 2.0 * dout_max * v_max;  // bounds sum_j |dS_ij|
-  const at::Tensor bounds =
-      at::stack({sum_ds * k_max * a.scale, sum_ds * static_cast<double>(a.B * a.N)});
-  return (62.0 - at::log2(bounds.to(at::kDouble).clamp_min(1e-30)))
+  const at::Tensor ds_max = 2.0 * dout_max * v_max;
+  const at::Tensor bounds = at::stack({ds_max * k_max * a.scale, ds_max * kBwdKeys});
+  const at::Tensor targets = at::tensor({62.0, 30.0}, bounds.options().dtype(at::kDouble));
+  return (targets - at::log2(bounds.to(at::kDouble).clamp_min(1e-30)))
       .floor()
       .clamp(-60, 100)
       .to(at::kInt);
+}
+
+// [B, H, n_pad] fp32 from a [B, N, H] value, zero past N.
+at::Tensor per_query_padded(const at::Tensor& v, int64_t n_pad) {
+  at::Tensor out = at::zeros({v.size(0), v.size(2), n_pad}, v.options().dtype(at::kFloat));
+  out.narrow(2, 0, v.size(1)).copy_(v.permute({0, 2, 1}));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -1006,56 +1127,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const NoAutocast no_autocast;
 
   const at::Tensor packed = aligned_qkv(a);
-  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
+  // The fused kernel's shared memory (plus the table's int32 partial sums where they
+  // fit): past the device's limit (D = 128 on 99 KiB parts), the blocked path.
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+    return sizeof(BwdSharedStorage<c10::Half, kD>);
+  });
+  // The kernel addresses Q' and dO rows of one sample with 32-bit offsets.
+  const bool offsets_fit = (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) <
+                           (int64_t{1} << 32);
+  if (!fused_forward_supports(a, packed) || !offsets_fit || bytes > limit) {
+    return tmsa::backward_blocked(a, grad_out, out, lse);
+  }
   at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
   if (a.B * a.N == 0) {
     grad_qkv.zero_();
     return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, qkv.options()),
             a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, qkv.options())};
   }
+  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
   const at::Tensor dout = aligned_rows(grad_out.contiguous());  // read with cp.async
-  at::Tensor out_minus_tv = out.to(at::kFloat);
-  if (a.time_qkv) out_minus_tv = out_minus_tv - a.time_qkv->select(1, 2).unsqueeze(1).to(at::kFloat);
-  const at::Tensor delta =
-      (dout.to(at::kFloat) * out_minus_tv).sum(-1).permute({0, 2, 1}).contiguous();
-  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
-  const at::Tensor exponents = fixed_point_exponents(a, dout);
-  at::Tensor dq_acc = at::zeros({a.B, a.H, a.N, a.D}, qkv.options().dtype(at::kLong));
-  at::Tensor table, table_acc;
-  if (a.rel_table) {
-    table = tmsa_table_log2(*a.rel_table);
-    table_acc = at::zeros({a.H, table.size(1)}, qkv.options().dtype(at::kLong));
+  const int64_t n_pad = (a.N + kBwdQueries - 1) / kBwdQueries * kBwdQueries;
+
+  // Q' = q + tq, rounded as the forward pass rounds it; lse' and delta' (kernel comment).
+  at::Tensor q = packed.select(2, 0), out_f = out.to(at::kFloat);
+  at::Tensor row_shift = at::zeros({a.B, a.N, a.H}, out_f.options());
+  if (a.time_qkv) {
+    q = (q + time.select(1, 0).unsqueeze(1)).contiguous();
+    row_shift = (q.to(at::kFloat) * time.select(1, 1).unsqueeze(1).to(at::kFloat)).sum(-1) * a.scale;
+    out_f = out_f - time.select(1, 2).unsqueeze(1).to(at::kFloat);
   }
+  const at::Tensor lse2 =
+      per_query_padded((lse.to(at::kFloat).permute({0, 2, 1}) - row_shift) * kLog2e, n_pad);
+  const at::Tensor delta = per_query_padded((dout.to(at::kFloat) * out_f).sum(-1), n_pad);
+  const at::Tensor exponents = bwd_fixed_point_exponents(a, dout);
+  at::Tensor dq_acc = at::zeros({a.B, a.H, n_pad, a.D}, qkv.options().dtype(at::kLong));
+  const at::Tensor table = fwd_bias_table(a);
+  at::Tensor table_acc;
+  if (a.rel_table) table_acc = at::zeros({a.H, a.rel_table->size(0) + 1}, dq_acc.options());
 
   TmsaBwdParams p;
-  fill_layout(p, a, packed, time, table);
+  fill_layout(p, a, packed, table);
+  p.q = q.data_ptr();
+  p.q_s_b = q.stride(0);
+  p.q_s_n = q.stride(1);
+  p.q_s_h = q.stride(2);
   p.grad_out = dout.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
+  p.lse = lse2.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.exponents = exponents.data_ptr<int>();
   p.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
-  p.table_acc = table.defined() ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
-                                : nullptr;
+  p.table_acc = table_acc.defined()
+                    ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
+                    : nullptr;
   p.grad_qkv = grad_qkv.data_ptr();
+  p.n_pad = static_cast<int>(n_pad);
 
-  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] { return backward_smem_bytes<kD>(); });
-  // The table's partial sums stay in shared memory when they fit, else go straight
-  // to global memory (same integer sums, more atomics).
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const size_t table_bytes = sizeof(unsigned long long) * p.table_size;
-  p.table_in_smem = table.defined() && bytes + table_bytes <= limit;
-  if (p.table_in_smem) bytes += table_bytes;
-
+  // DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks the global-memory table sums by hand (the
+  // same integer terms, so the same bits).
+  const size_t table_bytes = sizeof(int) * (p.table_size + 1);
+  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
+  const bool table_in_smem = table_acc.defined() && bytes + table_bytes <= limit &&
+                             !(force_global != nullptr && std::string(force_global) == "1");
+  if (table_in_smem) bytes += table_bytes;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_backward<scalar_t, kD>(p, bytes, stream); });
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+      if (table_in_smem) {
+        launch_backward<scalar_t, kD, true>(p, bytes, stream);
+      } else {
+        launch_backward<scalar_t, kD, false>(p, bytes, stream);
+      }
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const at::Tensor unit = at::pow(2.0, -exponents.to(at::kDouble));  // [2]
-  grad_qkv.select(2, 0).copy_((dq_acc.to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
+  grad_qkv.select(2, 0).copy_(
+      (dq_acc.narrow(2, 0, a.N).to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
   const at::Tensor table_by_head =
-      table.defined() ? table_acc.to(at::kDouble) * unit[1] : at::Tensor();
+      table_acc.defined() ? table_acc.narrow(1, 0, p.table_size).to(at::kDouble) * unit[1]
+                          : at::Tensor();
   tmsa::poison_nonfinite_heads(dout, grad_qkv, table_by_head);
   at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, qkv.options());
   at::Tensor grad_table = table_by_head.defined() ? table_by_head.t().to(qkv.scalar_type())
