@@ -17,8 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 diffusers = pytest.importorskip("diffusers")
 
 import ditkernels  # noqa: E402
-from conftest import (assert_compiled_matches_eager, assert_matches_reference,  # noqa: E402
-                      assert_same_state, forward_backward, randomize_)
+from conftest import (DEVICES, assert_compiled_matches_eager,  # noqa: E402
+                      assert_matches_reference, assert_same_state, forward_backward,
+                      randomize_)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +158,8 @@ def key_bias_floors(model):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
 def test_matches_diffusers(case, dtype):
     reference, patched, inputs, _ = build(case, dtype)
     assert_matches_reference(patched, reference, inputs, floor_from=key_bias_floors(reference))
@@ -230,14 +232,16 @@ def test_torch_compile_fullgraph(case):
 
 
 def test_first_block_cache():
-    from diffusers.hooks import FirstBlockCacheConfig
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "FirstBlockCacheConfig"):
+        pytest.skip("this diffusers has no FirstBlockCache")
 
     reference, patched, inputs, ops = build("flux-h2x16-n15")
     ours_out, theirs_out = [], []
     for model, outs in ((patched, ours_out), (reference, theirs_out)):
         # a threshold no residual change reaches: every call after the first reuses the
         # cached residual of all blocks after the first
-        model.model.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        model.model.enable_cache(hooks.FirstBlockCacheConfig(threshold=1e9))
         with torch.no_grad(), model.model.cache_context("cond"):
             for step in range(2):
                 with CountDitkernelsOps() as counter:
@@ -269,12 +273,45 @@ def _same_images(pipe, **kwargs):
                                rtol=0)
 
 
-def test_dit_pipeline():
+def _tiny_dit_pipeline():
     # DiTPipeline's guidance uses class 1000 as the null class
     model, _, _, _ = dit_case(2, 8, 8, num_classes=1000)
-    pipe = diffusers.DiTPipeline(transformer=randomize_(model).eval(), vae=_tiny_vae().eval(),
+    return diffusers.DiTPipeline(transformer=randomize_(model).eval(), vae=_tiny_vae().eval(),
                                  scheduler=diffusers.DDIMScheduler())
-    _same_images(pipe, class_labels=[1, 4], num_inference_steps=3, guidance_scale=4.0)
+
+
+DIT_PIPELINE_CALL = dict(class_labels=[1, 4], num_inference_steps=3, guidance_scale=4.0)
+
+
+def test_dit_pipeline():
+    _same_images(_tiny_dit_pipeline(), **DIT_PIPELINE_CALL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch-then-offload",
+                                                           "offload-then-patch"])
+def test_model_cpu_offload(device, patch_first):
+    """Model CPU offload (accelerate's hooks on the whole transformer) in either order;
+    on a CPU-only machine the "accelerator" is the CPU itself, which still runs the
+    hooks."""
+    pytest.importorskip("accelerate")
+    pipe = _tiny_dit_pipeline()
+    patched = diffusers.DiTPipeline(transformer=copy.deepcopy(pipe.transformer),
+                                    vae=copy.deepcopy(pipe.vae), scheduler=pipe.scheduler)
+    pipe.enable_model_cpu_offload(device=device)
+    if patch_first:
+        ditkernels.patch_diffusers(patched.transformer)
+    patched.enable_model_cpu_offload(device=device)
+    if not patch_first:
+        ditkernels.patch_diffusers(patched.transformer)
+    images = pipe(generator=torch.Generator().manual_seed(0), output_type="pt",
+                  **DIT_PIPELINE_CALL).images
+    with CountDitkernelsOps() as counter:
+        ours = patched(generator=torch.Generator().manual_seed(0), output_type="pt",
+                       **DIT_PIPELINE_CALL).images
+    assert counter.counts["gated_residual_ln_modulate"] > 0
+    assert next(patched.transformer.parameters()).device.type == "cpu"  # offloaded again
+    torch.testing.assert_close(ours, images, atol=1e-4, rtol=0)
 
 
 def test_pixart_pipeline():
