@@ -147,11 +147,12 @@ def _pipeline_step(ctx: BenchContext, batch: int) -> List[Dict]:
         return functools.partial(
             pipe, prompt=None, negative_prompt=None, prompt_embeds=embeds,
             prompt_attention_mask=mask, negative_prompt_embeds=torch.zeros_like(embeds),
-            negative_prompt_attention_mask=mask, num_inference_steps=PIPELINE_STEPS, guidance_scale=4.5,
-            height=size, width=size, use_resolution_binning=False, output_type="latent",
-            generator=torch.Generator(ctx.device).manual_seed(0))
+            negative_prompt_attention_mask=mask, num_inference_steps=PIPELINE_STEPS,
+            guidance_scale=4.5, height=size, width=size, use_resolution_binning=False,
+            output_type="latent", generator=torch.Generator(ctx.device).manual_seed(0))
 
-    labels = dict(family="diffusers", op=f"PixArt-alpha pipeline, {PIPELINE_STEPS} steps (cfg)", shape=shape)
+    labels = dict(family="diffusers", op=f"PixArt-alpha pipeline, {PIPELINE_STEPS} steps (cfg)",
+                  shape=shape)
     return _rows(_implementations(model, build, ctx), ctx, labels, batch)
 
 

@@ -181,6 +181,61 @@ def test_runs_the_fused_ops(case):
     assert dict(counter.counts) == ops
 
 
+class BlockCall(nn.Module):
+    """A BasicTransformerBlock called as its model calls it, with positional tensors."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, context, timestep, class_labels):
+        return self.block(x, encoder_hidden_states=context, timestep=timestep,
+                          class_labels=class_labels)
+
+
+# BasicTransformerBlock configurations the four models do not build: adaLN-Zero with
+# cross-attention and affine norms, ada_norm_single without cross-attention (Latte), a
+# chunked feed-forward, and one conditioning row broadcast over the batch.
+BLOCK_VARIANTS = {
+    "ada-norm-zero-cross-attention-affine": (
+        dict(norm_type="ada_norm_zero", num_embeds_ada_norm=10, cross_attention_dim=6,
+             norm_elementwise_affine=True, norm_eps=1e-4, attention_bias=True), 3),
+    "ada-norm-single-self-attention-only": (dict(norm_type="ada_norm_single"), 3),
+    "ada-norm-zero-chunked-ff-one-condition": (
+        dict(norm_type="ada_norm_zero", num_embeds_ada_norm=10), 1),
+}
+
+
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_basic_transformer_block_variants(variant, dtype):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    config, conditions = BLOCK_VARIANTS[variant]
+    dim, tokens = 20, 9
+    block = BasicTransformerBlock(dim, 4, 5, activation_fn="gelu-approximate", **config)
+    if "chunked" in variant:
+        block.set_chunk_feed_forward(3, dim=1)
+    # LayerNorm scales near 1, as trained ones are (randomize_'s N(0, 0.1) would shrink
+    # q and k until attention is uniform and their gradients mere cancellation)
+    reference = BlockCall(randomize_(block, lambda name, owner: (
+        (1.0, 0.1) if isinstance(owner, nn.LayerNorm) and name.endswith("weight") else None)))
+    reference = reference.to(dtype)
+    patched = copy.deepcopy(reference)
+    assert ditkernels.patch_diffusers(patched) == ["block"]
+    gen = torch.Generator().manual_seed(3)
+    timestep = (torch.randn(conditions, 6 * dim, generator=gen)
+                if config["norm_type"] == "ada_norm_single" else torch.tensor([4.0, 900.0, 17.0]))
+    inputs = [torch.randn(3, tokens, dim, generator=gen).to(dtype),
+              torch.randn(3, 4, 6, generator=gen).to(dtype), timestep[:conditions].to(dtype),
+              torch.tensor([2, 7, 0])[:conditions]]
+    assert_matches_reference(patched, reference, inputs, floor_from=key_bias_floors(reference))
+    with torch.no_grad(), CountDitkernelsOps() as counter:
+        patched(*inputs)
+    cross = "cross" in variant
+    assert dict(counter.counts) == {"ln_modulate": 1, "gated_residual_ln_modulate": 1 + cross}
+
+
 def test_names_state_and_class_unchanged():
     reference, patched, _, _ = build("sd35-dual-h3x12-6x6")
     assert_same_state(patched, reference)

@@ -44,12 +44,18 @@ def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if t is None else t.to(x.dtype)
 
 
+def _per_sample(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A [B, C] (or broadcastable [1, C]) modulation vector as the [B, C] the fused ops
+    take, in x's dtype; eager diffusers broadcasts a batch-1 conditioning the same way."""
+    return None if t is None else t.to(x.dtype).expand(x.shape[0], -1)
+
+
 def _norm_modulate(norm: nn.LayerNorm, x: Tensor, shift: Optional[Tensor],
                    scale: Optional[Tensor]) -> Tensor:
     """norm(x) * (1 + scale[:, None]) + shift[:, None] (or plain norm(x) for None) in one
     op, with norm's own eps and affine parameters."""
-    return ln_modulate(x, _like(shift, x), _like(scale, x), norm.eps, _like(norm.weight, x),
-                       _like(norm.bias, x))
+    return ln_modulate(x, _per_sample(shift, x), _per_sample(scale, x), norm.eps,
+                       _like(norm.weight, x), _like(norm.bias, x))
 
 
 def _residual_norm_modulate(norm: nn.LayerNorm, x: Tensor, h: Tensor, gate: Optional[Tensor],
@@ -57,9 +63,9 @@ def _residual_norm_modulate(norm: nn.LayerNorm, x: Tensor, h: Tensor, gate: Opti
                             ) -> Tuple[Tensor, Tensor]:
     """(x + gate[:, None] * h, _norm_modulate(norm, that, shift, scale)) in one op; an
     ungated residual for gate None."""
-    return gated_residual_ln_modulate(x, h.to(x.dtype), _like(gate, x), _like(shift, x),
-                                      _like(scale, x), norm.eps, _like(norm.weight, x),
-                                      _like(norm.bias, x))
+    return gated_residual_ln_modulate(x, h.to(x.dtype), _per_sample(gate, x),
+                                      _per_sample(shift, x), _per_sample(scale, x), norm.eps,
+                                      _like(norm.weight, x), _like(norm.bias, x))
 
 
 def _gated_residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
@@ -67,7 +73,8 @@ def _gated_residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
     return torch.addcmul(x, gate.to(x.dtype).unsqueeze(1), h.to(x.dtype))
 
 
-def _modulation(ada: nn.Module, emb: Tensor, chunks: int, dtype: torch.dtype) -> Tuple[Tensor, ...]:
+def _modulation(ada: nn.Module, emb: Tensor, chunks: int,
+                dtype: torch.dtype) -> Tuple[Tensor, ...]:
     """The chunks of an AdaLayerNormZero-style ada.linear(ada.silu(emb)), each [B, D]."""
     return ada.linear(ada.silu(emb)).to(dtype).chunk(chunks, dim=1)
 
