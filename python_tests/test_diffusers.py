@@ -280,7 +280,8 @@ def test_gradient_checkpointing():
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("case", ["dit-h2x8-s6", "flux-h2x16-n15"])
+@pytest.mark.parametrize("case", ["dit-h2x8-s6", "pixart-h2x8-s6", "sd35-dual-h3x12-6x6",
+                                  "flux-h2x16-n15"])
 def test_torch_compile_fullgraph(case):
     _, patched, inputs, _ = build(case)
     assert_compiled_matches_eager(patched, inputs, backend="aot_eager")
@@ -340,6 +341,15 @@ DIT_PIPELINE_CALL = dict(class_labels=[1, 4], num_inference_steps=3, guidance_sc
 
 def test_dit_pipeline():
     _same_images(_tiny_dit_pipeline(), **DIT_PIPELINE_CALL)
+
+
+def test_patches_a_whole_pipeline():
+    pipe = _tiny_dit_pipeline()
+    assert ditkernels.patch_diffusers(pipe) == ["transformer.transformer_blocks.0",
+                                                "transformer.transformer_blocks.1"]
+    with pytest.raises(TypeError, match="patch_diffusers: model must be an nn.Module or a "
+                                        "diffusers pipeline, got a str"):
+        ditkernels.patch_diffusers("transformer")
 
 
 @pytest.mark.parametrize("device", DEVICES)

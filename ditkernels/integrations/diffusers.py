@@ -350,6 +350,8 @@ def _signature_problem(cls: type, forward: Callable) -> Optional[str]:
 def patch_diffusers(model: nn.Module) -> List[str]:
     """Swap, in place, the forward of every supported block of a diffusers model for one
     on ditkernels' fused adaLN ops; returns the qualified names of the modules patched.
+    model may also be a diffusers pipeline: then every nn.Module among its components
+    is patched, and the names start with the component's ("transformer.").
 
     Supported: BasicTransformerBlock with norm_type "ada_norm_zero" (DiT) or
     "ada_norm_single" (PixArt-alpha/sigma), JointTransformerBlock (SD3, SD3.5 with dual
@@ -361,6 +363,13 @@ def patch_diffusers(model: nn.Module) -> List[str]:
     caches or offloading). Blocks patched already are skipped silently. model may itself
     be a block. The models' inline output heads (DiT's, PixArt's norm_out) stay eager.
     """
+    if not isinstance(model, nn.Module):
+        components = getattr(model, "components", None)
+        if not isinstance(components, dict):
+            raise TypeError(f"patch_diffusers: model must be an nn.Module or a diffusers "
+                            f"pipeline, got a {type(model).__name__}")
+        return [f"{key}.{name}" if name else key for key, component in components.items()
+                if isinstance(component, nn.Module) for name in patch_diffusers(component)]
     patched = []
     for name, module in model.named_modules():
         entry = _PATCHES.get(type(module))
