@@ -266,6 +266,27 @@ def test_warns_for_blocks_left_alone():
         assert ditkernels.patch_diffusers(model) == ["single_transformer_blocks.0", "norm_out"]
 
 
+def test_other_attention_processor():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    reference, patched, inputs, _ = build("pixart-h2x8-s6")
+    for model in (reference, patched):
+        model.model.set_attn_processor(AttnProcessor())  # the non-SDPA one
+    assert_matches_reference(patched, reference, inputs, floor_from=key_bias_floors(reference))
+
+
+def test_hooks_applied_before_patching_are_kept():
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "FirstBlockCacheConfig"):
+        pytest.skip("this diffusers has no FirstBlockCache")
+    model, _, _, _ = flux_case(2, (4, 6, 6), 15)
+    model.enable_cache(hooks.FirstBlockCacheConfig(threshold=0.1))
+    with pytest.warns(UserWarning, match=r"leaving single_transformer_blocks\.1 "
+                                         r"\(FluxSingleTransformerBlock\) unpatched: its "
+                                         r"forward is already replaced on the instance"):
+        assert ditkernels.patch_diffusers(model) == ["norm_out"]
+
+
 def test_gradient_checkpointing():
     reference, patched, inputs, _ = build("flux-h2x16-n15")
     out, grads = forward_backward(patched, inputs)
