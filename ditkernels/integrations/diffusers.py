@@ -2,7 +2,10 @@
 
 patch_diffusers swaps the forward of each supported block for one that computes the
 same thing with ditkernels' ops: every LayerNorm + modulate becomes one ln_modulate,
-and every residual add that a LayerNorm follows becomes one gated_residual_ln_modulate.
+and every residual add followed by a LayerNorm of the same block becomes one
+gated_residual_ln_modulate. A block's last residual stays one addcmul: the norm after
+it belongs to the next block, which the model's loop (and diffusers' caches and
+checkpointing) calls separately.
 Everything else (timestep and label embeddings, the modulation Linears, attention
 through the block's own processor, feed-forwards) is still diffusers' own module code,
 called as diffusers calls it, so diffusers' numerics are kept.
