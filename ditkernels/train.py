@@ -127,8 +127,12 @@ def block_types() -> Tuple[type, ...]:
 
 
 def block_names(model: nn.Module) -> List[str]:
-    types = block_types()
-    return [n for n, m in model.named_modules() if isinstance(m, types)]
+    """The outermost blocks (DiffiT's ResBlock holds a DiffiTBlock: only the ResBlock)."""
+    types, names = block_types(), []
+    for n, m in model.named_modules():
+        if isinstance(m, types) and not any(n.startswith(p + ".") for p in names):
+            names.append(n)
+    return names
 
 
 def disable_model_label_dropout(model: nn.Module) -> None:

@@ -1,0 +1,225 @@
+"""python -m ditkernels.train and ditkernels.sample under torchrun: 2 CPU processes (gloo)
+against 1, FSDP2 against DDP, resumed runs against uninterrupted ones.
+
+Every run is a subprocess (as a user launches it) with a tiny DiT on random 3-channel
+8x8 "images" in float64, so that what separates the runs is only the order of sums
+in the gradient all-reduce.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ditkernels
+from ditkernels import data as data_lib
+from ditkernels.sample import derived_seed, merge_chunks
+from ditkernels.train import block_names, build_model, model_config
+
+SRC_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ditkernels.__file__)))
+TINY_DIT = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
+STEPS = 4
+TRAIN = ["--model", "DiT-S/2", "--model-kwargs", TINY_DIT, "--global-batch-size", "8",
+         "--max-steps", str(STEPS), "--ckpt-every", "2", "--log-every", "2", "--device", "cpu",
+         "--dtype", "float64", "--lr", "1e-3", "--grad-clip", "0.05", "--ema-decay", "0.9"]
+
+# float64 runs that differ only in the order of the gradient sums (~1e-16 relative)
+# stay about lr * 1e-15 apart after a few Adam steps; a wrong sample, noise draw or
+# label would move parameters by ~lr = 1e-3.
+PARAM_ATOL = 1e-12
+
+
+def run(module, args, cwd, nproc=1):
+    """Run ``python -m module`` (under torchrun when nproc > 1) from outside the source
+    tree, importing ditkernels from where this test imported it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [SRC_ROOT, os.environ.get("PYTHONPATH")])))
+    launcher = ([] if nproc == 1 else
+                ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
+    cmd = [sys.executable, *launcher, "-m", module, *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One training run per way of launching, each STEPS steps with checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    latents = root / "pixels.npz"
+    np.savez(latents, latents=rng.uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 3, 16))
+    common = [*TRAIN, "--latents", latents]
+    out = {}
+    out["single"] = root / "single"
+    run("ditkernels.train", [*common, "--results-dir", out["single"]], root)
+    out["ddp"] = root / "ddp"
+    run("ditkernels.train", [*common, "--results-dir", out["ddp"]], root, nproc=2)
+    out["fsdp"] = root / "fsdp"
+    run("ditkernels.train", [*common, "--results-dir", out["fsdp"], "--fsdp",
+                             "--grad-checkpointing"], root, nproc=2)
+    for name in ("ddp", "fsdp"):  # resume the 2-process runs from their step-2 checkpoints
+        resumed = root / f"{name}-resumed"
+        (resumed / "checkpoints").mkdir(parents=True)
+        os.link(out[name] / "checkpoints" / "0000002.pt",
+                resumed / "checkpoints" / "0000002.pt")
+        extra = ["--fsdp", "--grad-checkpointing"] if name == "fsdp" else []
+        run("ditkernels.train", [*common, "--results-dir", resumed, "--resume", "auto", *extra],
+            root, nproc=2)
+        out[f"{name}-resumed"] = resumed
+    out["latents"] = latents
+    return out
+
+
+def final(runs, name):
+    return load(runs[name] / "checkpoints" / f"{STEPS:07d}.pt")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_process_on_the_combined_batch(runs, name):
+    one, two = final(runs, "single"), final(runs, name)
+    first = load(runs["single"] / "checkpoints" / "0000002.pt")
+    for part in ("model", "ema"):
+        assert one[part].keys() == two[part].keys()
+        for key in one[part]:
+            torch.testing.assert_close(two[part][key], one[part][key], atol=PARAM_ATOL, rtol=0,
+                                       msg=f"{part}.{key}")
+    # The comparison has teeth: the weights moved well beyond the tolerance.
+    moved = max((one["model"][k] - first["model"][k]).abs().max() for k in one["model"])
+    assert moved > 1e-4
+    state_one, state_two = one["opt"]["state"], two["opt"]["state"]
+    assert state_one.keys() == state_two.keys()
+    for key in state_one:
+        torch.testing.assert_close(state_two[key]["exp_avg"], state_one[key]["exp_avg"],
+                                   atol=PARAM_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs, name):
+    straight, resumed = final(runs, name), final(runs, f"{name}-resumed")
+    for part in ("model", "ema"):
+        assert straight[part].keys() == resumed[part].keys()
+        for key in straight[part]:
+            assert torch.equal(straight[part][key], resumed[part][key]), f"{part}.{key}"
+    for key, state in straight["opt"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, resumed["opt"]["state"][key][field]), f"opt {key} {field}"
+    assert torch.equal(straight["generator"], resumed["generator"])
+    for a, b in zip(straight["rng"], resumed["rng"]):
+        assert torch.equal(a["cpu"], b["cpu"])
+    assert straight["step"] == resumed["step"] == STEPS
+    assert straight["data_order"] == resumed["data_order"]
+
+
+def test_checkpoints_hold_plain_state_dicts_that_load_strictly(runs):
+    ckpt = final(runs, "fsdp")  # FSDP2 and activation checkpointing leave no trace in keys
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["ema"], strict=True)
+    assert ckpt["model"].keys() == model.state_dict().keys()
+
+
+def test_resuming_with_another_global_batch_is_refused(runs):
+    ckpt = load(runs["ddp"] / "checkpoints" / "0000002.pt")
+    data_lib.DataOrder(16, 8, seed=0).check_state(ckpt["data_order"], 2)
+    with pytest.raises(ValueError, match="data order does not match.*global_batch=8 vs 4"):
+        data_lib.DataOrder(16, 4, seed=0).check_state(ckpt["data_order"], 2)
+
+
+def test_sampling_on_two_ranks_writes_every_sample_once_and_resumes(runs, tmp_path):
+    ckpt = runs["single"] / "checkpoints" / f"{STEPS:07d}.pt"
+    sample = ["--ckpt", ckpt, "--num-samples", 7, "--batch-size", 2, "--sampler", "ddpm",
+              "--steps", 4, "--cfg-scale", 2.0, "--device", "cpu", "--dtype", "float64"]
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    run("ditkernels.sample", [*sample, "--out", one], tmp_path)
+    run("ditkernels.sample", [*sample, "--out", two, "--keep-shards"], tmp_path, nproc=2)
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].shape == (7, 8, 8, 3) and a["arr_0"].dtype == np.uint8
+        assert sorted(a.files) == ["arr_0", "arr_1"]
+        # Per-sample seeds: the samples do not depend on how many processes made them.
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert len({img.tobytes() for img in a["arr_0"]}) == 7
+        expected = a["arr_0"]
+    assert not (tmp_path / "one.shards").exists()
+    shards = tmp_path / "two.shards"
+    assert sorted(p.name for p in shards.glob("chunk_*.npz")) == [
+        f"chunk_{k:06d}.npz" for k in range(4)]
+
+    # Interrupted: one chunk and the merged file lost; a 1-process rerun redoes only it.
+    os.remove(shards / "chunk_000002.npz")
+    os.remove(two)
+    mtime = os.path.getmtime(shards / "chunk_000001.npz")
+    run("ditkernels.sample", [*sample, "--out", two, "--keep-shards"], tmp_path)
+    assert os.path.getmtime(shards / "chunk_000001.npz") == mtime
+    with np.load(two) as b:
+        np.testing.assert_array_equal(b["arr_0"], expected)
+
+
+def test_merge_refuses_missing_or_duplicated_indices(tmp_path):
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    for k, idx in enumerate([[0, 1], [1, 2]]):  # sample 1 twice, sample 3 missing
+        np.savez(tmp_path / f"chunk_{k:06d}.npz", samples=images, labels=np.zeros(2, np.int64),
+                 indices=np.array(idx))
+    with pytest.raises(RuntimeError, match="expected from 2"):
+        merge_chunks(str(tmp_path), 2, 4, str(tmp_path / "out.npz"), conditional=False)
+
+
+def test_derived_seeds_differ_per_key():
+    seeds = {derived_seed(0, 0, i) for i in range(1000)} | {derived_seed(0, 1, i)
+                                                           for i in range(1000)}
+    assert len(seeds) == 2000 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_data_order_slices_partition_the_global_batch():
+    order = data_lib.DataOrder(num_samples=10, global_batch=4, seed=3)
+    assert order.steps_per_epoch == 2
+    for step in range(6):
+        whole = order.global_indices(step)
+        parts = [whole[data_lib.rank_slice(4, r, 2)] for r in range(2)]
+        assert torch.equal(torch.cat(parts), whole)
+    epoch0 = torch.cat([order.global_indices(s) for s in range(2)])
+    assert len(set(epoch0.tolist())) == 8  # no sample twice within an epoch
+    assert not torch.equal(order.global_indices(0), order.global_indices(2))
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        data_lib.rank_slice(4, 0, 3)
+
+
+def test_image_folder_classes_and_center_crop(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
+                tmp_path / c / f"{i}.png")
+    ds = data_lib.ImageFolderDataset(str(tmp_path), 8)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    x, y = ds[3]
+    assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == 1
+
+
+def test_block_names_are_the_outermost_blocks():
+    config = model_config("DiffiT-CIFAR10", input_size=8, in_channels=3, num_classes=0,
+                          overrides=dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                         num_heads=2, window_size=4, num_groups=4))
+    names = block_names(build_model(config))
+    assert names and all(type(build_model(config).get_submodule(n)).__name__ == "DiffiTResBlock"
+                         for n in names)
+
+
+def test_uvit_config_counts_the_null_class():
+    config = model_config("U-ViT-S/2", input_size=4, in_channels=4, num_classes=10,
+                          class_dropout_prob=0.1)
+    assert config["kwargs"]["num_classes"] == 11
+    assert config["denoiser"] == {"num_classes": 10, "null_class": 10}
+    with pytest.raises(ValueError, match="cannot learn sigma"):
+        model_config("U-ViT-S/2", input_size=4, in_channels=4, num_classes=10,
+                     learn_sigma=True)
