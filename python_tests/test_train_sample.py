@@ -223,3 +223,36 @@ def test_uvit_config_counts_the_null_class():
     with pytest.raises(ValueError, match="cannot learn sigma"):
         model_config("U-ViT-S/2", input_size=4, in_channels=4, num_classes=10,
                      learn_sigma=True)
+
+
+def test_latents_from_safetensors_and_npz_agree(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    latents = torch.randn(5, 4, 2, 2)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    safetensors.save_file({"latents": latents, "labels": labels}, str(tmp_path / "l.safetensors"))
+    np.savez(tmp_path / "l.npz", latents=latents.numpy(), labels=labels.numpy())
+    for name in ("l.safetensors", "l.npz"):
+        ds = data_lib.LatentDataset(str(tmp_path / name))
+        assert len(ds) == 5 and ds.num_classes == 4
+        x, y = ds[1]
+        assert torch.equal(x, latents[1]) and y == 3
+
+
+def test_vae_from_a_local_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from diffusers.models import AutoencoderKL
+
+    from ditkernels.train import data_shape
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        data_lib.VAE(str(tmp_path / "missing"), torch.device("cpu"))
+    AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    vae = data_lib.VAE(str(tmp_path / "vae"), torch.device("cpu"))
+    assert vae.scale == 0.18215
+    assert data_shape(SimpleNamespace(image_size=8), None, True, vae) == (4, 4)
+    z = vae.encode(torch.rand(2, 3, 8, 8) * 2 - 1)
+    assert z.shape == (2, 4, 4, 4)
+    assert vae.decode(z).shape == (2, 3, 8, 8)
