@@ -117,8 +117,8 @@ class LatentDataset(torch.utils.data.Dataset):
                 label_key = "labels" if "labels" in f else ("arr_1" if "arr_1" in f else None)
                 labels = torch.from_numpy(f[label_key]) if label_key else None
         if latents is None or latents.dim() != 4 or not latents.is_floating_point():
-            raise ValueError(f"{path}: latents must be a float [N, C, H, W] array, got "
-                             f"{None if latents is None else (latents.dtype, tuple(latents.shape))}")
+            got = None if latents is None else (latents.dtype, tuple(latents.shape))
+            raise ValueError(f"{path}: latents must be a float [N, C, H, W] array, got {got}")
         if labels is None:
             labels = torch.zeros(latents.shape[0], dtype=torch.int64)
         if tuple(labels.shape) != (latents.shape[0],):

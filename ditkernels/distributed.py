@@ -8,7 +8,7 @@ process makes a one-member group on a free local port. NCCL on a GPU, gloo on a 
 import dataclasses
 import os
 import socket
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,16 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_in_process_group(fn: Callable[[Any, DistContext], None], args: Any,
+                         device: Optional[str] = None) -> None:
+    """fn(args, ctx) inside the process group, which is torn down however fn ends."""
+    ctx = init_distributed(device)
+    try:
+        fn(args, ctx)
+    finally:
+        cleanup_distributed()
 
 
 def all_gather_objects(obj: Any) -> List[Any]:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import data as data_lib
 from .diffusion import create_diffusion, ddim_sample, ddpm_sample
-from .distributed import DistContext, cleanup_distributed, init_distributed
+from .distributed import DistContext, run_in_process_group
 from .train import DTYPES, build_model, denoiser_for, model_config
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
@@ -235,11 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ctx = init_distributed(args.device)
-    try:
-        sample(args, ctx)
-    finally:
-        cleanup_distributed()
+    run_in_process_group(sample, args, args.device)
 
 
 if __name__ == "__main__":

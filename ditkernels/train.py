@@ -26,6 +26,7 @@ import copy
 import functools
 import glob
 import json
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,8 +38,8 @@ from torch import Tensor
 
 from . import data as data_lib
 from .diffusion import as_denoiser, create_diffusion
-from .distributed import (DistContext, all_gather_objects, cleanup_distributed,
-                          init_distributed, mean_over_ranks)
+from .distributed import (DistContext, all_gather_objects, mean_over_ranks,
+                          run_in_process_group)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -182,6 +183,26 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     params = [_local(p).to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int, schedule: str,
+          final_fraction: float) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or a cosine decay to
+    final_fraction * base_lr at ``total``: a function of the step alone, so resumed
+    runs follow it unchanged."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return base_lr * (final_fraction + (1 - final_fraction) * cosine)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """With warmup, min(decay, (1 + step) / (10 + step)): early averages are not
+    dominated by the initial weights."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -339,7 +360,8 @@ def train(args, ctx: DistContext) -> None:
     global_batch = args.global_batch_size
     local = data_lib.rank_slice(global_batch, ctx.rank, ctx.world_size)
     order = data_lib.DataOrder(len(dataset), global_batch, args.seed)
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * order.steps_per_epoch
+    max_steps = (args.max_steps if args.max_steps is not None
+                 else args.epochs * order.steps_per_epoch)
     generator = torch.Generator(ctx.device).manual_seed(args.seed)
     start_step, rng = 0, None
     resume = latest_checkpoint(args.results_dir) if args.resume == "auto" else args.resume
@@ -398,21 +420,24 @@ def train(args, ctx: DistContext) -> None:
             y = torch.where(drop, null_class, y)
         with autocast:
             loss = diffusion.training_losses(denoiser, x, t, y, noise=noise)["loss"].mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, max_steps, args.lr, args.warmup_steps, args.lr_schedule,
+                                args.final_lr_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        update_ema(ema, model, args.ema_decay)
+        update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
 
-        running_loss += loss.item()
+        running_loss += loss.detach()  # no host sync per step; read at log time
         running_steps += 1
         done = step + 1
         if done % args.log_every == 0 or done == max_steps:
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             elapsed = time.perf_counter() - tic
-            avg = mean_over_ranks(running_loss / running_steps, ctx.device)
+            avg = mean_over_ranks(float(running_loss) / running_steps, ctx.device)
             log(f"step {done:07d}  loss {avg:.4f}  {running_steps / elapsed:.2f} steps/s  "
                 f"{running_steps * global_batch / elapsed:.1f} samples/s")
             running_loss, running_steps, tic = 0.0, 0, time.perf_counter()
@@ -449,7 +474,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--lr", type=float, default=1e-4)
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm (0: off)")
+    opt.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup")
+    opt.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    opt.add_argument("--final-lr-fraction", type=float, default=0.1,
+                     help="cosine: the last step's lr as a fraction of --lr")
     opt.add_argument("--ema-decay", type=float, default=0.9999)
+    opt.add_argument("--ema-warmup", action="store_true",
+                     help="decay min(ema_decay, (1 + step) / (10 + step))")
     opt.add_argument("--max-steps", type=int)
     opt.add_argument("--epochs", type=int, default=1400, help="used without --max-steps")
     opt.add_argument("--seed", type=int, default=0)
@@ -473,11 +504,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ctx = init_distributed(args.device)
-    try:
-        train(args, ctx)
-    finally:
-        cleanup_distributed()
+    run_in_process_group(train, args, args.device)
 
 
 if __name__ == "__main__":

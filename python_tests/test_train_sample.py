@@ -17,14 +17,15 @@ import torch
 import ditkernels
 from ditkernels import data as data_lib
 from ditkernels.sample import derived_seed, merge_chunks
-from ditkernels.train import block_names, build_model, model_config
+from ditkernels.train import block_names, build_model, ema_decay_at, lr_at, model_config
 
 SRC_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ditkernels.__file__)))
 TINY_DIT = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
 STEPS = 4
 TRAIN = ["--model", "DiT-S/2", "--model-kwargs", TINY_DIT, "--global-batch-size", "8",
          "--max-steps", str(STEPS), "--ckpt-every", "2", "--log-every", "2", "--device", "cpu",
-         "--dtype", "float64", "--lr", "1e-3", "--grad-clip", "0.05", "--ema-decay", "0.9"]
+         "--dtype", "float64", "--lr", "1e-3", "--grad-clip", "0.05", "--ema-decay", "0.9",
+         "--ema-warmup", "--warmup-steps", "2", "--lr-schedule", "cosine"]
 
 # float64 runs that differ only in the order of the gradient sums (~1e-16 relative)
 # stay about lr * 1e-15 apart after a few Adam steps; a wrong sample, noise draw or
@@ -41,7 +42,8 @@ def run(module, args, cwd, nproc=1):
                 ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
     cmd = [sys.executable, *launcher, "-m", module, *map(str, args)]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, \
+        f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
 
@@ -136,31 +138,42 @@ def test_resuming_with_another_global_batch_is_refused(runs):
 def test_sampling_on_two_ranks_writes_every_sample_once_and_resumes(runs, tmp_path):
     ckpt = runs["single"] / "checkpoints" / f"{STEPS:07d}.pt"
     sample = ["--ckpt", ckpt, "--num-samples", 7, "--batch-size", 2, "--sampler", "ddpm",
-              "--steps", 4, "--cfg-scale", 2.0, "--device", "cpu", "--dtype", "float64"]
-    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    run("ditkernels.sample", [*sample, "--out", one], tmp_path)
-    run("ditkernels.sample", [*sample, "--out", two, "--keep-shards"], tmp_path, nproc=2)
-    with np.load(one) as a, np.load(two) as b:
-        assert a["arr_0"].shape == (7, 8, 8, 3) and a["arr_0"].dtype == np.uint8
-        assert sorted(a.files) == ["arr_0", "arr_1"]
-        # Per-sample seeds: the samples do not depend on how many processes made them.
-        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
-        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
-        assert len({img.tobytes() for img in a["arr_0"]}) == 7
-        expected = a["arr_0"]
-    assert not (tmp_path / "one.shards").exists()
-    shards = tmp_path / "two.shards"
+              "--steps", 4, "--cfg-scale", 2.0, "--device", "cpu", "--dtype", "float64",
+              "--out", tmp_path / "samples.npz", "--keep-shards"]
+    run("ditkernels.sample", sample, tmp_path, nproc=2)
+    shards = tmp_path / "samples.shards"
     assert sorted(p.name for p in shards.glob("chunk_*.npz")) == [
         f"chunk_{k:06d}.npz" for k in range(4)]
+    with np.load(tmp_path / "samples.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (7, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.shape == (7,) and set(labels.tolist()) <= {0, 1, 2}
+    assert len({img.tobytes() for img in images}) == 7
+    for k in range(4):  # chunk k holds samples 2k, 2k + 1 (the last one sample 6 only)
+        with np.load(shards / f"chunk_{k:06d}.npz") as chunk:
+            np.testing.assert_array_equal(chunk["indices"], np.arange(2 * k, min(2 * k + 2, 7)))
+            np.testing.assert_array_equal(chunk["samples"], images[2 * k:2 * k + 2])
 
-    # Interrupted: one chunk and the merged file lost; a 1-process rerun redoes only it.
-    os.remove(shards / "chunk_000002.npz")
-    os.remove(two)
-    mtime = os.path.getmtime(shards / "chunk_000001.npz")
-    run("ditkernels.sample", [*sample, "--out", two, "--keep-shards"], tmp_path)
-    assert os.path.getmtime(shards / "chunk_000001.npz") == mtime
-    with np.load(two) as b:
-        np.testing.assert_array_equal(b["arr_0"], expected)
+    # Interrupted: chunk 1 (rank 1's) and the merged file lost. A 1-process rerun
+    # redoes only that chunk, and per-sample seeds make it come out the same; without
+    # --keep-shards the merge then removes them.
+    os.remove(shards / "chunk_000001.npz")
+    os.remove(tmp_path / "samples.npz")
+    log = run("ditkernels.sample", sample[:-1], tmp_path)
+    assert "chunk 1/1," in log
+    assert not shards.exists()
+    with np.load(tmp_path / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+        np.testing.assert_array_equal(f["arr_1"], labels)
+
+    # Chunks of other settings are refused.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC_ROOT)
+    shards.mkdir()
+    (shards / "settings.json").write_text('{"seed": 123}')
+    result = subprocess.run([sys.executable, "-m", "ditkernels.sample", *map(str, sample)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "holds chunks sampled with other settings" in result.stderr
 
 
 def test_merge_refuses_missing_or_duplicated_indices(tmp_path):
@@ -213,6 +226,14 @@ def test_block_names_are_the_outermost_blocks():
     names = block_names(build_model(config))
     assert names and all(type(build_model(config).get_submodule(n)).__name__ == "DiffiTResBlock"
                          for n in names)
+
+
+def test_lr_schedule_and_ema_warmup():
+    lrs = [lr_at(s, 10, 1.0, 2, "cosine", 0.1) for s in range(11)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert [lr_at(s, 10, 1.0, 0, "constant", 0.1) for s in (0, 9)] == [1.0, 1.0]
+    assert ema_decay_at(0, 0.9999, True) == 0.1 and ema_decay_at(0, 0.9999, False) == 0.9999
 
 
 def test_uvit_config_counts_the_null_class():
