@@ -277,3 +277,28 @@ def test_vae_from_a_local_folder(tmp_path):
     z = vae.encode(torch.rand(2, 3, 8, 8) * 2 - 1)
     assert z.shape == (2, 4, 4, 4)
     assert vae.decode(z).shape == (2, 3, 8, 8)
+
+
+def test_uvit_on_an_image_folder_in_bf16_trains_and_samples(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / c / f"{i}.png")
+    run("ditkernels.train", [
+        "--model", "U-ViT-S/2-cifar10", "--model-kwargs",
+        '{"depth": 2, "embed_dim": 32, "num_heads": 2}', "--data-path", tmp_path / "images",
+        "--image-size", 8, "--random-flip", "--global-batch-size", 2, "--max-steps", 2,
+        "--device", "cpu", "--precision", "bf16", "--grad-checkpointing",
+        "--results-dir", tmp_path / "run"], tmp_path)
+    ckpt = load(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    assert ckpt["config"]["kwargs"]["num_classes"] == 3  # 2 classes + the null class
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    run("ditkernels.sample", [
+        "--ckpt", tmp_path / "run" / "checkpoints" / "0000002.pt", "--num-samples", 3,
+        "--batch-size", 3, "--sampler", "ddim", "--steps", "ddim3", "--cfg-scale", 1.5,
+        "--device", "cpu", "--out", tmp_path / "s.npz"], tmp_path)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3) and set(f["arr_1"].tolist()) <= {0, 1}
