@@ -239,3 +239,43 @@ class VAE:
 def collate(batch: Sequence[Tuple[Tensor, int]]) -> Tuple[Tensor, Tensor]:
     xs, ys = zip(*batch)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+@torch.no_grad()
+def extract_latents(dataset: ImageFolderDataset, vae: VAE, batch_size: int,
+                    flip: bool = False) -> Tuple[Tensor, Tensor]:
+    """(latents [N, C, h, w] float32, labels [N]) of every image, in dataset order; with
+    ``flip`` the horizontally flipped images follow as N more (fixed augmentation)."""
+    device = next(vae.model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    latents, labels = [], []
+    for mirrored in ((False, True) if flip else (False,)):
+        for x, y in loader:
+            pixels = uint8_to_pixels(x.to(device))
+            latents.append(vae.encode(pixels.flip(-1) if mirrored else pixels).float().cpu())
+            labels.append(y)
+    return torch.cat(latents), torch.cat(labels)
+
+
+def main(argv=None) -> None:
+    """python -m ditkernels.data: encode an image folder into a latents .npz for
+    ``python -m ditkernels.train --latents`` (one process; the VAE from a local path)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m ditkernels.data", description=main.__doc__)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--vae-path", required=True, help="local diffusers AutoencoderKL folder")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--flip", action="store_true", help="also store flipped images' latents")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    vae = VAE(args.vae_path, torch.device(args.device))
+    latents, labels = extract_latents(ImageFolderDataset(args.data_path, args.image_size), vae,
+                                      args.batch_size, args.flip)
+    np.savez(args.out, latents=latents.numpy(), labels=labels.numpy())
+    print(f"wrote {args.out}: latents {tuple(latents.shape)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -278,6 +278,17 @@ def test_vae_from_a_local_folder(tmp_path):
     assert z.shape == (2, 4, 4, 4)
     assert vae.decode(z).shape == (2, 3, 8, 8)
 
+    Image = pytest.importorskip("PIL.Image")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    out = tmp_path / "latents.npz"
+    data_lib.main(["--data-path", str(tmp_path / "images"), "--image-size", "8", "--vae-path",
+                   str(tmp_path / "vae"), "--out", str(out), "--flip", "--batch-size", "2",
+                   "--device", "cpu"])
+    ds = data_lib.LatentDataset(str(out))
+    assert ds.latents.shape == (6, 4, 4, 4) and ds.labels.tolist() == [0] * 6
+
 
 def test_uvit_on_an_image_folder_in_bf16_trains_and_samples(tmp_path):
     Image = pytest.importorskip("PIL.Image")
