@@ -74,13 +74,15 @@ def model_config(name: str, *, input_size: int, in_channels: int, num_classes: i
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(registry)}")
     family = _family(name)
+    if family == "latent_transformer":
+        num_classes = max(num_classes, 1)  # DiT and latent DiffiT always embed a label
     conditional = num_classes > 0
     null = conditional and class_dropout_prob > 0
     denoiser: Dict[str, Any] = {}
     if family == "latent_transformer":
         learn_sigma = True if learn_sigma is None else learn_sigma
         kwargs = dict(input_size=input_size, in_channels=in_channels,
-                      num_classes=max(num_classes, 1), learn_sigma=learn_sigma,
+                      num_classes=num_classes, learn_sigma=learn_sigma,
                       class_dropout_prob=class_dropout_prob if conditional else 0.0)
     elif family == "diffit_unet":
         learn_sigma = False if learn_sigma is None else learn_sigma
@@ -366,15 +368,15 @@ def train(args, ctx: DistContext) -> None:
     start_step, rng = 0, None
     resume = latest_checkpoint(args.results_dir) if args.resume == "auto" else args.resume
     if resume:
-        start_step, rng, warning = load_checkpoint(resume, model=model, ema=ema, opt=opt,
-                                              generator=generator, order=order, config=config,
-                                              ctx=ctx)
+        start_step, rng, warning = load_checkpoint(
+            resume, model=model, ema=ema, opt=opt, generator=generator, order=order,
+            config=config, ctx=ctx)
         log(f"resumed from {resume} at step {start_step}" + (f" ({warning})" if warning else ""))
     if ctx.is_main:
         with open(os.path.join(args.results_dir, "config.json"), "w") as f:
             json.dump({"model": config, "args": vars(args)}, f, indent=2)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{args.model}: {n_params:,} parameters (before sharding); {len(dataset):,} samples, "
+    log(f"{args.model}: {n_params:,} parameters; {len(dataset):,} samples, "
         f"{order.steps_per_epoch} steps/epoch; world size {ctx.world_size} "
         f"({'FSDP2' if args.fsdp else 'DDP'}, {ctx.device.type}); steps {start_step}..{max_steps}")
 
@@ -384,6 +386,9 @@ def train(args, ctx: DistContext) -> None:
         num_workers=args.num_workers, collate_fn=data_lib.collate,
         pin_memory=ctx.device.type == "cuda")
     conditional = config["num_classes"] > 0
+    if conditional and dataset.num_classes > config["num_classes"]:
+        raise ValueError(f"the data has {dataset.num_classes} classes but the model "
+                         f"{config['num_classes']} (--num-classes {args.num_classes})")
     null_class = config["num_classes"] if config["class_dropout_prob"] > 0 else None
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                 if args.precision == "bf16" else contextlib.nullcontext())
@@ -438,7 +443,8 @@ def train(args, ctx: DistContext) -> None:
                 torch.cuda.synchronize(ctx.device)
             elapsed = time.perf_counter() - tic
             avg = mean_over_ranks(float(running_loss) / running_steps, ctx.device)
-            log(f"step {done:07d}  loss {avg:.4f}  {running_steps / elapsed:.2f} steps/s  "
+            log(f"step {done:07d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.3g}  "
+                f"{running_steps / elapsed:.2f} steps/s  "
                 f"{running_steps * global_batch / elapsed:.1f} samples/s")
             running_loss, running_steps, tic = 0.0, 0, time.perf_counter()
         if done % args.ckpt_every == 0 or done == max_steps:
