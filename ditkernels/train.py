@@ -166,14 +166,20 @@ def apply_activation_checkpointing(model: nn.Module, names: List[str]) -> None:
 
 def shard_model(model: nn.Module, names: List[str]) -> None:
     """FSDP2: every block a unit of its own, the remaining parameters in the root."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
     for n in names:
         fully_shard(model.get_submodule(n))
     fully_shard(model)
 
 
 def _local(p: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
     return p.to_local() if isinstance(p, DTensor) else p
 
 

@@ -86,7 +86,7 @@ def test_precision_recall_of_a_set_against_itself_and_a_far_set():
 
 
 # TorchScript is deprecated, but the Inception that StyleGAN2-ADA and clean-fid ship is one.
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit")
 def test_cli_with_a_torchscript_extractor_on_npz_and_folder(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     weights = tmp_path / "features.pt"
