@@ -125,7 +125,7 @@ def sample_settings(args, num_chunks: int) -> Dict[str, Any]:
     """What determines the samples: a rerun must match it to reuse the chunks."""
     keys = ("ckpt", "weights", "num_samples", "batch_size", "sampler", "steps", "eta",
             "cfg_scale", "cfg_channels", "clip_denoised", "seed", "vae_path", "precision",
-            "dtype")
+            "dtype", "tf32")
     return {**{k: getattr(args, k) for k in keys}, "num_chunks": num_chunks}
 
 
@@ -223,6 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                    help="TF32 matmuls and convolutions on GPUs (DiT's default)")
     plain = p.add_argument_group("a plain state_dict (not a training checkpoint)")
     plain.add_argument("--model")
     plain.add_argument("--model-kwargs")
@@ -235,6 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     run_in_process_group(sample, args, args.device)
 
 

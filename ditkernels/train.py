@@ -505,6 +505,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="parameter dtype (float64 for reference runs)")
     system.add_argument("--grad-checkpointing", action="store_true")
     system.add_argument("--compile", action="store_true")
+    system.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls and convolutions on GPUs (DiT's default)")
     run = p.add_argument_group("run")
     run.add_argument("--results-dir", required=True)
     run.add_argument("--resume", help="a checkpoint path, or 'auto' for the latest in "
@@ -516,6 +518,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     run_in_process_group(train, args, args.device)
 
 
