@@ -14,6 +14,7 @@ checkpoints load here with strict=True. No ditkernels op is used in this file.
 import torch
 import torch.nn as nn
 
+from . import reference_uvit
 from .reference_uvit import Block, PatchEmbed, timestep_embedding, unpatchify
 
 
@@ -65,14 +66,7 @@ class UViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
 
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+    _init_weights = reference_uvit.UViT._init_weights
 
     def forward(self, x, timesteps, context):
         x = self.patch_embed(x)

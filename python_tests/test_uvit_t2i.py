@@ -7,14 +7,13 @@ Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's
 import pytest
 import torch
 
-import ditkernels.models.uvit as uvit
 from conftest import (DEVICES, assert_compiled_matches_eager, assert_matches_reference,
                       assert_same_state, ditkernels_copy)
 from ditkernels import reference_uvit_t2i as ref
 from ditkernels.diffusion import as_denoiser, cfg_forward, create_diffusion, ddim_sample
-from ditkernels.models.uvit import Block
 from ditkernels.models.uvit_t2i import UVIT_T2I_CONFIGS, UViTT2I, UViTT2I_models
-from test_uvit import randomize_
+from test_uvit import (assert_loads_strictly_both_ways, assert_skips_fused_and_blocks_chained,
+                       randomize_)
 
 # Small configs that cover every path, with odd sizes. "wide": 1 + 5 + 25 = 31 tokens,
 # head_dim 72 (as U-ViT-H), an MLP ratio that is not 4, two skips, the final conv, an
@@ -56,13 +55,8 @@ def shapes(model) -> dict:
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_state_dict_loads_strictly_both_ways(config_name):
     config = CONFIGS[config_name]
-    reference, ours = reference_t2i(config, "cpu"), UViTT2I(**config)
-    assert list(shapes(ours).items()) == list(shapes(reference).items())
-    ours.load_state_dict(reference.state_dict(), strict=True)
-    assert_same_state(ours, reference)
-    fresh_reference = ref.UViT(**config)
-    fresh_reference.load_state_dict(randomize_(ours).state_dict(), strict=True)
-    assert_same_state(fresh_reference, ours)
+    assert list(shapes(UViTT2I(**config)).items()) == list(shapes(ref.UViT(**config)).items())
+    assert_loads_strictly_both_ways(ref.UViT, UViTT2I, config)
 
 
 def test_state_dict_names_are_u_vit_t2is():
@@ -155,23 +149,8 @@ def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
     config = CONFIGS["wide"]
     reference = reference_t2i(config, "cpu")
     ours = ditkernels_copy(reference, UViTT2I, config)
-    inputs = t2i_inputs(config, 2, "cpu")
-    expected = reference(*inputs)
-    skip_concat_linear = uvit.skip_concat_linear
-    fused_calls = []
-
-    def counted(*args):
-        fused_calls.append(args[0].shape)
-        return skip_concat_linear(*args)
-
-    def not_called(self, x, skip=None):
-        raise AssertionError("UViTT2I.forward should chain the blocks' parts")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(uvit, "skip_concat_linear", counted)
-        patch.setattr(Block, "forward", not_called)
-        torch.testing.assert_close(ours(*inputs), expected, atol=1e-4, rtol=1e-4)
-    assert fused_calls == [(2, 31, 144)] * len(ours.out_blocks)
+    assert_skips_fused_and_blocks_chained(monkeypatch, ours, reference,
+                                          t2i_inputs(config, 2, "cpu"), (2, 31, 144))
 
 
 def test_checkpointing_matches_reference():
@@ -217,6 +196,11 @@ def test_adapter_labels_pick_prompts_and_the_null_class_is_the_empty_prompt():
 
     without_null = as_denoiser(model, context=prompts)
     assert (without_null.num_classes, without_null.null_class) == (3, None)
+    # Any callable taking context=: here the original's timestep numbering (1..1000).
+    shifted = as_denoiser(lambda x, t, context: model(x, t + 1, context), in_channels=4,
+                          context=prompts)
+    torch.testing.assert_close(shifted(x, t, y.clamp(max=2)),
+                               model(x, t + 1, prompts[y.clamp(max=2)]), atol=0, rtol=0)
     # Without context= the text model reads as unconditional and says what it needs.
     with pytest.raises(ValueError, match=r"text-conditioned: pass context.*\[4, 1, 7\]"):
         as_denoiser(model)(x, t)
