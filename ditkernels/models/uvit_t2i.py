@@ -13,7 +13,9 @@ Same constructor, submodule names, construction order and initialisation as the
 original, so its released MS-COCO checkpoints (U-ViT-S/2 and U-ViT-S/2 deep) load
 unchanged with strict=True. Classifier-free guidance in the original conditions the
 unconditional half on the encoding of the empty prompt (its ``empty_context``):
-``diffusion.as_denoiser(model, context=..., null_context=...)`` does the same.
+``diffusion.as_denoiser(model, context=..., null_context=...)`` does the same. The
+original trains and samples with timesteps 1..1000 for the noise levels that
+ditkernels.diffusion numbers 0..999, so its checkpoints are called with t + 1.
 """
 
 from typing import Optional
