@@ -57,15 +57,19 @@ def uvit_inputs(config: dict, batch: int, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_state_dict_loads_strictly_both_ways(config_name):
-    config = CONFIGS[config_name]
-    reference, ours = randomize_(ref.UViT(**config)), UViT(**config)
+def assert_loads_strictly_both_ways(reference_cls, cls, config: dict):
+    """Random reference weights load into cls(**config) with strict=True, and back."""
+    reference, ours = randomize_(reference_cls(**config)), cls(**config)
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert_same_state(ours, reference)
-    fresh_reference = ref.UViT(**config)
+    fresh_reference = reference_cls(**config)
     fresh_reference.load_state_dict(randomize_(ours).state_dict(), strict=True)
     assert_same_state(fresh_reference, ours)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_state_dict_loads_strictly_both_ways(config_name):
+    assert_loads_strictly_both_ways(ref.UViT, UViT, CONFIGS[config_name])
 
 
 def test_state_dict_names_are_u_vits():
@@ -168,11 +172,10 @@ def test_without_skips_matches_reference(device):
     assert_matches_reference(ours, reference, uvit_inputs(config, 2, device))
 
 
-def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
-    config = CONFIGS["cond"]
-    reference = reference_uvit(config, "cpu")
-    ours = ditkernels_copy(reference, UViT, config)
-    inputs = uvit_inputs(config, 2, "cpu")
+def assert_skips_fused_and_blocks_chained(monkeypatch, model, reference, inputs, skip_shape):
+    """model(*inputs) gives reference(*inputs), each out block's skip merge running as one
+    skip_concat_linear on [B, L, D] = skip_shape tokens, and no block called whole
+    (forward chains the blocks' parts)."""
     expected = reference(*inputs)
     skip_concat_linear = fused.skip_concat_linear
     fused_calls = []
@@ -182,13 +185,21 @@ def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
         return skip_concat_linear(*args)
 
     def not_called(self, x, skip=None):
-        raise AssertionError("UViT.forward should chain the blocks' parts")
+        raise AssertionError(f"{type(model).__name__}.forward should chain the blocks' parts")
 
     with monkeypatch.context() as patch:
         patch.setattr(fused, "skip_concat_linear", counted)
         patch.setattr(Block, "forward", not_called)
-        torch.testing.assert_close(ours(*inputs), expected, atol=1e-4, rtol=1e-4)
-    assert fused_calls == [(2, 27, 144)] * len(ours.out_blocks)
+        torch.testing.assert_close(model(*inputs), expected, atol=1e-4, rtol=1e-4)
+    assert fused_calls == [skip_shape] * len(model.out_blocks)
+
+
+def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
+    config = CONFIGS["cond"]
+    reference = reference_uvit(config, "cpu")
+    ours = ditkernels_copy(reference, UViT, config)
+    assert_skips_fused_and_blocks_chained(monkeypatch, ours, reference,
+                                          uvit_inputs(config, 2, "cpu"), (2, 27, 144))
 
 
 def test_hooks_and_checkpointing_fall_back_to_block_calls():

@@ -75,11 +75,7 @@ class UViT(nn.Module):
             nn.Linear(4 * embed_dim, embed_dim),
         ) if mlp_time_embed else nn.Identity()
 
-        if self.num_classes > 0:
-            self.label_emb = nn.Embedding(self.num_classes, embed_dim)
-            self.extras = 2
-        else:
-            self.extras = 1
+        self.extras = 1 + self._add_condition_embedding(embed_dim)
 
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
@@ -100,6 +96,18 @@ class UViT(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+
+    def _add_condition_embedding(self, embed_dim: int) -> int:
+        """Builds the embedding of the condition tokens and returns their count.
+
+        Runs where the original builds it, between time_embed and pos_embed, so that
+        subclasses with other conditions (UViTT2I) keep the original's construction
+        order, hence its state_dict order and a seed's initial weights.
+        """
+        if self.num_classes > 0:
+            self.label_emb = nn.Embedding(self.num_classes, embed_dim)
+            return 1
+        return 0
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -178,15 +186,21 @@ class UViT(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self._check_inputs(x, timesteps, y)
         x = self.patch_embed(x)
-        # The sinusoid is fp32; the original concatenates it as is (fine in fp32 and
-        # under autocast), a model cast to bf16/fp64 needs it in its own dtype.
-        time_token = self.time_embed(
-            timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype))
-        tokens = [time_token.unsqueeze(1), x]
+        tokens = [self._time_token(timesteps), x]
         if y is not None:
             tokens.insert(0, self.label_emb(y).unsqueeze(1))
-        x = torch.cat(tokens, dim=1) + self.pos_embed
+        return self._blocks_and_decoder(torch.cat(tokens, dim=1) + self.pos_embed)
 
+    def _time_token(self, timesteps: Tensor) -> Tensor:
+        """[B] timesteps -> the time token [B, 1, embed_dim]."""
+        # The sinusoid is fp32; the original concatenates it as is (fine in fp32 and
+        # under autocast), a model cast to bf16/fp64 needs it in its own dtype.
+        return self.time_embed(
+            timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype)).unsqueeze(1)
+
+    def _blocks_and_decoder(self, x: Tensor) -> Tensor:
+        """Tokens [B, extras + patches, embed_dim], position embedding added -> the
+        output image [B, in_chans, img_size, img_size]."""
         if self._blocks_chainable():
             x = self._chained_blocks_and_norm(x)
         else:
