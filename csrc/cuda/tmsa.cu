@@ -23,6 +23,7 @@
 
 #include <climits>
 #include <cmath>
+#include <cfloat>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -587,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
 //
 // dQ and the table gradient are sums over CTAs. They accumulate in fixed point with
 // integer atomics, which are exact and so deterministic in any order; the
-// power-of-two scales come from bounds on the sums (bwd_fixed_point_exponents), so
+// power-of-two scales come from bounds on the sums (bwd_exponents), so
 // they cannot overflow:
 //   dQ: int64 in global memory (native 64-bit reductions), one per element and tile;
 //   the table gradient: int32 in shared memory (native 32-bit shared atomics) over
@@ -626,6 +627,64 @@ struct BwdTiles {
   static constexpr int kStageRows = kRounds * kRowStep;
 };
 
+constexpr int kRowTile = kBwdQueries;  // rows per prep CTA and per row-statistics tile
+
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Power-of-two exponents e with bound * 2^e <= 2^target, computed the same way by
+// every kernel that needs them. |dS_ij| and sum_j |dS_ij| are at most 2 |dO_i| max_j
+// |v_j|, so a dQ element is at most scale max|k| times that (an int64 sum below 2^62),
+// and a CTA's partial sum of one table entry at most kBwdKeys times that (int32 below
+// 2^30). Rows of grad_out holding an Inf or NaN are left out of the bound: their
+// (sample, head) comes out NaN anyway, and an infinite bound would coarsen the rest.
+struct BwdExponents {
+  int dq, table;
+  bool nonfinite;
+};
+
+__device__ __forceinline__ int fixed_point_exponent(double bound, double target) {
+  const double e = floor(target - log2(fmax(bound, 1e-30)));
+  return static_cast<int>(fmin(fmax(e, -60.0), 100.0));
+}
+
+// The exponents of one (sample, head) from its row statistics, reduced by the whole
+// block (kThreads threads; scratch: kWarps * 4 floats of shared memory).
+__device__ BwdExponents bwd_exponents(const float* stats, int n_tiles, float scale,
+                                      float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float m[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int t = threadIdx.x; t < n_tiles; t += kThreads) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) m[c] = fmaxf(m[c], stats[4 * t + c]);
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    m[c] = warp_max(m[c]);
+    if (lane == 0) scratch[4 * warp + c] = m[c];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    m[c] = scratch[c];
+    for (int w = 1; w < kWarps; ++w) m[c] = fmaxf(m[c], scratch[4 * w + c]);
+  }
+  __syncthreads();  // scratch is free again
+  const double ds = 2.0 * m[0] * m[1];
+  return {fixed_point_exponent(ds * m[2] * scale, 62.0),
+          fixed_point_exponent(ds * kBwdKeys, 30.0), m[3] > 0.f};
+}
+
 struct TmsaBwdParams {
   const void* qkv;         // [B, N, 3, H, D]: K and V read in place
   const void* q;           // Q' rows: q + tq ([B, N, H, D]) or q itself (in qkv)
@@ -634,12 +693,12 @@ struct TmsaBwdParams {
   const void* grad_out;    // [B, N, H, D] contiguous
   const float* lse;        // [B, H, n_pad]: lse' times log2 e (0 past N)
   const float* delta;      // [B, H, n_pad]: dO . (out - tv) (0 past N)
-  const int* exponents;    // [2]: fixed-point exponents of dQ and of the table gradient
+  const float* row_stats;  // [B, H, n_tiles, 4] (tmsa_bwd_prep_kernel): the exponents
   unsigned long long* dq_acc;     // [B, H, n_pad, D] int64
-  unsigned long long* table_acc;  // [H, table_size + 1] int64 (the last a spare), or null
+  unsigned long long* table_acc;  // [B, H, table_size + 1] int64 (the last a spare), or null
   void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
   int64_t s_b, s_n, s_3, s_h;
-  int B, N, H, n_pad;
+  int B, N, H, n_pad, n_tiles;
   int grid_h, grid_w, num_leading, table_size;
   float scale, scale_log2;
   // The bias gather, as in TmsaFwdParams.
@@ -660,6 +719,7 @@ struct alignas(16) BwdSharedStorage {
   unsigned query_bias[2][Tiles::kBr];       // query_bias_base of each query
   // Q', dO, lse', delta', grad_qkv and the table sums of the (sample, head).
   const void* bases[6];
+  float scratch[kWarps * 4];                // bwd_exponents
   // kSmemTable: int table_grad[table_size + 1] follows (the launcher adds its bytes).
 };
 
@@ -755,13 +815,15 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
   // This head's int64 table sums (recomputed where used: a 64-bit pointer held across
   // the loop costs the D = 128 kernel a spill).
   const auto head_table_acc = [&p] {
-    return p.table_acc + static_cast<int64_t>(blockIdx.y % p.H) * (p.table_size + 1);
+    return p.table_acc + static_cast<int64_t>(blockIdx.y) * (p.table_size + 1);
   };
   unsigned long long* const global_table_acc =
       !kSmemTable && has_table ? head_table_acc() : nullptr;
-  // Fixed-point scales: dQ's includes the softmax scale.
-  const float dq_unit = ldexpf(p.scale, p.exponents[0]);
-  const float table_unit = ldexpf(1.f, p.exponents[1]);
+  // Fixed-point scales of this (sample, head): dQ's includes the softmax scale.
+  const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
+                                        p.n_tiles, p.scale, sm.scratch);
+  const float dq_unit = ldexpf(p.scale, ex.dq);
+  const float table_unit = ldexpf(1.f, ex.table);
 
   // K and V of this CTA (read in place), the first stage, the table's partial sums.
   for (int idx = tid; idx < Tiles::kBc * (kD / 8); idx += kThreads) {
@@ -959,6 +1021,224 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
   }
 }
 
+// The forward's bias table (see query_bias_base): [H, 3T + 2] fp32, the table divided
+// by the scale (the kernel seeds unscaled scores with it), then T + 1 zeros, then
+// T + 1 masks; without a table the one row [0, 0, 0, mask, mask] (T = 1, A = 0) that
+// every head shares. A mask is finite, so the tensor cores add it like any bias, and so
+// far below any score that its exponential is 0.
+constexpr float kMaskedScore = -1e30f;
+
+// ---------------------------------------------------------------------------
+// The backward's two other launches. tmsa_bwd_prep_kernel reads each query row once
+// and writes what the main kernel reads: Q' = q + tq (rounded as the forward pass
+// rounds it), lse' (times log2 e) and delta' padded to n_pad rows, zeroed dQ sums, a
+// contiguous copy of dO where grad_out is not one, the forward's padded bias table,
+// zeroed table sums, and per 64-row tile the row statistics the fixed-point exponents
+// come from. tmsa_bwd_finalize_kernel turns the fixed-point sums into dQ, grad_time
+// and grad_table, in a fixed order (deterministic), and poisons the (sample, head)s
+// whose grad_out holds an Inf or NaN.
+// ---------------------------------------------------------------------------
+
+struct TmsaBwdAuxParams {
+  const void* qkv;  // packed [B, N, 3, H, D], unit stride along D
+  int64_t s_b, s_n, s_3, s_h;
+  const void* time_qkv;    // [B, 3, H, D] contiguous, or null
+  const void* grad_out;    // [B, N, H, D], any strides
+  int64_t g_s[4];
+  const void* out;         // [B, N, H, D], any strides
+  int64_t o_s[4];
+  const float* lse;        // [B, H, N], any strides
+  int64_t l_s[3];
+  const void* rel_table;   // [T, H] contiguous, or null
+  void* q_prime;           // [B, N, H, D] (with time_qkv), or null
+  void* dout;              // [B, N, H, D]: the copy the main kernel reads, or null
+  float* lse2;             // [B, H, n_pad]
+  float* delta;            // [B, H, n_pad]
+  unsigned long long* dq_acc;     // [B, H, n_pad, D]
+  unsigned long long* table_acc;  // [B, H, T + 1], or null
+  float* bias_table;       // fwd_bias_table's layout: [H, 3T + 2], or [1, 5] without a table
+  float* row_stats;        // [B, H, n_tiles, 4]: max |dO_i| (finite rows), max |v_j|, max |k|, any non-finite dO
+  void* grad_qkv;          // [B, N, 3, H, D] contiguous (finalize)
+  void* grad_time;         // [B, 3, H, D] (finalize), or null
+  void* grad_table;        // [T, H] (finalize), or null
+  int B, N, H, D, n_pad, n_tiles, table_size, table_chunks;
+  float scale;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tmsa_bwd_prep_kernel(const TmsaBwdAuxParams p) {
+  __shared__ float scratch[kWarps][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const T* qkv = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  const T* time = static_cast<const T*>(p.time_qkv);
+  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * p.D, time_slot = p.H * p.D;
+  const T* g = static_cast<const T*>(p.grad_out) + b * p.g_s[0] + h * p.g_s[2];
+  const T* o = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[2];
+
+  float g_max = 0.f, v_max = 0.f, k_max = 0.f, bad = 0.f;
+  for (int r = warp; r < kRowTile; r += kWarps) {
+    const int i = tile * kRowTile + r;
+    const int64_t row = static_cast<int64_t>(bh) * p.n_pad + i;
+    for (int d = lane; d < p.D; d += 32) p.dq_acc[row * p.D + d] = 0ull;
+    if (i >= p.N) {
+      if (lane == 0) p.lse2[row] = p.delta[row] = 0.f;
+      continue;
+    }
+    const T* qrow = qkv + i * p.s_n;
+    const int64_t dst = ((static_cast<int64_t>(b) * p.N + i) * p.H + h) * p.D;
+    float c = 0.f, dlt = 0.f, g2 = 0.f, v2 = 0.f;
+    bool finite = true;
+    for (int d = lane; d < p.D; d += 32) {
+      const float k = static_cast<float>(qrow[p.s_3 + d]), v = static_cast<float>(qrow[2 * p.s_3 + d]);
+      k_max = fmaxf(k_max, fabsf(k));
+      v2 += v * v;
+      if (time != nullptr) {
+        const T q = static_cast<T>(static_cast<float>(qrow[d]) +
+                                   static_cast<float>(time[time_base + d]));
+        static_cast<T*>(p.q_prime)[dst + d] = q;
+        c += static_cast<float>(q) * static_cast<float>(time[time_base + time_slot + d]);
+      }
+      const T gv = g[i * p.g_s[1] + d * p.g_s[3]];
+      const float gf = static_cast<float>(gv);
+      float of = static_cast<float>(o[i * p.o_s[1] + d * p.o_s[3]]);
+      if (time != nullptr) of -= static_cast<float>(time[time_base + 2 * time_slot + d]);
+      dlt += gf * of;
+      g2 += gf * gf;
+      finite = finite && fabsf(gf) <= FLT_MAX;  // false for Inf and NaN
+      if (p.dout != nullptr) static_cast<T*>(p.dout)[dst + d] = gv;
+    }
+    c = warp_sum(c);
+    dlt = warp_sum(dlt);
+    g2 = warp_sum(g2);
+    v2 = warp_sum(v2);
+    finite = warp_max(finite ? 0.f : 1.f) == 0.f;
+    if (lane == 0) {
+      const float lse = p.lse[b * p.l_s[0] + h * p.l_s[1] + i * p.l_s[2]];
+      p.lse2[row] = (lse - c * p.scale) * kLog2e;
+      p.delta[row] = dlt;
+    }
+    if (finite) g_max = fmaxf(g_max, sqrtf(g2));
+    bad = finite ? bad : 1.f;
+    v_max = fmaxf(v_max, sqrtf(v2));
+  }
+  const float m[4] = {g_max, v_max, warp_max(k_max), bad};
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) scratch[warp][c] = m[c];
+  }
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    float v = scratch[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w) v = fmaxf(v, scratch[w][threadIdx.x]);
+    p.row_stats[(static_cast<int64_t>(bh) * p.n_tiles + tile) * 4 + threadIdx.x] = v;
+  }
+
+  // This CTA's share of the zeroed table sums (of its (sample, head)) and, in sample 0,
+  // of the padded bias table of its head (fwd_bias_table).
+  const int T_ = p.table_size;
+  if (p.table_acc != nullptr) {
+    const int per = (T_ + 1 + p.n_tiles - 1) / p.n_tiles;
+    for (int e = tile * per + threadIdx.x; e < min((tile + 1) * per, T_ + 1); e += kThreads) {
+      p.table_acc[static_cast<int64_t>(bh) * (T_ + 1) + e] = 0ull;
+    }
+  }
+  if (b == 0) {
+    const int width = p.rel_table != nullptr ? 3 * T_ + 2 : 5;
+    if (p.rel_table == nullptr && h != 0) return;
+    const int per = (width + p.n_tiles - 1) / p.n_tiles;
+    const T* rel = static_cast<const T*>(p.rel_table);
+    const int T1 = p.rel_table != nullptr ? T_ : 1;
+    for (int e = tile * per + threadIdx.x; e < min((tile + 1) * per, width); e += kThreads) {
+      float v = e < 2 * T1 + 1 ? 0.f : kMaskedScore;
+      if (rel != nullptr && e < T_) v = static_cast<float>(rel[static_cast<int64_t>(e) * p.H + h]) / p.scale;
+      p.bias_table[static_cast<int64_t>(h) * width + e] = v;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tmsa_bwd_finalize_kernel(const TmsaBwdAuxParams p) {
+  __shared__ float scratch[kWarps * 4];
+  __shared__ float table_units[kThreads];
+  __shared__ bool table_bad[kThreads];
+  const int nbh = p.B * p.H;
+  if (static_cast<int>(blockIdx.x) < nbh) {
+    // dQ of one (sample, head) into slot 0 of grad_qkv, the sums over tokens of all
+    // three slots into grad_time; NaN throughout where its grad_out was not finite.
+    // Thread (r, d) takes feature d of rows r, r + rows, ...; the rows' partial sums
+    // are added in a fixed order.
+    __shared__ float partial[3][kThreads];
+    const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+    const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
+                                          p.n_tiles, p.scale, scratch);
+    const double unit = ldexp(1.0, -ex.dq);
+    const int rows = kThreads / p.D, d = threadIdx.x % p.D, r0 = threadIdx.x / p.D;
+    const int64_t slot_stride = static_cast<int64_t>(p.H) * p.D;
+    T* gq = static_cast<T*>(p.grad_qkv) + static_cast<int64_t>(b) * p.N * 3 * slot_stride +
+            h * p.D + d;
+    const unsigned long long* acc = p.dq_acc + static_cast<int64_t>(bh) * p.n_pad * p.D + d;
+    float sums[3] = {0.f, 0.f, 0.f};
+    if (r0 < rows) {
+      for (int i = r0; i < p.N; i += rows) {
+        T* row = gq + static_cast<int64_t>(i) * 3 * slot_stride;
+        const T dq = static_cast<T>(
+            static_cast<double>(static_cast<long long>(acc[static_cast<int64_t>(i) * p.D])) * unit);
+        row[0] = ex.nonfinite ? static_cast<T>(NAN) : dq;
+        sums[0] += static_cast<float>(row[0]);
+#pragma unroll
+        for (int s = 1; s < 3; ++s) {
+          if (ex.nonfinite) row[s * slot_stride] = static_cast<T>(NAN);
+          sums[s] += static_cast<float>(row[s * slot_stride]);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 3; ++s) partial[s][threadIdx.x] = sums[s];
+    __syncthreads();
+    if (p.grad_time != nullptr && static_cast<int>(threadIdx.x) < p.D) {
+      for (int s = 0; s < 3; ++s) {
+        float total = 0.f;
+        for (int r = 0; r < rows; ++r) total += partial[s][r * p.D + threadIdx.x];
+        static_cast<T*>(p.grad_time)[((static_cast<int64_t>(b) * 3 + s) * p.H + h) * p.D +
+                                     threadIdx.x] = static_cast<T>(total);
+      }
+    }
+    return;
+  }
+  // grad_table[t, h] = sum over samples b of the sums of (b, h), in the order of b; NaN
+  // where any sample's grad_out in head h was not finite.
+  const int c = blockIdx.x - nbh, h = c / p.table_chunks;
+  const int t = (c % p.table_chunks) * kThreads + threadIdx.x;
+  double sum = 0.0;
+  bool bad = false;
+  for (int b0 = 0; b0 < p.B; b0 += kThreads) {
+    for (int b = b0; b < min(b0 + kThreads, p.B); ++b) {
+      const BwdExponents ex = bwd_exponents(
+          p.row_stats + (static_cast<int64_t>(b) * p.H + h) * p.n_tiles * 4, p.n_tiles, p.scale,
+          scratch);
+      if (threadIdx.x == 0) {
+        table_units[b - b0] = static_cast<float>(ldexp(1.0, -ex.table));
+        table_bad[b - b0] = ex.nonfinite;
+      }
+    }
+    __syncthreads();
+    for (int b = b0; b < min(b0 + kThreads, p.B); ++b) {
+      if (t < p.table_size) {
+        const long long v = static_cast<long long>(
+            p.table_acc[(static_cast<int64_t>(b) * p.H + h) * (p.table_size + 1) + t]);
+        sum += static_cast<double>(v) * table_units[b - b0];
+      }
+      bad = bad || table_bad[b - b0];
+    }
+    __syncthreads();
+  }
+  if (t < p.table_size) {
+    static_cast<T*>(p.grad_table)[static_cast<int64_t>(t) * p.H + h] =
+        static_cast<T>(bad ? NAN : sum);
+  }
+}
+
 // The packed projection with 16-byte aligned rows for cp.async (a contiguous copy
 // otherwise).
 at::Tensor aligned_qkv(const tmsa::Args& a) {
@@ -1007,12 +1287,7 @@ tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
   return a;
 }
 
-// The forward's bias table (see query_bias_base): [H, 3T + 2] fp32, the table divided
-// by the scale (the kernel seeds unscaled scores with it), then T + 1 zeros, then
-// T + 1 masks; without a table the one row [0, 0, 0, mask, mask] (T = 1, A = 0) that
-// every head shares. A mask is finite, so the tensor cores add it like any bias, and so
-// far below any score that its exponential is 0.
-constexpr float kMaskedScore = -1e30f;
+// The forward's bias table (see kMaskedScore).
 
 at::Tensor fwd_bias_table(const tmsa::Args& a) {
   const auto opts = a.qkv.options().dtype(at::kFloat);
@@ -1088,33 +1363,19 @@ void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) 
   DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
 
-// Power-of-two exponents of the fixed-point sums (see the backward kernel's comment),
-// computed on the device: no synchronisation. |dS_ij| and sum_j |dS_ij| are at most
-// 2 |dO_i| max_j |v_j|, so a dQ element is at most scale max|k| times that (an int64
-// sum below 2^62), and a CTA's partial sum of one table entry at most 64 times that
-// (an int32 sum below 2^30). Rows of grad_out holding an Inf or NaN are left out:
-// their (sample, head) gradients come out NaN anyway (tmsa::poison_nonfinite_heads),
-// and an infinite bound would coarsen every other head's fixed point to nothing.
-at::Tensor bwd_fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
-  const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).nan_to_num(0, 0, 0).amax();
-  const at::Tensor v_max = a.qkv.select(2, 2).to(at::kFloat).norm(2, -1).amax();
-  const at::Tensor k_max = a.qkv.select(2, 1).to(at::kFloat).abs().amax();
-  const at::Tensor ds_max = 2.0 * dout_max * v_max;
-  const at::Tensor bounds = at::stack({ds_max * k_max * a.scale, ds_max * kBwdKeys});
-  const at::Tensor targets = at::tensor({62.0, 30.0}, bounds.options().dtype(at::kDouble));
-  return (targets - at::log2(bounds.to(at::kDouble).clamp_min(1e-30)))
-      .floor()
-      .clamp(-60, 100)
-      .to(at::kInt);
+template <typename T>
+void launch_backward_aux(const TmsaBwdAuxParams& x, bool finalize, cudaStream_t stream) {
+  if (finalize) {
+    const dim3 grid(x.B * x.H + x.H * x.table_chunks);
+    DK_LAUNCH(tmsa_bwd_finalize_kernel<T>, grid, kThreads, 0, stream)(x);
+  } else {
+    const dim3 grid(x.n_tiles, x.B * x.H);
+    DK_LAUNCH(tmsa_bwd_prep_kernel<T>, grid, kThreads, 0, stream)(x);
+  }
 }
 
-// [B, H, n_pad] fp32 from a [B, N, H] value, zero past N.
-at::Tensor per_query_padded(const at::Tensor& v, int64_t n_pad) {
-  at::Tensor out = at::zeros({v.size(0), v.size(2), n_pad}, v.options().dtype(at::kFloat));
-  out.narrow(2, 0, v.size(1)).copy_(v.permute({0, 2, 1}));
-  return out;
-}
-
+// Three launches for contiguous inputs: tmsa_bwd_prep_kernel, tmsa_bwd_kernel,
+// tmsa_bwd_finalize_kernel (see their comments); no synchronisation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
     const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
@@ -1139,49 +1400,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (!fused_forward_supports(a, packed) || !offsets_fit || bytes > limit) {
     return tmsa::backward_blocked(a, grad_out, out, lse);
   }
-  at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
+  const auto opts = qkv.options();
+  at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, opts);
   if (a.B * a.N == 0) {
     grad_qkv.zero_();
-    return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, qkv.options()),
-            a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, qkv.options())};
+    return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, opts),
+            a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, opts)};
   }
   const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
-  const at::Tensor dout = aligned_rows(grad_out.contiguous());  // read with cp.async
-  const int64_t n_pad = (a.N + kBwdQueries - 1) / kBwdQueries * kBwdQueries;
+  const int64_t n_tiles = (a.N + kBwdQueries - 1) / kBwdQueries, n_pad = n_tiles * kBwdQueries;
+  const int64_t T = a.rel_table ? a.rel_table->size(0) : 0;
+  const auto f32 = opts.dtype(at::kFloat), i64 = opts.dtype(at::kLong);
+  // The main kernel reads dO with cp.async: grad_out itself where it is contiguous and
+  // 16-byte aligned (its rows are: D is a multiple of 8), else the prep kernel's copy.
+  const bool dout_in_place =
+      grad_out.is_contiguous() && reinterpret_cast<std::uintptr_t>(grad_out.data_ptr()) % 16 == 0;
+  const at::Tensor dout = dout_in_place ? grad_out : at::empty({a.B, a.N, a.H, a.D}, opts);
+  const at::Tensor q_prime = a.time_qkv ? at::empty({a.B, a.N, a.H, a.D}, opts) : at::Tensor();
+  const at::Tensor lse2 = at::empty({a.B, a.H, n_pad}, f32), delta = at::empty_like(lse2);
+  const at::Tensor dq_acc = at::empty({a.B, a.H, n_pad, a.D}, i64);
+  const at::Tensor table_acc = a.rel_table ? at::empty({a.B, a.H, T + 1}, i64) : at::Tensor();
+  const at::Tensor bias_table =
+      a.rel_table ? at::empty({a.H, 3 * T + 2}, f32) : at::empty({1, 5}, f32);
+  const at::Tensor row_stats = at::empty({a.B, a.H, n_tiles, 4}, f32);
+  at::Tensor grad_time = a.time_qkv ? at::empty({a.B, 3, a.H, a.D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_table = a.rel_table ? at::empty({T, a.H}, opts) : at::empty({0}, opts);
 
-  // Q' = q + tq, rounded as the forward pass rounds it; lse' and delta' (kernel comment).
-  at::Tensor q = packed.select(2, 0), out_f = out.to(at::kFloat);
-  at::Tensor row_shift = at::zeros({a.B, a.N, a.H}, out_f.options());
-  if (a.time_qkv) {
-    q = (q + time.select(1, 0).unsqueeze(1)).contiguous();
-    row_shift = (q.to(at::kFloat) * time.select(1, 1).unsqueeze(1).to(at::kFloat)).sum(-1) * a.scale;
-    out_f = out_f - time.select(1, 2).unsqueeze(1).to(at::kFloat);
+  TmsaBwdAuxParams x;
+  x.qkv = packed.data_ptr();
+  x.s_b = packed.stride(0);
+  x.s_n = packed.stride(1);
+  x.s_3 = packed.stride(2);
+  x.s_h = packed.stride(3);
+  x.time_qkv = time.defined() ? time.data_ptr() : nullptr;
+  x.grad_out = grad_out.data_ptr();
+  x.out = out.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    x.g_s[d] = grad_out.stride(d);
+    x.o_s[d] = out.stride(d);
   }
-  const at::Tensor lse2 =
-      per_query_padded((lse.to(at::kFloat).permute({0, 2, 1}) - row_shift) * kLog2e, n_pad);
-  const at::Tensor delta = per_query_padded((dout.to(at::kFloat) * out_f).sum(-1), n_pad);
-  const at::Tensor exponents = bwd_fixed_point_exponents(a, dout);
-  at::Tensor dq_acc = at::zeros({a.B, a.H, n_pad, a.D}, qkv.options().dtype(at::kLong));
-  const at::Tensor table = fwd_bias_table(a);
-  at::Tensor table_acc;
-  if (a.rel_table) table_acc = at::zeros({a.H, a.rel_table->size(0) + 1}, dq_acc.options());
+  x.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) x.l_s[d] = lse.stride(d);
+  x.rel_table = a.rel_table ? a.rel_table->data_ptr() : nullptr;
+  x.q_prime = q_prime.defined() ? q_prime.data_ptr() : nullptr;
+  x.dout = dout_in_place ? nullptr : dout.data_ptr();
+  x.lse2 = lse2.data_ptr<float>();
+  x.delta = delta.data_ptr<float>();
+  x.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
+  x.table_acc = table_acc.defined()
+                    ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
+                    : nullptr;
+  x.bias_table = bias_table.data_ptr<float>();
+  x.row_stats = row_stats.data_ptr<float>();
+  x.grad_qkv = grad_qkv.data_ptr();
+  x.grad_time = a.time_qkv ? grad_time.data_ptr() : nullptr;
+  x.grad_table = a.rel_table ? grad_table.data_ptr() : nullptr;
+  x.B = static_cast<int>(a.B);
+  x.N = static_cast<int>(a.N);
+  x.H = static_cast<int>(a.H);
+  x.D = static_cast<int>(a.D);
+  x.n_pad = static_cast<int>(n_pad);
+  x.n_tiles = static_cast<int>(n_tiles);
+  x.table_size = static_cast<int>(T);
+  x.table_chunks = static_cast<int>((T + kThreads - 1) / kThreads);
+  x.scale = static_cast<float>(a.scale);
 
   TmsaBwdParams p;
-  fill_layout(p, a, packed, table);
+  fill_layout(p, a, packed, bias_table);
+  const at::Tensor q = a.time_qkv ? q_prime : packed.select(2, 0);  // Q' rows
   p.q = q.data_ptr();
   p.q_s_b = q.stride(0);
   p.q_s_n = q.stride(1);
   p.q_s_h = q.stride(2);
   p.grad_out = dout.data_ptr();
-  p.lse = lse2.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.exponents = exponents.data_ptr<int>();
-  p.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
-  p.table_acc = table_acc.defined()
-                    ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
-                    : nullptr;
-  p.grad_qkv = grad_qkv.data_ptr();
-  p.n_pad = static_cast<int>(n_pad);
+  p.lse = x.lse2;
+  p.delta = x.delta;
+  p.row_stats = x.row_stats;
+  p.dq_acc = x.dq_acc;
+  p.table_acc = x.table_acc;
+  p.grad_qkv = x.grad_qkv;
+  p.n_pad = x.n_pad;
+  p.n_tiles = x.n_tiles;
 
   // DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks the global-memory table sums by hand (the
   // same integer terms, so the same bits).
@@ -1192,6 +1491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (table_in_smem) bytes += table_bytes;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
+    launch_backward_aux<scalar_t>(x, false, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
       if (table_in_smem) {
         launch_backward<scalar_t, kD, true>(p, bytes, stream);
@@ -1199,19 +1500,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         launch_backward<scalar_t, kD, false>(p, bytes, stream);
       }
     });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward_aux<scalar_t>(x, true, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const at::Tensor unit = at::pow(2.0, -exponents.to(at::kDouble));  // [2]
-  grad_qkv.select(2, 0).copy_(
-      (dq_acc.narrow(2, 0, a.N).to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
-  const at::Tensor table_by_head =
-      table_acc.defined() ? table_acc.narrow(1, 0, p.table_size).to(at::kDouble) * unit[1]
-                          : at::Tensor();
-  tmsa::poison_nonfinite_heads(dout, grad_qkv, table_by_head);
-  at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, qkv.options());
-  at::Tensor grad_table = table_by_head.defined() ? table_by_head.t().to(qkv.scalar_type())
-                                                  : at::empty({0}, qkv.options());
   return {grad_qkv, grad_time, grad_table};
 }
 
