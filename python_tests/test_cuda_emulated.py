@@ -102,6 +102,17 @@ def gemm_kernel(request, monkeypatch):
     set_gemm_kernel(monkeypatch, request.param)
 
 
+@pytest.fixture(params=["wgmma", "mma.sync"])
+def tmsa_kernel(request, monkeypatch):
+    """On an emulated Hopper the TMSA forward runs sm90::tmsa_fwd_wgmma_kernel, or,
+    with DITKERNELS_DISABLE_WGMMA=1, the mma.sync tmsa_fwd_kernel every other GPU
+    runs; elsewhere only that one."""
+    if request.param != "mma.sync" and not HOPPER:
+        pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
+    set_gemm_kernel(monkeypatch, request.param)
+    return request.param
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     """The emulator's own wgmma cases run on an emulated H100 whatever the profile."""
@@ -441,6 +452,7 @@ CUDA_HEAD_DIMS = test_tmsa.HEAD_DIMS["cuda"]
 
 @pytest.mark.parametrize("grid,leading", [racecheck(*c) if c == ((8, 8), 2) else c
                                           for c in test_tmsa.CASES])
+@pytest.mark.usefixtures("tmsa_kernel")
 def test_tmsa_forward(grid, leading):
     for dtype in CUDA_DTYPES:
         for D in CUDA_HEAD_DIMS if dtype in LOW_PRECISION else [64]:
@@ -448,20 +460,39 @@ def test_tmsa_forward(grid, leading):
 
 
 @pytest.mark.parametrize("time,table", [(False, True), (True, False), (False, False)])
+@pytest.mark.usefixtures("tmsa_kernel")
 def test_tmsa_optional_time_and_table(time, table):
     for dtype in LOW_PRECISION:
         test_tmsa.check_optional_time_and_table("cpu", dtype, time, table)
 
 
 @pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.usefixtures("tmsa_kernel")
 def test_tmsa_long_sequence(D):
     args = test_tmsa.make_inputs(1, 1, D, (32, 32), 0, torch.bfloat16, "cpu")
     test_tmsa.check_against_reference(ditkernels.tmsa(**args), args, reference.tmsa(**args))
 
 
+@pytest.mark.usefixtures("tmsa_kernel")
 def test_tmsa_qkv_read_in_place_from_projection():
     for dtype in LOW_PRECISION:
         test_tmsa.check_qkv_read_in_place("cpu", dtype)
+
+
+def test_tmsa_forward_runs_the_chosen_kernel(tmsa_kernel, tmp_path, monkeypatch):
+    """The launcher picks the wgmma kernel on a Hopper unless DITKERNELS_DISABLE_WGMMA
+    is set, so the tmsa_kernel cases above test both kernels."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import static_report
+
+    log = tmp_path / "launches.tsv"
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    for D in CUDA_HEAD_DIMS:
+        ditkernels.tmsa(**test_tmsa.make_inputs(1, 2, D, (3, 5), 1, torch.bfloat16, "cpu"))
+    kernels = static_report.read_launch_log(log.read_text(), _LIB)
+    name = "sm90::tmsa_fwd_wgmma_kernel" if tmsa_kernel == "wgmma" else "tmsa_fwd_kernel"
+    assert set(kernels) == {f"{name}<c10::BFloat16, {D}>" for D in CUDA_HEAD_DIMS}, kernels
 
 
 @pytest.mark.parametrize("grid,leading", [((2, 3), 1), racecheck((8, 8), 2), ((9, 11), 0)])

@@ -30,6 +30,7 @@
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/cuda_wgmma.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/tmsa.h"
@@ -430,6 +431,45 @@ struct OnlineSoftmax {
   }
 };
 
+// The forward's epilogue for the rows a warp holds in kM row tiles of accumulators
+// (rows row0 + 16 i + 8 r + lane / 4 of the CTA's tile at query q0):
+// out = O / l + tv and lse = ln(sum exp S) + c_i (row_shift: scale * c_i per row).
+template <typename T, int kD, int kM>
+__device__ __forceinline__ void store_fwd_rows(const TmsaFwdParams& p,
+                                               const float (&o)[kM][kD / 8][4],
+                                               const OnlineSoftmax<kM>& softmax,
+                                               const float* row_shift, int q0, int row0,
+                                               const T* time, int64_t time_base, int lane) {
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * i + 8 * r + (lane >> 2), qi = q0 + row;
+      if (qi >= p.N) continue;
+      const float inv = 1.f / softmax.l[i][r];
+      T* orow = out + ((static_cast<int64_t>(b) * p.N + qi) * p.H + h) * kD;
+#pragma unroll
+      for (int t = 0; t < kD / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = t * 8 + (lane & 3) * 2 + e;
+          float v = o[i][t][r * 2 + e] * inv;
+          if (time != nullptr) v += static_cast<float>(time[time_base + 2 * time_slot + d]);
+          orow[d] = static_cast<T>(v);
+        }
+      }
+      if ((lane & 3) == 0) {
+        const float lse = (softmax.m[i][r] * p.scale_log2 + log2f(softmax.l[i][r])) / kLog2e +
+                          row_shift[row];
+        p.lse[(static_cast<int64_t>(b) * p.H + h) * p.N + qi] = lse;
+      }
+    }
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdParams p) {
   using Tiles = FwdTiles<kD>;
@@ -542,35 +582,234 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
   }
   mma::cp_async_wait<0>();
   softmax.finish();
+  store_fwd_rows<T, kD, kM>(p, o, softmax, sm.row_shift, q0, row0, time, time_base, lane);
+}
 
-  // out = O / l + tv and lse = ln(sum exp S) + c_i.
-  T* out = static_cast<T*>(p.out);
+// ---- Hopper path (sm_90a): wgmma ----
+// The same algorithm as tmsa_fwd_kernel with warpgroup MMA: a CTA owns 128 queries
+// of one (sample, head), each of its two warpgroups 64 of them, and streams 64-key
+// tiles of K and V through two cp.async stages. Q', K and V sit in shared memory as
+// rows of 128-byte blocks (64 columns) with the 128-byte swizzle (cuda_wgmma.cuh), K
+// and V in the same layout: K is the K-major B of S = Q' K^T (m64n64k16, A and B from
+// shared memory), V the MN-major (transposed) B of O += P V (m64nDk16, P from
+// registers). A warp's part of a wgmma accumulator is an mma.sync accumulator tile
+// by tile, so the bias gather (seeded into S), OnlineSoftmax, the P fragments and
+// the epilogue are the mma.sync kernel's. At D = 72, Q' K^T runs five k16 steps over
+// Q' and K zero-padded to 80 columns; P V needs no padding (N = 72).
+namespace sm90 {
+constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kWarps = 4 * kWarpgroups;
+constexpr int kRow = wgmma::kRowBytes;
+
+template <int kD>
+struct Tiles {
+  static constexpr int kBr = 64 * kWarpgroups;       // queries per CTA
+  static constexpr int kBc = kFwdKeyTile;            // keys per stage
+  static constexpr int kKSteps = (kD + 15) / 16;     // k16 steps of Q' K^T
+  static constexpr int kBlocks = (kD + 63) / 64;     // 128-byte column blocks of a row
+  static constexpr int kNTiles = kBc / 8, kDTiles = kD / 8;
+  // D = 72: the 16-byte chunk of columns 72..79 that the last k16 step reads, zero in
+  // Q' (written with it) and in K (once per stage: the copies never touch it).
+  static constexpr bool kPad = kD % 16 == 8;
+  static constexpr int kMinBlocks = kD <= 72 ? 2 : 1;  // CTAs per SM the registers allow
+};
+
+template <typename T, int kD>
+struct alignas(1024) SharedStorage {
+  using Tl = Tiles<kD>;
+  unsigned char q[Tl::kBlocks][Tl::kBr * kRow];     // Q' = q + tq
+  unsigned char k[2][Tl::kBlocks][Tl::kBc * kRow];  // two pipeline stages of K and V
+  unsigned char v[2][Tl::kBlocks][Tl::kBc * kRow];
+  unsigned key_bias[2][kThreads];  // as in FwdSharedStorage
+  RowBias<1> bias_rows[kWarps * 8];
+  const T* kv_base[2];
+  float row_shift[Tl::kBr];  // scale * c_i
+};
+
+// The byte offset of column d of `row` in a tile of kRows swizzled rows per block.
+template <int kRows>
+__device__ __forceinline__ int sw128_offset(int row, int d) {
+  return d / 64 * kRows * kRow + wgmma::swizzle128(row, d % 64 / 8) + d % 8 * 2;
+}
+
+// K and V rows j0.. into one stage (zeros past N), in 16-byte chunks: each thread
+// the same chunk pattern, the last round partial where kBc D / 8 is not a multiple
+// of the thread count (D = 72).
+template <typename T, int kD>
+__device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
+                                             const T* v_base, unsigned char* sk,
+                                             unsigned char* sv, int j0, int tid) {
+  constexpr int kBc = Tiles<kD>::kBc, kChunks = kD / 8, kTotal = kBc * kChunks;
+  const unsigned s_n = static_cast<unsigned>(p.s_n);
 #pragma unroll
-  for (int i = 0; i < kM; ++i) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 16 * i + 8 * r + (lane >> 2), qi = q0 + row;
-      if (qi >= p.N) continue;
-      const float inv = 1.f / softmax.l[i][r];
-      T* orow = out + ((static_cast<int64_t>(b) * p.N + qi) * p.H + h) * kD;
-#pragma unroll
-      for (int t = 0; t < kDTiles; ++t) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int d = t * 8 + (lane & 3) * 2 + e;
-          float v = o[i][t][r * 2 + e] * inv;
-          if (time != nullptr) v += static_cast<float>(time[time_base + 2 * time_slot + d]);
-          orow[d] = static_cast<T>(v);
-        }
-      }
-      if ((lane & 3) == 0) {
-        const float lse = (softmax.m[i][r] * p.scale_log2 + log2f(softmax.l[i][r])) / kLog2e +
-                          sm.row_shift[row];
-        p.lse[(static_cast<int64_t>(b) * p.H + h) * p.N + qi] = lse;
-      }
-    }
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
+    const int row = idx / kChunks, chunk = idx % kChunks, j = j0 + row;
+    const bool valid = j < p.N;
+    const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
+    const int dst = sw128_offset<kBc>(row, chunk * 8);
+    mma::cp_async_16(sk + dst, k_base + off, valid ? 16 : 0);
+    mma::cp_async_16(sv + dst, v_base + off, valid ? 16 : 0);
   }
 }
+
+// Q' = q + tq for the CTA's rows q0.. (rounded to T as the unfused sum would be;
+// zeros past N and in the padding of D = 72).
+template <typename T, int kD>
+__device__ __forceinline__ void load_q_time(unsigned char* sq, const T* q, int64_t s_n,
+                                            const T* tq, int q0, int N, int tid) {
+  constexpr int kBr = Tiles<kD>::kBr, kChunks = 2 * Tiles<kD>::kKSteps;
+  struct alignas(16) Chunk {
+    T v[8];
+  };
+#pragma unroll 1
+  for (int idx = tid; idx < kBr * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, d0 = idx % kChunks * 8, i = q0 + row;
+    Chunk c{};
+    if (i < N && d0 < kD) {
+      c = *reinterpret_cast<const Chunk*>(q + i * s_n + d0);
+      if (tq != nullptr) {
+        const Chunk t = *reinterpret_cast<const Chunk*>(tq + d0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          c.v[e] = static_cast<T>(static_cast<float>(c.v[e]) + static_cast<float>(t.v[e]));
+        }
+      }
+    }
+    *reinterpret_cast<Chunk*>(sq + sw128_offset<kBr>(row, d0)) = c;
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
+    tmsa_fwd_wgmma_kernel(const TmsaFwdParams p) {
+  using Tl = Tiles<kD>;
+  constexpr int kBr = Tl::kBr, kBc = Tl::kBc, kNTiles = Tl::kNTiles, kDTiles = Tl::kDTiles;
+  static_assert(kThreads == 2 * kBr, "two threads a row for c_i");
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  auto& sm = *reinterpret_cast<SharedStorage<T, kD>*>(wgmma::align_to_atom(smem_raw));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int q0 = blockIdx.x * kBr;
+  const T* time = static_cast<const T*>(p.time_qkv);
+  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;  // [b, 0, h, :]
+  const float* table = p.table + h * p.table_stride;
+
+  const T* q_base = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  const T* k_base = q_base + p.s_3;
+  const T* v_base = k_base + p.s_3;
+  load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[0][0][0], &sm.v[0][0][0], 0, tid);
+  mma::cp_async_commit();
+  KeyCursor keys(p, tid % kBc);
+  const int key_slot = key_offsets_slot(tid % kBc) + (tid / kBc) * kBc;
+  store_key_bias(keys, p, sm.key_bias[0], key_slot, kBc);
+  if (tid < kBr) {
+    sm.bias_rows[tid / 16 * 8 + tid % 8].row[0][tid / 8 % 2] = table + query_bias_base(p, q0 + tid);
+  }
+  if (tid == 0) {
+    sm.kv_base[0] = k_base;
+    sm.kv_base[1] = v_base;
+  }
+  if constexpr (Tl::kPad) {
+    if (tid < 2 * kBc) {
+      *reinterpret_cast<float4*>(&sm.k[tid / kBc][0][0] + sw128_offset<kBc>(tid % kBc, kD)) =
+          float4{0.f, 0.f, 0.f, 0.f};
+    }
+  }
+  load_q_time<T, kD>(&sm.q[0][0], q_base, p.s_n, time != nullptr ? time + time_base : nullptr,
+                     q0, p.N, tid);
+  __syncthreads();
+  {  // scale * c_i = scale * (q_i + tq) . tk (see the file comment), two threads a row
+    const int row = tid >> 1, d0 = (tid & 1) * (kD / 2);
+    float c = 0.f;
+    if (time != nullptr) {
+      const T* tk = time + time_base + static_cast<int64_t>(p.H) * kD;
+#pragma unroll 4
+      for (int d = d0; d < d0 + kD / 2; ++d) {
+        c += static_cast<float>(*reinterpret_cast<const T*>(&sm.q[0][0] + sw128_offset<kBr>(row, d))) *
+             static_cast<float>(tk[d]);
+      }
+    }
+    c += __shfl_xor_sync(0xffffffffu, c, 1);
+    if ((tid & 1) == 0) sm.row_shift[row] = c * p.scale;
+  }
+
+  float o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+  auto& o_tiles = reinterpret_cast<float (&)[1][kDTiles][4]>(o);
+  OnlineSoftmax<1> softmax;
+  const unsigned char* q_rows = &sm.q[0][wg * 64 * kRow];  // this warpgroup's 64 rows
+
+  const int n_tiles = (p.N + kBc - 1) / kBc;
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int stage = jt & 1;
+    // As in tmsa_fwd_kernel: one barrier a tile, past which this tile's copies (and
+    // stores, fenced for the async proxy) are visible and both warpgroups are done
+    // with the other stage (every wgmma retired).
+    mma::cp_async_wait<0>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    load_kv_tile<T, kD>(p, sm.kv_base[0], sm.kv_base[1], &sm.k[stage ^ 1][0][0],
+                        &sm.v[stage ^ 1][0][0], (jt + 1) * kBc, tid);
+    store_key_bias(keys, p, sm.key_bias[stage ^ 1], key_slot, kBc);
+    mma::cp_async_commit();
+
+    // S = bias / scale + Q' K^T, the bias seeded into the accumulators.
+    const RowBias<1> rows = sm.bias_rows[warp * 8 + (lane >> 2)];
+    const KeyOffsets keys_of =
+        *reinterpret_cast<const KeyOffsets*>(&sm.key_bias[stage][(lane & 3) * 16]);
+    float s[kBc / 2];
+    auto& s_tiles = reinterpret_cast<float (&)[1][kNTiles][4]>(s);
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[4 * t + e] = __ldg(rows.row[0][e >> 1] + keys_of.v[2 * t + (e & 1)]);
+    wgmma::fence();
+    wgmma::fence_operand(s);
+#pragma unroll
+    for (int ks = 0; ks < Tl::kKSteps; ++ks) {
+      wgmma::mma<T, kBc>(s, wgmma::desc_sw128(q_rows + ks / 4 * kBr * kRow, ks % 4 * wgmma::kStepBytes),
+                         wgmma::desc_sw128(&sm.k[stage][ks / 4][0], ks % 4 * wgmma::kStepBytes), 1);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operand(s);
+    softmax.update(s_tiles, o_tiles, p.scale_log2);
+
+    // O += P V: two adjacent S tiles form one k16 A fragment of P, V's 16 rows a k16 step.
+    uint32_t pa[kNTiles / 2][4];
+#pragma unroll
+    for (int kb = 0; kb < kNTiles / 2; ++kb) {
+      tiles_as_fragment<T>(pa[kb], s_tiles[0][2 * kb], s_tiles[0][2 * kb + 1]);
+    }
+    wgmma::fence();
+    wgmma::fence_operand(o);
+#pragma unroll
+    for (int kb = 0; kb < kNTiles / 2; ++kb) {
+      wgmma::mma_rs_mn<T, kD>(o, pa[kb], wgmma::desc_sw128_mn(&sm.v[stage][0][kb * 16 * kRow], kBc * kRow), 1);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operand(o);
+#pragma unroll
+    for (int kb = 0; kb < kNTiles / 2; ++kb) wgmma::fence_operand(pa[kb]);
+  }
+  mma::cp_async_wait<0>();
+  softmax.finish();
+  store_fwd_rows<T, kD, 1>(p, o_tiles, softmax, sm.row_shift, q0, warp * 16, time, time_base, lane);
+}
+
+template <typename T, int kD>
+void launch(const TmsaFwdParams& p, cudaStream_t stream) {
+  auto kernel = tmsa_fwd_wgmma_kernel<T, kD>;
+  constexpr int bytes = sizeof(SharedStorage<T, kD>) + wgmma::kAtomBytes;  // + alignment
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const dim3 grid((p.N + Tiles<kD>::kBr - 1) / Tiles<kD>::kBr, p.B * p.H);
+  DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
+}
+}  // namespace sm90
 
 // ---------------------------------------------------------------------------
 // Backward (fp16/bf16): a CTA owns 64 keys of one (sample, head), each warp 16 of
@@ -1345,8 +1584,15 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool hopper = wgmma::use_wgmma();  // sm90::tmsa_fwd_wgmma_kernel on 9.x devices
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_forward<scalar_t, kD>(p, stream); });
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+      if (hopper) {
+        sm90::launch<scalar_t, kD>(p, stream);
+      } else {
+        launch_forward<scalar_t, kD>(p, stream);
+      }
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

@@ -131,7 +131,10 @@ constexpr uint32_t kSharedWindowBase = 0x180;
 enum class WgmmaType { kBF16, kF16, kS8 };
 uint32_t shared_window_address(const void* p);
 void wgmma_fence();
-void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d);
+// With a_frag (this thread's four A registers, fp16/bf16) A comes from registers and
+// B is MN-major (imm-trans-b = 1); otherwise both are K-major in shared memory.
+void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d,
+               const uint32_t* a_frag = nullptr);
 void wgmma_commit();
 void wgmma_wait(int pending_groups);
 

@@ -183,6 +183,8 @@ struct Warpgroup {
   int scale_d = 0, n = 0;
   WgmmaType type = WgmmaType::kBF16;
   void* acc[128] = {};
+  bool a_in_registers = false;  // A from registers, B MN-major (mma_rs_mn)
+  uint32_t a_frag[128][4] = {};
   std::vector<WgmmaOp> open;
   std::deque<std::vector<WgmmaOp>> groups;
   // The latest retired result per accumulator array: the input of the wgmma chained
@@ -660,53 +662,112 @@ bool accumulators_fenced(const Warpgroup& wg, int words) {
   return true;
 }
 
-// Reads `rows` K-major rows of 32 bytes through a 128B-swizzle descriptor.
-bool read_operand(uint64_t desc, int rows, WgmmaOp& op, std::vector<double>& out) {
-  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+// The descriptor's fields, if it is one the emulator models: the 128-byte swizzle,
+// base offset 0.
+struct Descriptor {
+  uint32_t start, lbo, sbo;
+};
+bool decode(uint64_t desc, Descriptor& d) {
+  d.start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  d.lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  d.sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
   const int base_offset = static_cast<int>((desc >> 49) & 7);
   const int mode = static_cast<int>(desc >> 62);
   if (mode != 1 || base_offset != 0) {
-    report("emulated wgmma: only K-major operands with the 128-byte swizzle and base offset 0 "
+    report("emulated wgmma: only operands with the 128-byte swizzle and base offset 0 "
            "are emulated (descriptor mode " + std::to_string(mode) + ", base offset " +
            std::to_string(base_offset) + ")");
     return false;
   }
+  return true;
+}
+
+// Reads the 16-byte chunk at shared-window address `addr` (before the swizzle, which
+// XORs address bits 4-6 with bits 7-9) into vals (8 fp16/bf16 or 16 int8 values).
+bool read_chunk(uint32_t addr, WgmmaOp& op, double* vals) {
   const Worker& k = w();
+  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+  const int64_t off = int64_t{phys} - kSharedWindowBase;
+  if (off < 0 || off + 16 > static_cast<int64_t>(k.smem_bytes)) {
+    report("emulated wgmma: an operand reads shared offset " + std::to_string(off) +
+           ", outside the " + std::to_string(k.smem_bytes) + " bytes of dynamic shared memory");
+    return false;
+  }
+  if (!async_proxy_may_read(static_cast<uint32_t>(off))) return false;
+  const unsigned char* src = k.smem + off;
+  tsan::reads(src, 16);
+  op.chunks.push_back(static_cast<uint32_t>(off));
+  op.bytes.insert(op.bytes.end(), src, src + 16);
+  const int per_chunk = op.type == WgmmaType::kS8 ? 16 : 8;
+  for (int e = 0; e < per_chunk; ++e) {
+    if (op.type == WgmmaType::kS8) {
+      vals[e] = static_cast<int8_t>(src[e]);
+    } else {
+      uint16_t bits;
+      std::memcpy(&bits, src + 2 * e, 2);
+      vals[e] = op.type == WgmmaType::kBF16
+                    ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                    : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+    }
+  }
+  return true;
+}
+
+// Reads `rows` K-major rows of 32 bytes through a 128B-swizzle descriptor: row r at
+// start + (r % 8) 128 + (r / 8) SBO.
+bool read_operand(uint64_t desc, int rows, WgmmaOp& op, std::vector<double>& out) {
+  Descriptor d;
+  if (!decode(desc, d)) return false;
   const int per_chunk = op.type == WgmmaType::kS8 ? 16 : 8;
   out.assign(static_cast<size_t>(rows) * op.k, 0.0);
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < 2; ++c) {
-      const uint32_t addr = start + (r % 8) * 128 + (r / 8) * sbo + c * 16;
-      const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
-      const int64_t off = int64_t{phys} - kSharedWindowBase;
-      if (off < 0 || off + 16 > static_cast<int64_t>(k.smem_bytes)) {
-        report("emulated wgmma: operand row " + std::to_string(r) + " reads shared offset " +
-               std::to_string(off) + ", outside the " + std::to_string(k.smem_bytes) +
-               " bytes of dynamic shared memory");
-        return false;
-      }
-      if (!async_proxy_may_read(static_cast<uint32_t>(off))) return false;
-      const unsigned char* src = k.smem + off;
-      tsan::reads(src, 16);
-      op.chunks.push_back(static_cast<uint32_t>(off));
-      op.bytes.insert(op.bytes.end(), src, src + 16);
-      for (int e = 0; e < per_chunk; ++e) {
-        double v;
-        if (op.type == WgmmaType::kS8) {
-          v = static_cast<int8_t>(src[e]);
-        } else {
-          uint16_t bits;
-          std::memcpy(&bits, src + 2 * e, 2);
-          v = op.type == WgmmaType::kBF16
-                  ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
-                  : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-        }
-        out[static_cast<size_t>(r) * op.k + c * per_chunk + e] = v;
-      }
+      const uint32_t addr = d.start + (r % 8) * 128 + (r / 8) * d.sbo + c * 16;
+      if (!read_chunk(addr, op, &out[static_cast<size_t>(r) * op.k + c * per_chunk])) return false;
     }
   }
   return true;
+}
+
+// Reads an MN-major (transposed) B of `cols` columns and k = 16 through a 128B-swizzle
+// descriptor (fp16/bf16): k row kk of column block n / 64 at
+// start + (n / 64) LBO + (kk % 8) 128 + (kk / 8) SBO, the block's 64 columns in its
+// eight chunks; CUTLASS's Swizzle<3,4,3> o ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)).
+bool read_operand_mn(uint64_t desc, int cols, WgmmaOp& op, std::vector<double>& out) {
+  Descriptor d;
+  if (!decode(desc, d)) return false;
+  out.assign(static_cast<size_t>(cols) * op.k, 0.0);
+  double vals[8];
+  for (int kk = 0; kk < op.k; ++kk) {
+    for (int nc = 0; nc < cols / 8; ++nc) {
+      const uint32_t addr = d.start + (nc / 8) * d.lbo + (nc % 8) * 16 + (kk % 8) * 128 +
+                            (kk / 8) * d.sbo;
+      if (!read_chunk(addr, op, vals)) return false;
+      for (int e = 0; e < 8; ++e) out[static_cast<size_t>(nc * 8 + e) * op.k + kk] = vals[e];
+    }
+  }
+  return true;
+}
+
+// A (64 x 16) from the warpgroup's registers: warp w's lane l holds, as in an mma.sync
+// m16n8k16 A fragment, rows 16 w + l / 4 (+ 8 in registers 1 and 3) and columns
+// 2 (l % 4) + {0, 1} (+ 8 in registers 2 and 3).
+void read_register_a(const Warpgroup& wg, WgmmaOp& op) {
+  op.a.assign(64 * 16, 0.0);
+  for (int t = 0; t < 128; ++t) {
+    const int warp = t / 32, lane = t % 32;
+    for (int r = 0; r < 4; ++r) {
+      for (int e = 0; e < 2; ++e) {
+        const uint16_t bits = static_cast<uint16_t>(wg.a_frag[t][r] >> (16 * e));
+        const double v = op.type == WgmmaType::kBF16
+                             ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                             : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+        const int row = 16 * warp + lane / 4 + (r % 2) * 8;
+        const int col = 2 * (lane % 4) + e + (r / 2) * 8;
+        op.a[static_cast<size_t>(row) * 16 + col] = v;
+      }
+    }
+  }
 }
 
 bool in_flight(const Warpgroup& wg, const void* acc, int t) {
@@ -732,7 +793,12 @@ void issue(Warpgroup& wg) {
     return;
   }
   if (!accumulators_fenced(wg, words)) return;
-  if (!read_operand(wg.desc_a, 64, op, op.a) || !read_operand(wg.desc_b, op.n, op, op.b)) return;
+  if (wg.a_in_registers) {
+    read_register_a(wg, op);
+    if (!read_operand_mn(wg.desc_b, op.n, op, op.b)) return;
+  } else if (!read_operand(wg.desc_a, 64, op, op.a) || !read_operand(wg.desc_b, op.n, op, op.b)) {
+    return;
+  }
   op.d_in.assign(128 * words, 0);
   for (int t = 0; t < 128; ++t) {
     op.acc[t] = wg.acc[t];
@@ -803,7 +869,8 @@ void wgmma_fence() {
   warpgroup_collective("wgmma.fence", [](Warpgroup& wg) { ++wg.fences; });
 }
 
-void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d) {
+void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* acc, int scale_d,
+               const uint32_t* a_frag) {
   Worker& k = w();
   const int g = me().warp / 4;
   if (g < static_cast<int>(k.warpgroups.size())) {
@@ -814,11 +881,13 @@ void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* ac
       wg.scale_d = scale_d;
       wg.type = type;
       wg.n = n;
+      wg.a_in_registers = a_frag != nullptr;
     } else if (wg.desc_a != desc_a || wg.desc_b != desc_b || (wg.scale_d != 0) != (scale_d != 0) ||
-               wg.type != type || wg.n != n) {
+               wg.type != type || wg.n != n || wg.a_in_registers != (a_frag != nullptr)) {
       report("wgmma.mma_async: descriptors, scale-d, shape or types differ across the warpgroup");
     }
     wg.acc[thread_in_warpgroup()] = acc;
+    if (a_frag != nullptr) std::memcpy(wg.a_frag[thread_in_warpgroup()], a_frag, 16);
   }
   warpgroup_collective("wgmma.mma_async", [](Warpgroup& wg) { issue(wg); });
 }

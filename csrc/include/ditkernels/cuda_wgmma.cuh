@@ -79,8 +79,21 @@ __device__ __forceinline__ void fence_operand(int (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
+template <int N>
+__device__ __forceinline__ void fence_operand(uint32_t (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// D(64 x N) += A(64 x 16) * B(N x 16)^T with A's fragments in registers (each warp's
+// 16 rows as an mma.sync m16n8k16 A fragment) and B MN-major in shared memory (its N
+// columns contiguous, desc_sw128_mn), fp16/bf16 only: N = 32, 64, 72, 96 or 128.
+template <typename T, int N>
+__device__ __forceinline__ void mma_rs_mn(float (&d)[N / 2], const uint32_t (&a)[4],
+                                          uint64_t desc_b, int scale_d);
+
 // D(64 x N) = A(64 x k, K-major) * B(N x k, K-major)^T + (scale_d ? D : 0), N = 128,
-// 192 or 256: fp32 accumulators for fp16/bf16 (k = 16), int32 for int8 (k = 32).
+// 192 or 256 (and 64 for fp16/bf16): fp32 accumulators for fp16/bf16 (k = 16), int32 for int8 (k = 32).
 template <typename T, int N, typename Acc>
 __device__ __forceinline__ void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                     int scale_d);
@@ -142,6 +155,54 @@ DK_WGMMA_MMA(int8_t, 128, int, 64, "%64, %65", "%66", "m64n128k32.s32.s8.s8", ""
 DK_WGMMA_MMA(int8_t, 192, int, 96, "%96, %97", "%98", "m64n192k32.s32.s8.s8", "", "r")
 DK_WGMMA_MMA(int8_t, 256, int, 128, "%128, %129", "%130", "m64n256k32.s32.s8.s8", "", "r")
 #undef DK_WGMMA_16BIT
+// The accumulator operand lists of the TMSA forward's shapes: d[0 .. n - 1], "+f".
+#define DK_WGMMA_ACC4(c, b) "+" c(d[b]), "+" c(d[b + 1]), "+" c(d[b + 2]), "+" c(d[b + 3])
+#define DK_WGMMA_D16 DK_WGMMA_ACC8("f", 0), DK_WGMMA_ACC8("f", 8)
+#define DK_WGMMA_D32 DK_WGMMA_ACC32("f", 0)
+#define DK_WGMMA_D36 DK_WGMMA_ACC32("f", 0), DK_WGMMA_ACC4("f", 32)
+#define DK_WGMMA_D48 DK_WGMMA_ACC32("f", 0), DK_WGMMA_ACC8("f", 32), DK_WGMMA_ACC8("f", 40)
+#define DK_WGMMA_D64 DK_WGMMA_ACC64("f")
+#define DK_WGMMA_LIST16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define DK_WGMMA_LIST32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define DK_WGMMA_LIST36 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35"
+#define DK_WGMMA_LIST48 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+#define DK_WGMMA_LIST64 DK_WGMMA_REGS64
+// mma<T, 64>: both operands K-major in shared memory (the 64-key score tiles of TMSA).
+#define DK_WGMMA_SS64(T, ptx_type)                                                          \
+  template <>                                                                               \
+  __device__ __forceinline__ void mma<T, 64>(float(&d)[32], uint64_t desc_a, uint64_t desc_b, \
+                                             int scale_d) {                                 \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type        \
+                 " {" DK_WGMMA_LIST32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                     \
+                 : DK_WGMMA_D32                                                             \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                  \
+  }
+// mma_rs_mn<T, N>: A (64 x 16) from registers, B (N x 16) MN-major in shared memory
+// (imm-trans-b = 1): operands %regs .. %regs + 3 are A, then desc_b and scale_d.
+#define DK_WGMMA_RS(T, ptx_type, N, regs, a, b, scale)                                      \
+  template <>                                                                               \
+  __device__ __forceinline__ void mma_rs_mn<T, N>(float(&d)[N / 2], const uint32_t(&a_frag)[4], \
+                                                  uint64_t desc_b, int scale_d) {          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " scale ", 0;\n"                        \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." ptx_type "." ptx_type   \
+                 " {" DK_WGMMA_LIST##regs "}, {" a "}, " b ", p, 1, 1, 1;\n}\n"              \
+                 : DK_WGMMA_D##regs                                                         \
+                 : "r"(a_frag[0]), "r"(a_frag[1]), "r"(a_frag[2]), "r"(a_frag[3]),          \
+                   "l"(desc_b), "r"(scale_d));                                              \
+  }
+#define DK_WGMMA_TMSA(T, ptx_type) \
+  DK_WGMMA_SS64(T, ptx_type) \
+  DK_WGMMA_RS(T, ptx_type, 32, 16, "%16, %17, %18, %19", "%20", "%21") \
+  DK_WGMMA_RS(T, ptx_type, 64, 32, "%32, %33, %34, %35", "%36", "%37") \
+  DK_WGMMA_RS(T, ptx_type, 72, 36, "%36, %37, %38, %39", "%40", "%41") \
+  DK_WGMMA_RS(T, ptx_type, 96, 48, "%48, %49, %50, %51", "%52", "%53") \
+  DK_WGMMA_RS(T, ptx_type, 128, 64, "%64, %65, %66, %67", "%68", "%69")
+DK_WGMMA_TMSA(c10::BFloat16, "bf16")
+DK_WGMMA_TMSA(c10::Half, "f16")
+#undef DK_WGMMA_TMSA
+#undef DK_WGMMA_RS
+#undef DK_WGMMA_SS64
 #undef DK_WGMMA_MMA
 #else
 __device__ __forceinline__ void fence_proxy_async() { __trap(); }
@@ -155,6 +216,10 @@ template <typename Acc, int N>
 __device__ __forceinline__ void fence_operand(Acc (&)[N]) {}
 template <typename T, int N, typename Acc>
 __device__ __forceinline__ void mma(Acc (&)[N / 2], uint64_t, uint64_t, int) {
+  __trap();
+}
+template <typename T, int N>
+__device__ __forceinline__ void mma_rs_mn(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {
   __trap();
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -173,6 +238,19 @@ namespace wgmma {
 __device__ __forceinline__ uint64_t desc_sw128(const unsigned char* tile, int k_byte) {
   const uint32_t addr = mma::smem_addr(tile) + static_cast<uint32_t>(k_byte);
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(kAtomBytes >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+// The descriptor of an MN-major, 128-byte-swizzled operand at `tile` (1024-byte aligned):
+// rows of 64 fp16/bf16 along N (one 128-byte row per k, swizzled as K-major rows are),
+// eight k rows per 1024-byte atom, consecutive atoms along k 1024 bytes apart (stride
+// byte offset) and blocks of 64 columns along N `n_block_bytes` apart (leading byte
+// offset): CUTLASS's Swizzle<3,4,3> o ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)). A k16 step
+// moves the start address by two atoms.
+__device__ __forceinline__ uint64_t desc_sw128_mn(const unsigned char* tile, int n_block_bytes) {
+  const uint32_t addr = mma::smem_addr(tile);
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((n_block_bytes & 0x3FFFF) >> 4) << 16) |
          (static_cast<uint64_t>(kAtomBytes >> 4) << 32) | (uint64_t{1} << 62);
 }
 
