@@ -597,20 +597,27 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
 // the epilogue are the mma.sync kernel's. At D = 72, Q' K^T runs five k16 steps over
 // Q' and K zero-padded to 80 columns; P V needs no padding (N = 72).
 namespace sm90 {
-constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kWarps = 4 * kWarpgroups;
 constexpr int kRow = wgmma::kRowBytes;
 
+// Up to D = 64 a CTA is one warpgroup with 128-key tiles (m64n128k16 scores): each
+// tile's fixed costs (barrier, copies, key offsets, descriptors) are spread over
+// twice the tensor work of 64-key tiles, and the 64 x D stages of Q', K and V are
+// small enough for two CTAs an SM. Above, where 128-key stages would leave one CTA
+// an SM, two warpgroups share 64-key tiles.
 template <int kD>
 struct Tiles {
-  static constexpr int kBr = 64 * kWarpgroups;       // queries per CTA
-  static constexpr int kBc = kFwdKeyTile;            // keys per stage
-  static constexpr int kKSteps = (kD + 15) / 16;     // k16 steps of Q' K^T
-  static constexpr int kBlocks = (kD + 63) / 64;     // 128-byte column blocks of a row
+  static constexpr int kWarpgroups = kD <= 64 ? 1 : 2;
+  static constexpr int kThreads = 128 * kWarpgroups, kWarps = 4 * kWarpgroups;
+  static constexpr int kBr = 64 * kWarpgroups;            // queries per CTA
+  static constexpr int kBc = kD <= 64 ? 2 * kFwdKeyTile : kFwdKeyTile;  // keys per stage
+  static constexpr int kHalves = kBc / kFwdKeyTile;       // KeyCursor steps a tile
+  static constexpr int kKSteps = (kD + 15) / 16;           // k16 steps of Q' K^T
+  static constexpr int kBlocks = (kD + 63) / 64;           // 128-byte column blocks of a row
   static constexpr int kNTiles = kBc / 8, kDTiles = kD / 8;
   // D = 72: the 16-byte chunk of columns 72..79 that the last k16 step reads, zero in
   // Q' (written with it) and in K (once per stage: the copies never touch it).
   static constexpr bool kPad = kD % 16 == 8;
-  static constexpr int kMinBlocks = kD <= 72 ? 2 : 1;  // CTAs per SM the registers allow
+  static constexpr int kMinBlocks = kD <= 72 ? 2 : 1;      // CTAs per SM the registers allow
 };
 
 template <typename T, int kD>
@@ -619,8 +626,10 @@ struct alignas(1024) SharedStorage {
   unsigned char q[Tl::kBlocks][Tl::kBr * kRow];     // Q' = q + tq
   unsigned char k[2][Tl::kBlocks][Tl::kBc * kRow];  // two pipeline stages of K and V
   unsigned char v[2][Tl::kBlocks][Tl::kBc * kRow];
-  unsigned key_bias[2][kThreads];  // as in FwdSharedStorage
-  RowBias<1> bias_rows[kWarps * 8];
+  // Per stage and 64-key half, the key offsets in KeyOffsets order, as in
+  // FwdSharedStorage (threads past the tile width store unread copies).
+  unsigned key_bias[2][Tl::kHalves][Tl::kThreads / Tl::kBc * kFwdKeyTile];
+  RowBias<1> bias_rows[Tl::kWarps * 8];
   const T* kv_base[2];
   float row_shift[Tl::kBr];  // scale * c_i
 };
@@ -638,7 +647,8 @@ template <typename T, int kD>
 __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
                                              const T* v_base, unsigned char* sk,
                                              unsigned char* sv, int j0, int tid) {
-  constexpr int kBc = Tiles<kD>::kBc, kChunks = kD / 8, kTotal = kBc * kChunks;
+  constexpr int kBc = Tiles<kD>::kBc, kThreads = Tiles<kD>::kThreads;
+  constexpr int kChunks = kD / 8, kTotal = kBc * kChunks;
   const unsigned s_n = static_cast<unsigned>(p.s_n);
 #pragma unroll
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
@@ -663,7 +673,7 @@ __device__ __forceinline__ void load_q_time(unsigned char* sq, const T* q, int64
     T v[8];
   };
 #pragma unroll 1
-  for (int idx = tid; idx < kBr * kChunks; idx += kThreads) {
+  for (int idx = tid; idx < kBr * kChunks; idx += Tiles<kD>::kThreads) {
     const int row = idx / kChunks, d0 = idx % kChunks * 8, i = q0 + row;
     Chunk c{};
     if (i < N && d0 < kD) {
@@ -681,15 +691,19 @@ __device__ __forceinline__ void load_q_time(unsigned char* sq, const T* q, int64
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
+__global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks)
     tmsa_fwd_wgmma_kernel(const TmsaFwdParams p) {
   using Tl = Tiles<kD>;
   constexpr int kBr = Tl::kBr, kBc = Tl::kBc, kNTiles = Tl::kNTiles, kDTiles = Tl::kDTiles;
+  constexpr int kThreads = Tl::kThreads;
   static_assert(kThreads == 2 * kBr, "two threads a row for c_i");
   DK_DYNAMIC_SMEM(16, smem_raw);
   auto& sm = *reinterpret_cast<SharedStorage<T, kD>*>(wgmma::align_to_atom(smem_raw));
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // The warpgroup, from a shuffle so that the compiler knows it is warp-uniform
+  // (CUTLASS's canonical_warp_group_idx): fewer instructions for the descriptors.
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * kBr;
   const T* time = static_cast<const T*>(p.time_qkv);
@@ -701,19 +715,27 @@ __global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
   const T* v_base = k_base + p.s_3;
   load_kv_tile<T, kD>(p, k_base, v_base, &sm.k[0][0][0], &sm.v[0][0][0], 0, tid);
   mma::cp_async_commit();
+  // Thread tid carries the key offsets of key tid % kBc of every tile, in 64-key half
+  // (tid % kBc) / 64 of its stage.
   KeyCursor keys(p, tid % kBc);
-  const int key_slot = key_offsets_slot(tid % kBc) + (tid / kBc) * kBc;
-  store_key_bias(keys, p, sm.key_bias[0], key_slot, kBc);
-  if (tid < kBr) {
-    sm.bias_rows[tid / 16 * 8 + tid % 8].row[0][tid / 8 % 2] = table + query_bias_base(p, q0 + tid);
+  const int key_half = tid % kBc / kFwdKeyTile;
+  const int key_slot = key_offsets_slot(tid % kFwdKeyTile) + tid / kBc * kFwdKeyTile;
+  auto store_keys = [&](int stage) {
+    sm.key_bias[stage][key_half][key_slot] = keys.offset(p);
+#pragma unroll
+    for (int i = 0; i < Tl::kHalves; ++i) keys.advance(p, kFwdKeyTile);
+  };
+  store_keys(0);
+  for (int row = tid; row < kBr; row += kThreads) {
+    sm.bias_rows[row / 16 * 8 + row % 8].row[0][row / 8 % 2] = table + query_bias_base(p, q0 + row);
   }
   if (tid == 0) {
     sm.kv_base[0] = k_base;
     sm.kv_base[1] = v_base;
   }
   if constexpr (Tl::kPad) {
-    if (tid < 2 * kBc) {
-      *reinterpret_cast<float4*>(&sm.k[tid / kBc][0][0] + sw128_offset<kBc>(tid % kBc, kD)) =
+    for (int i = tid; i < 2 * kBc; i += kThreads) {
+      *reinterpret_cast<float4*>(&sm.k[i / kBc][0][0] + sw128_offset<kBc>(i % kBc, kD)) =
           float4{0.f, 0.f, 0.f, 0.f};
     }
   }
@@ -740,38 +762,49 @@ __global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
   for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
   auto& o_tiles = reinterpret_cast<float (&)[1][kDTiles][4]>(o);
   OnlineSoftmax<1> softmax;
-  const unsigned char* q_rows = &sm.q[0][wg * 64 * kRow];  // this warpgroup's 64 rows
+  // The descriptors (low words) of k16 step 0 of this warpgroup's 64 rows of Q' and of
+  // stage 0 of K and V; the other steps and stages only move the start address.
+  const uint32_t q_desc = wgmma::desc_lo(wgmma::desc_sw128(&sm.q[0][wg * 64 * kRow], 0));
+  const uint32_t k_desc = wgmma::desc_lo(wgmma::desc_sw128(&sm.k[0][0][0], 0));
+  const uint32_t v_desc = wgmma::desc_lo(wgmma::desc_sw128_mn(&sm.v[0][0][0], kBc * kRow));
+  constexpr int kStage = sizeof(sm.k[0]) / 16, kStep = wgmma::kStepBytes / 16;  // in the
+  constexpr int kQBlock = kBr * kRow / 16, kKVBlock = kBc * kRow / 16;          // address field
 
   const int n_tiles = (p.N + kBc - 1) / kBc;
   for (int jt = 0; jt < n_tiles; ++jt) {
     const int stage = jt & 1;
     // As in tmsa_fwd_kernel: one barrier a tile, past which this tile's copies (and
-    // stores, fenced for the async proxy) are visible and both warpgroups are done
-    // with the other stage (every wgmma retired).
+    // stores, fenced for the async proxy) are visible and every warpgroup is done
+    // with the other stage (its wgmma retired).
     mma::cp_async_wait<0>();
     wgmma::fence_proxy_async();
     __syncthreads();
     load_kv_tile<T, kD>(p, sm.kv_base[0], sm.kv_base[1], &sm.k[stage ^ 1][0][0],
                         &sm.v[stage ^ 1][0][0], (jt + 1) * kBc, tid);
-    store_key_bias(keys, p, sm.key_bias[stage ^ 1], key_slot, kBc);
+    store_keys(stage ^ 1);
     mma::cp_async_commit();
 
     // S = bias / scale + Q' K^T, the bias seeded into the accumulators.
     const RowBias<1> rows = sm.bias_rows[warp * 8 + (lane >> 2)];
-    const KeyOffsets keys_of =
-        *reinterpret_cast<const KeyOffsets*>(&sm.key_bias[stage][(lane & 3) * 16]);
     float s[kBc / 2];
     auto& s_tiles = reinterpret_cast<float (&)[1][kNTiles][4]>(s);
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t)
+    for (int half = 0; half < Tl::kHalves; ++half) {
+      const KeyOffsets keys_of =
+          *reinterpret_cast<const KeyOffsets*>(&sm.key_bias[stage][half][(lane & 3) * 16]);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[4 * t + e] = __ldg(rows.row[0][e >> 1] + keys_of.v[2 * t + (e & 1)]);
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[32 * half + 4 * t + e] = __ldg(rows.row[0][e >> 1] + keys_of.v[2 * t + (e & 1)]);
+        }
+    }
     wgmma::fence();
     wgmma::fence_operand(s);
 #pragma unroll
     for (int ks = 0; ks < Tl::kKSteps; ++ks) {
-      wgmma::mma<T, kBc>(s, wgmma::desc_sw128(q_rows + ks / 4 * kBr * kRow, ks % 4 * wgmma::kStepBytes),
-                         wgmma::desc_sw128(&sm.k[stage][ks / 4][0], ks % 4 * wgmma::kStepBytes), 1);
+      wgmma::mma_lo<T, kBc>(s, q_desc + ks / 4 * kQBlock + ks % 4 * kStep,
+                            k_desc + stage * kStage + ks / 4 * kKVBlock + ks % 4 * kStep, 1);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -788,7 +821,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
     wgmma::fence_operand(o);
 #pragma unroll
     for (int kb = 0; kb < kNTiles / 2; ++kb) {
-      wgmma::mma_rs_mn<T, kD>(o, pa[kb], wgmma::desc_sw128_mn(&sm.v[stage][0][kb * 16 * kRow], kBc * kRow), 1);
+      wgmma::mma_rs_mn<T, kD>(o, pa[kb], v_desc + stage * kStage + kb * 16 * kRow / 16, 1);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -803,11 +836,12 @@ __global__ void __launch_bounds__(kThreads, Tiles<kD>::kMinBlocks)
 
 template <typename T, int kD>
 void launch(const TmsaFwdParams& p, cudaStream_t stream) {
+  using Tl = Tiles<kD>;
   auto kernel = tmsa_fwd_wgmma_kernel<T, kD>;
   constexpr int bytes = sizeof(SharedStorage<T, kD>) + wgmma::kAtomBytes;  // + alignment
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  const dim3 grid((p.N + Tiles<kD>::kBr - 1) / Tiles<kD>::kBr, p.B * p.H);
-  DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
+  const dim3 grid((p.N + Tl::kBr - 1) / Tl::kBr, p.B * p.H);
+  DK_LAUNCH(kernel, grid, Tl::kThreads, bytes, stream)(p);
 }
 }  // namespace sm90
 

@@ -189,6 +189,16 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 }
 
 template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= ditkernels::emu::kSlotBytes && std::is_trivially_copyable_v<T>);
+  const unsigned char* slots = ditkernels::emu::warp_gather(&v, sizeof(T), mask, "__shfl_sync");
+  T out;
+  std::memcpy(&out, slots + (src_lane & 31) * ditkernels::emu::kSlotBytes, sizeof(T));
+  ditkernels::emu::warp_release();
+  return out;
+}
+
+template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }

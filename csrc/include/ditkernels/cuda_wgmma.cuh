@@ -34,6 +34,20 @@ constexpr int kRowBytes = 128;     // one swizzle atom row: 64 fp16/bf16 or 128 
 constexpr int kAtomBytes = 1024;   // eight rows: the swizzle's period
 constexpr int kStepBytes = 32;     // k consumed by one wgmma
 
+// A descriptor as its two 32-bit words, for kernels that move one operand's start
+// address from step to step: the low word (start address and leading byte offset,
+// desc_lo) varies, the high word (stride byte offset and swizzle mode: kDescHi for
+// every descriptor here) is a constant, so that each step costs one 32-bit add. The
+// PTX of mma_lo and mma_rs_mn puts the words together itself: given 64-bit
+// descriptors, ptxas moves the constant word into a register for every wgmma.
+constexpr uint32_t kDescHi = (kAtomBytes >> 4) | (1u << 30);
+#define DK_WGMMA_DESC_HI "0x4000004000000000"  // kDescHi << 32, for the PTX below
+static_assert(kDescHi == 0x40000040u, "DK_WGMMA_DESC_HI");
+__device__ __forceinline__ uint32_t desc_lo(uint64_t desc) { return static_cast<uint32_t>(desc); }
+__device__ __forceinline__ uint64_t desc_from_lo(uint32_t lo) {
+  return (static_cast<uint64_t>(kDescHi) << 32) | lo;
+}
+
 // Byte offset of 16-byte chunk `chunk` (0..7) of `row` in a swizzled tile.
 __device__ __forceinline__ int swizzle128(int row, int chunk) {
   return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
@@ -85,15 +99,21 @@ __device__ __forceinline__ void fence_operand(uint32_t (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
+// mma<T, N> for fp16/bf16 with the descriptors given by their low words (desc_lo):
+// N = 64 or 128.
+template <typename T, int N>
+__device__ __forceinline__ void mma_lo(float (&d)[N / 2], uint32_t a_lo, uint32_t b_lo,
+                                       int scale_d);
 // D(64 x N) += A(64 x 16) * B(N x 16)^T with A's fragments in registers (each warp's
 // 16 rows as an mma.sync m16n8k16 A fragment) and B MN-major in shared memory (its N
-// columns contiguous, desc_sw128_mn), fp16/bf16 only: N = 32, 64, 72, 96 or 128.
+// columns contiguous, desc_sw128_mn; the descriptor's low word), fp16/bf16 only:
+// N = 32, 64, 72, 96 or 128.
 template <typename T, int N>
 __device__ __forceinline__ void mma_rs_mn(float (&d)[N / 2], const uint32_t (&a)[4],
-                                          uint64_t desc_b, int scale_d);
+                                          uint32_t b_lo, int scale_d);
 
 // D(64 x N) = A(64 x k, K-major) * B(N x k, K-major)^T + (scale_d ? D : 0), N = 128,
-// 192 or 256 (and 64 for fp16/bf16): fp32 accumulators for fp16/bf16 (k = 16), int32 for int8 (k = 32).
+// 192 or 256: fp32 accumulators for fp16/bf16 (k = 16), int32 for int8 (k = 32).
 template <typename T, int N, typename Acc>
 __device__ __forceinline__ void mma(Acc (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                     int scale_d);
@@ -167,32 +187,35 @@ DK_WGMMA_MMA(int8_t, 256, int, 128, "%128, %129", "%130", "m64n256k32.s32.s8.s8"
 #define DK_WGMMA_LIST36 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35"
 #define DK_WGMMA_LIST48 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
 #define DK_WGMMA_LIST64 DK_WGMMA_REGS64
-// mma<T, 64>: both operands K-major in shared memory (the 64-key score tiles of TMSA).
-#define DK_WGMMA_SS64(T, ptx_type)                                                          \
-  template <>                                                                               \
-  __device__ __forceinline__ void mma<T, 64>(float(&d)[32], uint64_t desc_a, uint64_t desc_b, \
-                                             int scale_d) {                                 \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type        \
-                 " {" DK_WGMMA_LIST32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                     \
-                 : DK_WGMMA_D32                                                             \
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                  \
+// The descriptor register `reg` from its low word `lo` (desc_from_lo, in PTX).
+#define DK_WGMMA_DESC(reg, lo) \
+  "cvt.u64.u32 " reg ", " lo ";\nor.b64 " reg ", " reg ", " DK_WGMMA_DESC_HI ";\n"
+#define DK_WGMMA_SS(T, ptx_type, N, regs, a, b, scale)                                        \
+  template <>                                                                                 \
+  __device__ __forceinline__ void mma_lo<T, N>(float(&d)[N / 2], uint32_t a_lo, uint32_t b_lo, \
+                                               int scale_d) {                                 \
+    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, " scale ", 0;\n"        \
+                 DK_WGMMA_DESC("da", a) DK_WGMMA_DESC("db", b)                                \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." ptx_type "." ptx_type     \
+                 " {" DK_WGMMA_LIST##regs "}, da, db, p, 1, 1, 0, 0;\n}\n"                    \
+                 : DK_WGMMA_D##regs                                                           \
+                 : "r"(a_lo), "r"(b_lo), "r"(scale_d));                                       \
   }
-// mma_rs_mn<T, N>: A (64 x 16) from registers, B (N x 16) MN-major in shared memory
-// (imm-trans-b = 1): operands %regs .. %regs + 3 are A, then desc_b and scale_d.
-#define DK_WGMMA_RS(T, ptx_type, N, regs, a, b, scale)                                      \
-  template <>                                                                               \
+#define DK_WGMMA_RS(T, ptx_type, N, regs, a, b, scale)                                        \
+  template <>                                                                                 \
   __device__ __forceinline__ void mma_rs_mn<T, N>(float(&d)[N / 2], const uint32_t(&a_frag)[4], \
-                                                  uint64_t desc_b, int scale_d) {          \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " scale ", 0;\n"                        \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." ptx_type "." ptx_type   \
-                 " {" DK_WGMMA_LIST##regs "}, {" a "}, " b ", p, 1, 1, 1;\n}\n"              \
-                 : DK_WGMMA_D##regs                                                         \
-                 : "r"(a_frag[0]), "r"(a_frag[1]), "r"(a_frag[2]), "r"(a_frag[3]),          \
-                   "l"(desc_b), "r"(scale_d));                                              \
+                                                  uint32_t b_lo, int scale_d) {              \
+    asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, " scale ", 0;\n"           \
+                 DK_WGMMA_DESC("db", b)                                                       \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." ptx_type "." ptx_type     \
+                 " {" DK_WGMMA_LIST##regs "}, {" a "}, db, p, 1, 1, 1;\n}\n"                  \
+                 : DK_WGMMA_D##regs                                                           \
+                 : "r"(a_frag[0]), "r"(a_frag[1]), "r"(a_frag[2]), "r"(a_frag[3]), "r"(b_lo), \
+                   "r"(scale_d));                                                             \
   }
 #define DK_WGMMA_TMSA(T, ptx_type) \
-  DK_WGMMA_SS64(T, ptx_type) \
+  DK_WGMMA_SS(T, ptx_type, 64, 32, "%32", "%33", "%34") \
+  DK_WGMMA_SS(T, ptx_type, 128, 64, "%64", "%65", "%66") \
   DK_WGMMA_RS(T, ptx_type, 32, 16, "%16, %17, %18, %19", "%20", "%21") \
   DK_WGMMA_RS(T, ptx_type, 64, 32, "%32, %33, %34, %35", "%36", "%37") \
   DK_WGMMA_RS(T, ptx_type, 72, 36, "%36, %37, %38, %39", "%40", "%41") \
@@ -202,7 +225,8 @@ DK_WGMMA_TMSA(c10::BFloat16, "bf16")
 DK_WGMMA_TMSA(c10::Half, "f16")
 #undef DK_WGMMA_TMSA
 #undef DK_WGMMA_RS
-#undef DK_WGMMA_SS64
+#undef DK_WGMMA_SS
+#undef DK_WGMMA_DESC
 #undef DK_WGMMA_MMA
 #else
 __device__ __forceinline__ void fence_proxy_async() { __trap(); }
@@ -219,7 +243,11 @@ __device__ __forceinline__ void mma(Acc (&)[N / 2], uint64_t, uint64_t, int) {
   __trap();
 }
 template <typename T, int N>
-__device__ __forceinline__ void mma_rs_mn(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {
+__device__ __forceinline__ void mma_lo(float (&)[N / 2], uint32_t, uint32_t, int) {
+  __trap();
+}
+template <typename T, int N>
+__device__ __forceinline__ void mma_rs_mn(float (&)[N / 2], const uint32_t (&)[4], uint32_t, int) {
   __trap();
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
