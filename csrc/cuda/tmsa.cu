@@ -614,9 +614,6 @@ struct Tiles {
   static constexpr int kKSteps = (kD + 15) / 16;           // k16 steps of Q' K^T
   static constexpr int kBlocks = (kD + 63) / 64;           // 128-byte column blocks of a row
   static constexpr int kNTiles = kBc / 8, kDTiles = kD / 8;
-  // D = 72: the 16-byte chunk of columns 72..79 that the last k16 step reads, zero in
-  // Q' (written with it) and in K (once per stage: the copies never touch it).
-  static constexpr bool kPad = kD % 16 == 8;
   static constexpr int kMinBlocks = kD <= 72 ? 2 : 1;      // CTAs per SM the registers allow
 };
 
@@ -640,27 +637,43 @@ __device__ __forceinline__ int sw128_offset(int row, int d) {
   return d / 64 * kRows * kRow + wgmma::swizzle128(row, d % 64 / 8) + d % 8 * 2;
 }
 
-// K and V rows j0.. into one stage (zeros past N), in 16-byte chunks: each thread
-// the same chunk pattern, the last round partial where kBc D / 8 is not a multiple
-// of the thread count (D = 72).
+// Column block kBlock of K and V rows j0.. into one stage (zeros past N), in 16-byte
+// chunks: the ones the k16 steps read (2 kKSteps a row), those past D (D = 72:
+// columns 72..79) zero-filled; first K's, then V's. A block holds 8, 4 or 2 chunks
+// of a row and every head dim's block a whole number of rounds of the CTA's threads
+// (D = 72: 2 x 64 x 8 = 4 x 256, then 2 x 64 x 2 = 256), so no thread needs a bounds
+// check and rows and chunks come from shifts.
+template <typename T, int kD, int kBlock>
+__device__ __forceinline__ void load_kv_block(const TmsaFwdParams& p, const T* k_base,
+                                              const T* v_base, unsigned char* sk,
+                                              unsigned char* sv, int j0, int tid) {
+  constexpr int kBc = Tiles<kD>::kBc, kThreads = Tiles<kD>::kThreads;
+  constexpr int kChunks = 2 * Tiles<kD>::kKSteps - 8 * kBlock;
+  constexpr int kRowChunks = kChunks < 8 ? kChunks : 8, kHalf = kBc * kRowChunks;
+  static_assert(2 * kHalf % kThreads == 0, "whole rounds");
+  const unsigned s_n = static_cast<unsigned>(p.s_n);
+#pragma unroll
+  for (int it = 0; it < 2 * kHalf / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    // V's chunks from kHalf on: known at compile time in every round but one at most.
+    const bool is_v = (it + 1) * kThreads <= kHalf ? false
+                      : it * kThreads >= kHalf     ? true
+                                                   : idx >= kHalf;
+    const int i = is_v ? idx - kHalf : idx;
+    const int row = i / kRowChunks, d = 64 * kBlock + i % kRowChunks * 8, j = j0 + row;
+    const bool valid = j < p.N && d < kD;
+    const unsigned off = valid ? static_cast<unsigned>(j) * s_n + d : 0u;
+    mma::cp_async_16((is_v ? sv : sk) + sw128_offset<kBc>(row, d), (is_v ? v_base : k_base) + off,
+                     valid ? 16 : 0);
+  }
+}
+
 template <typename T, int kD>
 __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_base,
                                              const T* v_base, unsigned char* sk,
                                              unsigned char* sv, int j0, int tid) {
-  constexpr int kBc = Tiles<kD>::kBc, kThreads = Tiles<kD>::kThreads;
-  constexpr int kChunks = kD / 8, kTotal = kBc * kChunks;
-  const unsigned s_n = static_cast<unsigned>(p.s_n);
-#pragma unroll
-  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
-    const int idx = tid + it * kThreads;
-    if (kTotal % kThreads != 0 && idx >= kTotal) break;
-    const int row = idx / kChunks, chunk = idx % kChunks, j = j0 + row;
-    const bool valid = j < p.N;
-    const unsigned off = static_cast<unsigned>(valid ? j : 0) * s_n + chunk * 8;
-    const int dst = sw128_offset<kBc>(row, chunk * 8);
-    mma::cp_async_16(sk + dst, k_base + off, valid ? 16 : 0);
-    mma::cp_async_16(sv + dst, v_base + off, valid ? 16 : 0);
-  }
+  load_kv_block<T, kD, 0>(p, k_base, v_base, sk, sv, j0, tid);
+  if constexpr (Tiles<kD>::kBlocks > 1) load_kv_block<T, kD, 1>(p, k_base, v_base, sk, sv, j0, tid);
 }
 
 // Q' = q + tq for the CTA's rows q0.. (rounded to T as the unfused sum would be;
@@ -732,12 +745,6 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks)
   if (tid == 0) {
     sm.kv_base[0] = k_base;
     sm.kv_base[1] = v_base;
-  }
-  if constexpr (Tl::kPad) {
-    for (int i = tid; i < 2 * kBc; i += kThreads) {
-      *reinterpret_cast<float4*>(&sm.k[i / kBc][0][0] + sw128_offset<kBc>(i % kBc, kD)) =
-          float4{0.f, 0.f, 0.f, 0.f};
-    }
   }
   load_q_time<T, kD>(&sm.q[0][0], q_base, p.s_n, time != nullptr ? time + time_base : nullptr,
                      q0, p.N, tid);
