@@ -617,9 +617,13 @@ struct Tiles {
   static constexpr int kMinBlocks = kD <= 72 ? 2 : 1;      // CTAs per SM the registers allow
 };
 
+// At a 1024-byte boundary of the shared window (wgmma::align_to_atom), so that every
+// swizzled tile starts on one: their sizes are multiples of 1024 bytes. (Not
+// alignas(1024): the emulator aligns the window address, not the host pointer.)
 template <typename T, int kD>
-struct alignas(1024) SharedStorage {
+struct alignas(16) SharedStorage {
   using Tl = Tiles<kD>;
+  static_assert(Tl::kBr * kRow % wgmma::kAtomBytes == 0 && Tl::kBc * kRow % wgmma::kAtomBytes == 0);
   unsigned char q[Tl::kBlocks][Tl::kBr * kRow];     // Q' = q + tq
   unsigned char k[2][Tl::kBlocks][Tl::kBc * kRow];  // two pipeline stages of K and V
   unsigned char v[2][Tl::kBlocks][Tl::kBc * kRow];
