@@ -12,6 +12,9 @@ projection [B, 3, H, D] and the bias table [(2G-1)^2, H] of a G x G token grid:
                and only when torch.compile baselines are on)
   sdpa_nobias  SDPA on the same q, k, v without time add or bias: the attention alone,
                the bound a fused TMSA can approach
+  ditkernels (mma.sync)  on Hopper with an sm_90a build, the forward of the mma.sync
+               kernel every other GPU runs (DITKERNELS_DISABLE_WGMMA=1), in the same run
+               as the wgmma one that `ditkernels` runs there
 Attention FLOPs: 4 * B * H * N^2 * D forward (QK^T and PV), 2.5x that forward+backward.
 speedup_vs_sdpa_mask: sdpa_mask time / time; ratio_vs_sdpa_nobias: time / sdpa_nobias
 time.
@@ -31,8 +34,8 @@ import torch.nn.functional as F
 import ditkernels
 from ditkernels import reference
 from benchmarks.bench_adaln import pass_fn
-from benchmarks.common import (BenchContext, Timing, compare, maybe_compile, speedups,
-                               timing_columns)
+from benchmarks.common import (MMA_SYNC, BenchContext, Timing, compare, hopper_wgmma_build,
+                               maybe_compile, speedups, timing_columns)
 
 HEADS = 16
 TILE = 64                 # queries per forward CTA, keys per backward CTA
@@ -80,6 +83,8 @@ def implementations(ctx: BenchContext, grid: int) -> Dict[str, Callable]:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
     impls = {"ditkernels": fused, "eager": eager, BASELINE: sdpa_mask, BOUND: sdpa_nobias}
+    if hopper_wgmma_build(ctx):
+        impls["ditkernels (mma.sync)"] = fused
     flex = _flex(ctx, grid)
     if flex is not None:
         impls["flex"] = flex
@@ -120,13 +125,15 @@ def run(ctx: BenchContext) -> List[Dict]:
         # Static shapes per case: compile's best case, not a dynamic kernel.
         torch._dynamo.reset()
         impls = implementations(ctx, grid)
+        env = {"ditkernels (mma.sync)": MMA_SYNC}
         for pass_name in ("fwd", "fwd+bwd"):
             flops = 4 * B * H * N * N * D * (2.5 if pass_name == "fwd+bwd" else 1.0)
             times = compare(
                 {impl: functools.partial(pass_fn, fn,
                                          (qkv,) if impl == BOUND else (qkv, time_qkv, table),
                                          pass_name)
-                 for impl, fn in impls.items()}, ctx, may_fail=["flex"])
+                 for impl, fn in impls.items() if impl not in env or pass_name == "fwd"},
+                ctx, env, may_fail=["flex"])
             for impl, result in times.items():
                 row = {"family": "tmsa", "op": "tmsa", "shape": f"B{B} H{H} N{N} D{D}",
                        "pass": pass_name, "impl": impl, **timing_columns(result),
