@@ -586,16 +586,17 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
 }
 
 // ---- Hopper path (sm_90a): wgmma ----
-// The same algorithm as tmsa_fwd_kernel with warpgroup MMA: a CTA owns 128 queries
-// of one (sample, head), each of its two warpgroups 64 of them, and streams 64-key
-// tiles of K and V through two cp.async stages. Q', K and V sit in shared memory as
-// rows of 128-byte blocks (64 columns) with the 128-byte swizzle (cuda_wgmma.cuh), K
-// and V in the same layout: K is the K-major B of S = Q' K^T (m64n64k16, A and B from
-// shared memory), V the MN-major (transposed) B of O += P V (m64nDk16, P from
-// registers). A warp's part of a wgmma accumulator is an mma.sync accumulator tile
-// by tile, so the bias gather (seeded into S), OnlineSoftmax, the P fragments and
-// the epilogue are the mma.sync kernel's. At D = 72, Q' K^T runs five k16 steps over
-// Q' and K zero-padded to 80 columns; P V needs no padding (N = 72).
+// The same algorithm as tmsa_fwd_kernel with warpgroup MMA: each warpgroup of a CTA
+// owns 64 queries of one (sample, head), and the CTA streams tiles of K and V
+// through two cp.async stages (Tiles: one warpgroup and 128-key tiles up to D = 64,
+// two and 64-key tiles above). Q', K and V sit in shared memory as rows of 128-byte
+// blocks (64 columns) with the 128-byte swizzle (cuda_wgmma.cuh), K and V in the same
+// layout: K is the K-major B of S = Q' K^T (m64nBck16, A and B from shared memory), V
+// the MN-major (transposed) B of O += P V (m64nDk16, P from registers). A warp's part
+// of a wgmma accumulator is an mma.sync accumulator tile by tile, so the bias gather
+// (seeded into S), OnlineSoftmax, the P fragments and the epilogue are the mma.sync
+// kernel's. At D = 72, Q' K^T runs five k16 steps over Q' and K zero-padded to 80
+// columns; P V needs no padding (N = 72).
 namespace sm90 {
 constexpr int kRow = wgmma::kRowBytes;
 
