@@ -351,6 +351,32 @@ def test_emulated_wgmma_reads_the_cute_swizzle_and_writes_the_ptx_fragments(hopp
     assert not torch.equal(_wgmma_by_table(a, b, [list(range(8))] * 8), a @ b.t())
 
 
+def _wgmma_rs_mn_by_table(a, bt, swizzle):
+    """One m64n128k16 wgmma: A [64, 16] as registers, each warp's 16 rows by the
+    mma.sync A table (the PTX ISA's wgmma A fragments); B^T [16, 128] MN-major, each
+    64-column block laid out as 16 rows of a K-major tile by `swizzle` (CuTe's
+    Layout_MN_SW128_Atom: Swizzle<3,4,3> o ((8,8,m),(8,k)):((1,8,LBO),(64,SBO)))."""
+    regs = torch.cat([_registers(a[16 * w:16 * w + 16], MMA_16816_A) for w in range(4)])
+    image = torch.cat([_swizzled_image(bt[:, 64 * m:64 * m + 64], swizzle) for m in range(2)])
+    d = _selftest("rs_mn_images", regs, image)
+    got = torch.empty(64, 128)
+    for thread in range(128):
+        w, g, t = thread // 32, thread % 32 // 4, thread % 4
+        for i in range(64):
+            got[16 * w + g + WGMMA_D_ROW_OFFSET[i % 4],
+                8 * (i // 4) + 2 * t + WGMMA_D_COL_OFFSET[i % 4]] = d[thread, i]
+    return got
+
+
+def test_emulated_wgmma_register_a_and_transposed_b_follow_the_tables(hopper):
+    """A from registers and an MN-major (transposed) B, as the TMSA forward's P V uses
+    them, give A B; the control, B^T left unswizzled, does not."""
+    a = torch.randint(-8, 9, (64, 16)).float()
+    bt = torch.randint(-8, 9, (16, 128)).float()
+    assert torch.equal(_wgmma_rs_mn_by_table(a, bt, SWIZZLE_128B), a @ bt)
+    assert not torch.equal(_wgmma_rs_mn_by_table(a, bt, [list(range(8))] * 8), a @ bt)
+
+
 @RACECHECK
 def test_emulator_racecheck_control():
     """A kernel with a shared-memory race. It runs here; under the ThreadSanitizer

@@ -192,6 +192,27 @@ __global__ void wgmma_images_kernel(const unsigned char* a, const unsigned char*
   for (int i = 0; i < 64; ++i) d[64 * tid + i] = acc[i];
 }
 
+// ... and one m64n128k16 wgmma with A from raw per-thread registers a [128][4] and B
+// MN-major: the byte image b [32][128] of B^T's 16 k rows, columns 0..63 then 64..127
+// (16 rows each, the leading byte offset apart), copied unchanged.
+__global__ void wgmma_rs_mn_images_kernel(const uint32_t* a, const unsigned char* b, float* d) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* sb = wgmma::align_to_atom(smem_raw);
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 32 * 8; i += 128) std::memcpy(sb + 16 * i, b + 16 * i, 16);
+  wgmma::fence_proxy_async();
+  __syncthreads();
+  const uint32_t af[4] = {a[4 * tid], a[4 * tid + 1], a[4 * tid + 2], a[4 * tid + 3]};
+  float acc[64];
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  wgmma::fence();
+  wgmma::mma_rs_mn<c10::BFloat16, 128>(
+      acc, af, wgmma::desc_lo(wgmma::desc_sw128_mn(sb, 16 * wgmma::kRowBytes)), 1);
+  wgmma::commit();
+  wgmma::wait<0>();
+  for (int i = 0; i < 64; ++i) d[64 * tid + i] = acc[i];
+}
+
 __global__ void misaligned_ldmatrix_kernel(float* out) {
   DK_DYNAMIC_SMEM(16, smem);
   uint32_t r[4];
@@ -292,6 +313,17 @@ at::Tensor emulator_selftest(c10::string_view name_view, const at::Tensor& a_in,
     at::Tensor d = at::empty({128, 64}, at::kFloat);
     DK_LAUNCH(wgmma_images_kernel, 1, 128, 192 * wgmma::kRowBytes + wgmma::kAtomBytes, nullptr)(
         a.data_ptr<uint8_t>(), b.data_ptr<uint8_t>(), d.data_ptr<float>());
+    return d;
+  }
+  if (name == "rs_mn_images") {
+    TORCH_CHECK(a_in.sizes() == at::IntArrayRef({128, 4}) && b_in.sizes() == at::IntArrayRef({32, 128}) &&
+                    a_in.scalar_type() == at::kInt && b_in.scalar_type() == at::kByte,
+                "emulator_selftest: rs_mn_images needs int32 a [128, 4] and uint8 b [32, 128]");
+    const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    at::Tensor d = at::empty({128, 64}, at::kFloat);
+    DK_LAUNCH(wgmma_rs_mn_images_kernel, 1, 128, 32 * wgmma::kRowBytes + wgmma::kAtomBytes, nullptr)(
+        reinterpret_cast<const uint32_t*>(a.data_ptr<int>()), b.data_ptr<uint8_t>(),
+        d.data_ptr<float>());
     return d;
   }
   if (name == "cp_async_war_race" || name == "cp_async_refill_after_barrier") {
