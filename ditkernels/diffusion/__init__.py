@@ -1,6 +1,7 @@
 """Gaussian diffusion for DiT-style models: schedules, losses, respacing, samplers, guidance."""
 
 from .adapters import DiffusionModelAdapter, as_denoiser
+from .dpm_solver import dpm_solver_sample, dynamic_threshold
 from .gaussian_diffusion import (
     GaussianDiffusion,
     create_diffusion,
@@ -22,7 +23,7 @@ from .schedules import (
 __all__ = [
     "DiffusionModelAdapter", "GaussianDiffusion", "SCHEDULES", "as_denoiser", "cfg_forward",
     "classifier_free_guidance", "cosine_betas", "create_diffusion", "ddim_sample", "ddim_step",
-    "ddpm_sample", "ddpm_step", "discretized_gaussian_log_likelihood", "get_named_beta_schedule",
+    "ddpm_sample", "ddpm_step", "dpm_solver_sample", "dynamic_threshold", "discretized_gaussian_log_likelihood", "get_named_beta_schedule",
     "guided_model_fn", "linear_betas", "mean_flat", "normal_kl", "scaled_linear_betas",
     "space_timesteps",
 ]
