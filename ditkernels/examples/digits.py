@@ -2,12 +2,18 @@
 
     python -m ditkernels.examples.digits --out runs/digits
     python -m ditkernels.examples.digits --out runs/digits --sample-only   # reuse the checkpoint
+    python -m ditkernels.examples.digits --out runs/digits --sample-only \
+        --sampler ddim dpm++ --steps 10 20 50          # accuracy per sampler and step count
+    python -m ditkernels.examples.digits --out runs/flow --objective flow --sampler euler heun \
+        --steps 10 20                                  # a flow-matching (rectified-flow) DiT
 
 Trains DiT (learned sigma, IDDPM hybrid loss, label dropout for classifier-free
-guidance) on the training split upsampled to 16x16, samples every class with DDIM +
-classifier-free guidance, writes a PNG grid (one row per class) and scores the samples
-with a small CNN trained on the same training split: the class-conditional accuracy
-of the generated digits. The checkpoint holds the EMA DiT, the classifier and every
+guidance) on the training split upsampled to 16x16, samples every class with DDIM,
+DDPM or DPM-Solver++(2M) + classifier-free guidance, writes a PNG grid (one row per
+class) and scores the samples with a small CNN trained on the same training split: the
+class-conditional accuracy of the generated digits, per sampler and step count. With
+--objective flow the DiT learns the rectified-flow velocity instead (logit-normal t)
+and samples with Euler or Heun steps. The checkpoint holds the EMA DiT, the classifier and every
 config needed to rebuild them (load_checkpoint).
 
 The defaults (DiT with 4x4 patches over 16x16, hidden 128, depth 4; 2000 AdamW steps of
@@ -24,22 +30,34 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion, as_denoiser, create_diffusion, ddim_sample
+from ..diffusion import (
+    GaussianDiffusion,
+    RectifiedFlow,
+    as_denoiser,
+    create_diffusion,
+    ddim_sample,
+    ddpm_sample,
+    dpm_solver_sample,
+    flow_sample,
+)
 from ..models import DiT
 
 NUM_CLASSES = 10
 CHECKPOINT_FORMAT = "ditkernels.examples.digits/1"
 
 # Flags that --smoke changes: a model and run small enough for a unit test.
+# The samplers each training objective supports; the first is the default.
+SAMPLERS = {"eps": ("ddim", "ddpm", "dpm++"), "flow": ("euler", "heun")}
+
 SMOKE_DEFAULTS = dict(image_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                      train_steps=4, batch_size=16, classifier_steps=4, sampling_steps=3,
+                      train_steps=4, batch_size=16, classifier_steps=4, sampling_steps=[3],
                       samples_per_class=2, grid_columns=2)
 
 
@@ -146,10 +164,11 @@ def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_diffusion(model: DiT, diffusion: GaussianDiffusion, x: Tensor, y: Tensor, *,
-                    steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
-                    log_every: int = 100) -> DiT:
-    """Train ``model`` on (x, y) with the diffusion's training loss; returns the EMA copy.
+def train_diffusion(model: DiT, diffusion: Union[GaussianDiffusion, RectifiedFlow], x: Tensor,
+                    y: Tensor, *, steps: int, batch_size: int, lr: float, ema_decay: float,
+                    seed: int, log_every: int = 100) -> DiT:
+    """Train ``model`` on (x, y) with the diffusion's (or the flow's) training loss;
+    returns the EMA copy.
 
     Label dropout for classifier-free guidance happens inside DiT (train mode).
     """
@@ -165,7 +184,10 @@ def train_diffusion(model: DiT, diffusion: GaussianDiffusion, x: Tensor, y: Tens
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         idx = torch.randint(0, len(x), (batch_size,), generator=generator)
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
+        if isinstance(diffusion, RectifiedFlow):
+            t = diffusion.sample_t(batch_size, generator)
+        else:
+            t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
         x0 = x[idx]
         noise = torch.randn(x0.shape, generator=generator)
         loss = diffusion.training_losses(model, x0, t, y[idx], noise)["loss"].mean()
@@ -195,23 +217,29 @@ def train_diffusion(model: DiT, diffusion: GaussianDiffusion, x: Tensor, y: Tens
 @dataclasses.dataclass
 class DigitsCheckpoint:
     """What load_checkpoint returns: the EMA DiT (eval mode), the base (unrespaced)
-    diffusion and its config, the scoring classifier, and the run's metadata."""
+    diffusion or the flow and its config, the scoring classifier, the run's metadata
+    and the training objective ("eps" or "flow")."""
 
     model: DiT
     model_config: Dict
-    diffusion: GaussianDiffusion
+    diffusion: Union[GaussianDiffusion, RectifiedFlow]
     diffusion_config: Dict
     classifier: Optional[DigitClassifier]
     metadata: Dict
+    objective: str = "eps"
 
 
 def save_checkpoint(path, model: DiT, model_config: Dict, diffusion_config: Dict,
                     classifier: Optional[DigitClassifier] = None,
-                    metadata: Optional[Dict] = None) -> None:
+                    metadata: Optional[Dict] = None, objective: str = "eps") -> None:
     """torch.save the model's state_dict and config (the DiT constructor kwargs), the
-    diffusion config (the kwargs of create_diffusion) and optionally the classifier:
-    plain tensors and builtins, so torch.load(weights_only=True) reads it."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dict(model_config),
+    diffusion config (the kwargs of create_diffusion, or of RectifiedFlow for the
+    "flow" objective) and optionally the classifier: plain tensors and builtins, so
+    torch.load(weights_only=True) reads it."""
+    if objective not in SAMPLERS:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {list(SAMPLERS)}")
+    ckpt = {"format": CHECKPOINT_FORMAT, "objective": objective,
+            "model_config": dict(model_config),
             "model_state_dict": model.state_dict(), "diffusion_config": dict(diffusion_config),
             "metadata": dict(metadata or {})}
     if classifier is not None:
@@ -234,10 +262,13 @@ def load_checkpoint(path, map_location="cpu") -> DigitsCheckpoint:
         classifier = DigitClassifier(**ckpt["classifier_config"])
         classifier.load_state_dict(ckpt["classifier_state_dict"], strict=True)
         classifier.eval()
+    # Checkpoints from before flow matching hold no objective: they are eps models.
+    objective = ckpt.get("objective", "eps")
+    process = RectifiedFlow if objective == "flow" else create_diffusion
     return DigitsCheckpoint(model=model.eval(), model_config=ckpt["model_config"],
-                            diffusion=create_diffusion(**ckpt["diffusion_config"]),
+                            diffusion=process(**ckpt["diffusion_config"]),
                             diffusion_config=ckpt["diffusion_config"], classifier=classifier,
-                            metadata=ckpt["metadata"])
+                            metadata=ckpt["metadata"], objective=objective)
 
 
 # ---------------------------------------------------------------------------
@@ -246,18 +277,48 @@ def load_checkpoint(path, map_location="cpu") -> DigitsCheckpoint:
 
 
 def sample_digits(model: DiT, diffusion_config: Dict, labels: Tensor, *, sampling_steps: int,
-                  cfg_scale: float, eta: float = 0.0, seed: int = 0, batch_size: int = 250,
-                  progress: bool = True) -> Tensor:
-    """DDIM samples [len(labels), C, S, S] in [-1, 1] for the given class labels."""
-    diffusion = create_diffusion(f"ddim{sampling_steps}", **diffusion_config)
+                  cfg_scale: float, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+                  batch_size: int = 250, progress: bool = True) -> Tensor:
+    """Samples [len(labels), C, S, S] in [-1, 1] for the given class labels.
+
+    sampler: "ddim" (eta), "ddpm" (ancestral, respaced to sampling_steps) or "dpm++"
+    (DPM-Solver++(2M), time-uniform steps) for an eps model whose diffusion_config
+    holds create_diffusion's kwargs; "euler" or "heun" for a flow model whose
+    diffusion_config holds RectifiedFlow's.
+    """
     denoiser = as_denoiser(model)
     size = model.input_size
+    if sampler in SAMPLERS["flow"]:
+        flow = RectifiedFlow(**diffusion_config)
+
+        def draw(shape, y, seed):
+            # Clamped like the diffusion samplers' clipped x_0 predictions.
+            return flow_sample(denoiser, shape, steps=sampling_steps, method=sampler, y=y,
+                               cfg_scale=cfg_scale, time_scale=flow.time_scale, seed=seed,
+                               progress=progress).clamp(-1, 1)
+    elif sampler == "dpm++":
+        diffusion = create_diffusion(**diffusion_config)
+
+        def draw(shape, y, seed):
+            return dpm_solver_sample(diffusion, denoiser, shape, steps=sampling_steps, order=2,
+                                     y=y, cfg_scale=cfg_scale, clip_denoised=True, seed=seed,
+                                     progress=progress)
+    elif sampler in ("ddim", "ddpm"):
+        respacing = f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps)
+        diffusion = create_diffusion(respacing, **diffusion_config)
+        extra = dict(eta=eta) if sampler == "ddim" else {}
+        sample = ddim_sample if sampler == "ddim" else ddpm_sample
+
+        def draw(shape, y, seed):
+            return sample(diffusion, denoiser, shape, y=y, cfg_scale=cfg_scale,
+                          clip_denoised=True, seed=seed, progress=progress, **extra)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of "
+                         f"{[name for names in SAMPLERS.values() for name in names]}")
     out = []
     for i, start in enumerate(range(0, len(labels), batch_size)):
         y = labels[start:start + batch_size]
-        out.append(ddim_sample(diffusion, denoiser, (len(y), model.in_channels, size, size),
-                               y=y, cfg_scale=cfg_scale, eta=eta, clip_denoised=True,
-                               seed=seed + i, progress=progress))
+        out.append(draw((len(y), model.in_channels, size, size), y, seed + i))
     return torch.cat(out)
 
 
@@ -308,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                   help="learned-range variance with the hybrid loss (DiT's default)")
+                   help="learned-range variance with the hybrid loss (DiT's default; eps "
+                        "objective only)")
+    g.add_argument("--objective", choices=sorted(SAMPLERS), default="eps",
+                   help="eps: Gaussian diffusion, eps prediction; flow: rectified flow, "
+                        "velocity prediction (with --sample-only the checkpoint decides)")
+    g.add_argument("--t-sampling", choices=["uniform", "logit_normal"], default="logit_normal",
+                   help="flow objective: how training draws t in (0, 1)")
     g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=64)
@@ -316,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.995)
     g.add_argument("--classifier-steps", type=int, default=300)
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--sampler", nargs="+", default=None,
+                   choices=[name for names in SAMPLERS.values() for name in names],
+                   help="one or more samplers: ddim, ddpm, dpm++ (DPM-Solver++(2M)) for the "
+                        "eps objective (default ddim), euler, heun for flow (default euler)")
+    g.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, nargs="+",
+                   default=[50], help="one or more step counts; every sampler runs each")
     g.add_argument("--cfg-scale", type=float, default=3.0)
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--samples-per-class", type=int, default=50, help="scored samples per class")
@@ -333,12 +405,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _samplers_for(objective: str, requested: Optional[Sequence[str]]) -> Sequence[str]:
+    if requested is None:
+        return SAMPLERS[objective][:1]
+    wrong = [name for name in requested if name not in SAMPLERS[objective]]
+    if wrong:
+        raise ValueError(f"sampler(s) {wrong} do not apply to a model trained with the "
+                         f"{objective!r} objective; choose from {list(SAMPLERS[objective])}")
+    return requested
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    """Run the example; returns the metrics it also writes to OUT/metrics.json."""
+    """Run the example; returns the metrics it also writes to OUT/metrics.json.
+
+    The top-level accuracy, per-class accuracy and grid are the first sampler's at the
+    first step count; "results" holds every (sampler, steps) pair.
+    """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.checkpoint or args.out / "digits_dit.pt"
     argv_used = sys.argv[1:] if argv is None else list(argv)
     metrics: Dict = {"command": "python -m ditkernels.examples.digits " + " ".join(argv_used)}
@@ -347,52 +432,77 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         loaded = load_checkpoint(ckpt_path)
         model, diffusion_config, classifier = loaded.model, loaded.diffusion_config, \
             loaded.classifier
+        objective = loaded.objective
+        samplers = _samplers_for(objective, args.sampler)
         image_size = model.input_size
         if classifier is None:
             raise ValueError(f"{ckpt_path} holds no classifier to score samples with")
         _, _, x_test, y_test = load_digits_split(image_size, seed=loaded.metadata["data_seed"])
         metrics.update({k: loaded.metadata[k] for k in ("train_seconds", "train_steps")})
     else:
+        objective = args.objective
+        samplers = _samplers_for(objective, args.sampler)
         image_size = args.image_size
         x_train, y_train, x_test, y_test = load_digits_split(image_size, seed=args.seed)
         start = time.perf_counter()
         classifier = train_classifier(x_train, y_train, args.classifier_steps, seed=args.seed)
         metrics["classifier_train_seconds"] = time.perf_counter() - start
 
-        diffusion_config = dict(noise_schedule="linear", num_timesteps=1000,
-                                learn_sigma=args.learn_sigma)
+        # A velocity model has no variance to learn.
+        learn_sigma = args.learn_sigma and objective == "eps"
+        if objective == "flow":
+            diffusion_config = dict(t_sampling=args.t_sampling)
+            process = RectifiedFlow(**diffusion_config)
+        else:
+            diffusion_config = dict(noise_schedule="linear", num_timesteps=1000,
+                                    learn_sigma=learn_sigma)
+            process = create_diffusion(**diffusion_config)
         model_config = dict(input_size=image_size, patch_size=args.patch_size, in_channels=1,
                             hidden_size=args.hidden_size, depth=args.depth,
                             num_heads=args.num_heads, class_dropout_prob=0.1,
-                            num_classes=NUM_CLASSES, learn_sigma=args.learn_sigma)
+                            num_classes=NUM_CLASSES, learn_sigma=learn_sigma)
         torch.manual_seed(args.seed)
         model = DiT(**model_config)
         print(f"DiT: {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{(image_size // args.patch_size) ** 2} tokens", flush=True)
+              f"{(image_size // args.patch_size) ** 2} tokens, {objective} objective", flush=True)
         start = time.perf_counter()
-        model = train_diffusion(model, create_diffusion(**diffusion_config), x_train, y_train,
-                                steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+        model = train_diffusion(model, process, x_train, y_train, steps=args.train_steps,
+                                batch_size=args.batch_size, lr=args.lr,
                                 ema_decay=args.ema_decay, seed=args.seed)
         metrics["train_seconds"] = time.perf_counter() - start
         metrics["train_steps"] = args.train_steps
         save_checkpoint(ckpt_path, model, model_config, diffusion_config, classifier,
                         metadata={"data_seed": args.seed, "train_steps": args.train_steps,
-                                  "train_seconds": metrics["train_seconds"]})
+                                  "train_seconds": metrics["train_seconds"]},
+                        objective=objective)
         print(f"saved {ckpt_path}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     test_correct = classify(classifier, x_test) == y_test
     metrics["classifier_test_accuracy"] = test_correct.float().mean().item()
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.samples_per_class)
-    start = time.perf_counter()
-    samples = sample_digits(model, diffusion_config, labels, sampling_steps=args.sampling_steps,
-                            cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
-                            progress=not args.no_progress)
-    metrics["sample_seconds"] = time.perf_counter() - start
-    correct = classify(classifier, samples) == labels
+    results, first = [], None
+    for sampler in samplers:
+        for steps in args.sampling_steps:
+            start = time.perf_counter()
+            samples = sample_digits(model, diffusion_config, labels, sampling_steps=steps,
+                                    cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
+                                    seed=args.seed, progress=not args.no_progress)
+            seconds = time.perf_counter() - start
+            correct = classify(classifier, samples) == labels
+            results.append(dict(sampler=sampler, steps=steps,
+                                accuracy=correct.float().mean().item(), seconds=seconds))
+            print(f"{sampler:>6} {steps:4d} steps: generated-digit accuracy "
+                  f"{results[-1]['accuracy']:.3f} ({seconds:.0f}s)", flush=True)
+            if first is None:
+                first = samples, correct, seconds
+    samples, correct, metrics["sample_seconds"] = first
     metrics["generated_accuracy"] = correct.float().mean().item()
     metrics["generated_accuracy_per_class"] = correct.view(NUM_CLASSES, -1).float().mean(1).tolist()
-    metrics.update(sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, eta=args.eta,
-                   samples=len(labels), image_size=image_size, checkpoint=str(ckpt_path))
+    metrics.update(objective=objective, sampler=samplers[0],
+                   sampling_steps=args.sampling_steps[0], cfg_scale=args.cfg_scale,
+                   eta=args.eta, samples=len(labels), image_size=image_size,
+                   checkpoint=str(ckpt_path), results=results)
 
     cols = min(args.grid_columns, args.samples_per_class)
     grid = samples.view(NUM_CLASSES, args.samples_per_class, *samples.shape[1:])[:, :cols]
@@ -400,8 +510,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"classifier test accuracy {metrics['classifier_test_accuracy']:.3f}; "
           f"generated-digit accuracy {metrics['generated_accuracy']:.3f} "
-          f"({len(labels)} samples, DDIM {args.sampling_steps}, cfg {args.cfg_scale}); "
-          f"wrote {args.out / 'samples.png'}", flush=True)
+          f"({len(labels)} samples, {samplers[0]} {args.sampling_steps[0]}, "
+          f"cfg {args.cfg_scale}); wrote {args.out / 'samples.png'}", flush=True)
     return metrics
 
 
