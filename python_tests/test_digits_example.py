@@ -14,7 +14,7 @@ pytest.importorskip("PIL")
 
 from PIL import Image  # noqa: E402
 
-from ditkernels.diffusion import GaussianDiffusion  # noqa: E402
+from ditkernels.diffusion import GaussianDiffusion, RectifiedFlow  # noqa: E402
 from ditkernels.examples import digits  # noqa: E402
 from ditkernels.models import DiT  # noqa: E402
 
@@ -50,6 +50,38 @@ def test_smoke_run_writes_grid_metrics_and_a_reloadable_checkpoint(tmp_path):
     assert (tmp_path / "again" / "samples.png").read_bytes() == (out / "samples.png").read_bytes()
     assert again["generated_accuracy"] == metrics["generated_accuracy"]
     assert again["classifier_test_accuracy"] == metrics["classifier_test_accuracy"]
+
+
+def test_every_sampler_and_step_count_is_scored(tmp_path):
+    metrics = digits.main(["--out", str(tmp_path / "eps"), "--smoke", "--no-progress",
+                           "--sampler", "dpm++", "ddim", "ddpm", "--steps", "2", "4"])
+    pairs = [(r["sampler"], r["steps"]) for r in metrics["results"]]
+    assert pairs == [("dpm++", 2), ("dpm++", 4), ("ddim", 2), ("ddim", 4), ("ddpm", 2),
+                     ("ddpm", 4)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in metrics["results"])
+    assert (metrics["sampler"], metrics["sampling_steps"]) == ("dpm++", 2)
+    assert metrics["generated_accuracy"] == metrics["results"][0]["accuracy"]
+
+
+def test_flow_objective_trains_a_velocity_model_and_reloads(tmp_path):
+    out = tmp_path / "flow"
+    metrics = digits.main(["--out", str(out), "--smoke", "--no-progress", "--objective", "flow",
+                           "--sampler", "euler", "heun", "--steps", "3"])
+    assert metrics["objective"] == "flow"
+    assert [r["sampler"] for r in metrics["results"]] == ["euler", "heun"]
+    loaded = digits.load_checkpoint(out / "digits_dit.pt")
+    assert loaded.objective == "flow" and isinstance(loaded.diffusion, RectifiedFlow)
+    assert not loaded.model.learn_sigma
+    again = digits.main(["--out", str(tmp_path / "again"), "--smoke", "--no-progress",
+                         "--sample-only", "--checkpoint", str(out / "digits_dit.pt"),
+                         "--steps", "3"])
+    # The checkpoint's objective picks the default sampler, Euler.
+    assert again["sampler"] == "euler"
+    assert again["generated_accuracy"] == metrics["results"][0]["accuracy"]
+    with pytest.raises(ValueError, match="do not apply to a model trained with the 'flow'"):
+        digits.main(["--out", str(tmp_path / "bad"), "--smoke", "--no-progress",
+                     "--sample-only", "--checkpoint", str(out / "digits_dit.pt"),
+                     "--sampler", "dpm++"])
 
 
 def test_checkpoint_round_trip_preserves_the_model(tmp_path):
@@ -88,5 +120,5 @@ def test_module_entry_point(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for flag in ("--train-steps", "--image-size", "--sampling-steps", "--cfg-scale",
-                 "--checkpoint", "--smoke"):
+                 "--checkpoint", "--smoke", "--sampler", "--steps", "--objective"):
         assert flag in result.stdout
