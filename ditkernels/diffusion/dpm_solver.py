@@ -32,7 +32,7 @@ from torch import Tensor
 from .adapters import as_denoiser
 from .gaussian_diffusion import GaussianDiffusion
 from .guidance import guided_model_fn
-from .samplers import CondFn, _progress
+from .samplers import CondFn, _cond_grad, _initial_state, _progress
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 METHODS = ("multistep", "singlestep")
@@ -248,21 +248,9 @@ def dpm_solver_sample(diffusion: GaussianDiffusion, model, shape: Optional[Seque
     """
     _check_args(diffusion, steps, order, method, algorithm, skip_type, solver_type,
                 clip_denoised, thresholding)
-    if noise is None and shape is None:
-        raise ValueError("dpm_solver_sample: pass the sample shape or the starting noise x_T")
-    if noise is not None and shape is not None and tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"dpm_solver_sample: noise has shape {tuple(noise.shape)}, shape says "
-                         f"{tuple(shape)}")
     if cond_fn is not None and y is None:
         raise ValueError("dpm_solver_sample: classifier guidance (cond_fn) needs target labels y")
-    if device is None:
-        device = noise.device if noise is not None else (y.device if y is not None else "cpu")
-    device = torch.device(device)
-    if noise is None:
-        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    else:
-        x = noise.to(device)
+    x, _ = _initial_state("dpm_solver_sample", shape, noise, y, seed, device, dtype)
     model_fn = guided_model_fn(as_denoiser(model), y, x.shape[0], cfg_scale, cfg_channels,
                                classifier_guided=cond_fn is not None)
     schedule = DiscreteVPSchedule(diffusion.alphas_cumprod)
@@ -275,12 +263,7 @@ def dpm_solver_sample(diffusion: GaussianDiffusion, model, shape: Optional[Seque
         eps, _ = diffusion.split_model_output(model_fn(x_t, tau), x_t)
         alpha, sigma = schedule.alpha_sigma(t)
         if cond_fn is not None:
-            with torch.enable_grad():
-                grad = cond_fn(x_t.detach(), tau, y).detach()
-            if grad.shape != x_t.shape:
-                raise ValueError(f"cond_fn returned shape {tuple(grad.shape)}, expected "
-                                 f"{tuple(x_t.shape)}")
-            eps = eps - sigma * grad
+            eps = eps - sigma * _cond_grad(cond_fn, x_t, tau, y)
         if not data_prediction:
             return eps
         x0 = (x_t - sigma * eps) / alpha

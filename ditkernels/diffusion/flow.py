@@ -19,7 +19,7 @@ from torch import Tensor
 from .adapters import as_denoiser
 from .gaussian_diffusion import mean_flat
 from .guidance import guided_model_fn
-from .samplers import _progress
+from .samplers import _initial_state, _progress
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 FLOW_METHODS = ("euler", "heun")
@@ -102,19 +102,7 @@ def flow_sample(model, shape: Optional[Sequence[int]] = None, *, steps: int,
     if method not in FLOW_METHODS:
         raise ValueError(f"flow_sample: unknown method {method!r}; expected one of "
                          f"{list(FLOW_METHODS)}")
-    if noise is None and shape is None:
-        raise ValueError("flow_sample: pass the sample shape or the starting noise")
-    if noise is not None and shape is not None and tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"flow_sample: noise has shape {tuple(noise.shape)}, shape says "
-                         f"{tuple(shape)}")
-    if device is None:
-        device = noise.device if noise is not None else (y.device if y is not None else "cpu")
-    device = torch.device(device)
-    if noise is None:
-        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    else:
-        x = noise.to(device)
+    x, _ = _initial_state("flow_sample", shape, noise, y, seed, device, dtype)
     model_fn = guided_model_fn(as_denoiser(model), y, x.shape[0], cfg_scale, cfg_channels)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
 
