@@ -300,9 +300,10 @@ def sample_digits(model: DiT, diffusion_config: Dict, labels: Tensor, *, samplin
         diffusion = create_diffusion(**diffusion_config)
 
         def draw(shape, y, seed):
+            # It ends at timestep 0's small noise level, so may step just past [-1, 1].
             return dpm_solver_sample(diffusion, denoiser, shape, steps=sampling_steps, order=2,
                                      y=y, cfg_scale=cfg_scale, clip_denoised=True, seed=seed,
-                                     progress=progress)
+                                     progress=progress).clamp(-1, 1)
     elif sampler in ("ddim", "ddpm"):
         respacing = f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps)
         diffusion = create_diffusion(respacing, **diffusion_config)
