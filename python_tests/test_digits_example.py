@@ -97,6 +97,11 @@ def test_checkpoint_round_trip_preserves_the_model(tmp_path):
     loaded = digits.load_checkpoint(path)
     assert loaded.classifier is None
     assert loaded.diffusion.model_var_type == "fixed_large"
+    # Checkpoints written before flow matching have no objective: they are eps models.
+    old = torch.load(path, weights_only=True)
+    del old["objective"]
+    torch.save(old, path)
+    assert digits.load_checkpoint(path).objective == "eps"
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 5, 10])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x, t, y), model(x, t, y), atol=0, rtol=0)
