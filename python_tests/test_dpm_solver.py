@@ -184,7 +184,6 @@ def test_multistep_matches_diffusers(algorithm, order, steps):
     """
     diffusers = pytest.importorskip("diffusers")
     base = create_diffusion(learn_sigma=False)
-    abar = base.alphas_cumprod
     gaussian = _gaussian_oracle(base)
     w = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -208,7 +207,6 @@ def test_multistep_matches_diffusers(algorithm, order, steps):
         x = scheduler.step(model(x, t.expand(x.shape[0]), None), t, x).prev_sample
     ours = dpm_solver_sample(base, model, noise=noise.double(), steps=steps, order=order,
                              algorithm=algorithm, progress=False)
-    assert abar.numel() == N
     scale = ours.abs().max().item()
     torch.testing.assert_close(x.double(), ours, atol=2e-5 * scale, rtol=0)
 

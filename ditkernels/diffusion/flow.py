@@ -3,8 +3,8 @@
     x_t = (1 - t) x_0 + t * noise,   t in [0, 1]: t = 0 is data, t = 1 is N(0, I),
 
 and the model predicts the velocity v = dx_t/dt = noise - x_0 (SiT's linear path is
-the same with t reversed: data at t = 1, velocity x_0 - noise). Sampling integrates dx/dt = v(x, t) from t = 1
-down to t = 0. The model receives the timestep time_scale * t (1000 t by default,
+the same with t reversed: data at t = 1, velocity x_0 - noise). Sampling integrates
+dx/dt = v(x, t) from t = 1 down to t = 0. The model receives the timestep time_scale * t (1000 t by default,
 SD3's convention), so a DiT, U-ViT or DiffiT sees timesteps in the range it sees
 under DDPM training; any model that adapters.as_denoiser accepts works, and the
 first C output channels are the velocity (a learned-sigma model's variance half is
