@@ -156,8 +156,8 @@ def test_first_order_is_ddim(algorithm, with_cond_fn):
     cond_fn = (lambda x, t, y: 0.1 * torch.sin(x) + 0.01 * y.view(-1, 1, 1, 1)) \
         if with_cond_fn else None
     ours = dpm_solver_sample(base, model, noise=noise, steps=27, order=1, algorithm=algorithm,
-                             y=y, cond_fn=cond_fn, cfg_scale=2.0, denoise_to_zero=True,
-                             progress=False)
+                             skip_type="time_uniform", y=y, cond_fn=cond_fn, cfg_scale=2.0,
+                             denoise_to_zero=True, progress=False)
     ddim = ddim_sample(base.respaced("28"), model, noise=noise, y=y, cond_fn=cond_fn,
                        cfg_scale=2.0, progress=False)
     torch.testing.assert_close(ours, ddim, atol=1e-9, rtol=1e-9)
@@ -206,7 +206,7 @@ def test_multistep_matches_diffusers(algorithm, order, steps):
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.expand(x.shape[0]), None), t, x).prev_sample
     ours = dpm_solver_sample(base, model, noise=noise.double(), steps=steps, order=order,
-                             algorithm=algorithm, progress=False)
+                             algorithm=algorithm, skip_type="time_uniform", progress=False)
     scale = ours.abs().max().item()
     torch.testing.assert_close(x.double(), ours, atol=2e-5 * scale, rtol=0)
 
@@ -283,6 +283,28 @@ def test_respaced_diffusion_is_rejected():
                           (1, 2, 2, 2), steps=5, progress=False)
 
 
+@pytest.mark.parametrize("skip_type", ["logSNR", "time_quadratic"])
+def test_step_placement(skip_type):
+    base = create_diffusion(learn_sigma=False)
+    taus = []
+
+    def model(x, t, y):
+        taus.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    dpm_solver_sample(base, model, (1, 1, 2, 2), steps=6, skip_type=skip_type,
+                      denoise_to_zero=True, dtype=torch.float64, progress=False)
+    taus = torch.tensor(taus, dtype=torch.float64)
+    # Six steps from timestep 999, then the denoise_to_zero call at timestep 0.
+    assert taus[0] == N - 1 and taus[-1] == 0
+    if skip_type == "logSNR":
+        alpha, sigma = _alpha_sigma(base, taus)
+        spacing = torch.diff(torch.log(alpha / sigma).flatten())
+    else:
+        spacing = torch.diff(((taus + 1) / N).sqrt())
+    torch.testing.assert_close(spacing, spacing[:1].expand_as(spacing), rtol=1e-9, atol=0)
+
+
 def test_cfg_and_labels_reach_the_model():
     base = create_diffusion(learn_sigma=False)
     calls = []
@@ -297,7 +319,7 @@ def test_cfg_and_labels_reach_the_model():
     denoiser = as_denoiser(inner, forward=model)
     y = torch.tensor([0, 2])
     dpm_solver_sample(base, denoiser, (2, 2, 3, 3), steps=4, y=y, cfg_scale=3.0, cfg_channels=1,
-                      seed=0, progress=False)
+                      skip_type="time_uniform", seed=0, progress=False)
     # One batched [cond; uncond] call per step, at the time-uniform timesteps N t - 1.
     assert len(calls) == 4
     for batch, labels, t in calls:

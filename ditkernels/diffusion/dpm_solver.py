@@ -212,7 +212,7 @@ def _singlestep_plan(steps: int, order: int) -> List[int]:
 
 def dpm_solver_sample(diffusion: GaussianDiffusion, model, shape: Optional[Sequence[int]] = None,
                       *, steps: int, order: int = 2, method: str = "multistep",
-                      algorithm: str = "dpmsolver++", skip_type: str = "time_uniform",
+                      algorithm: str = "dpmsolver++", skip_type: str = "logSNR",
                       solver_type: str = "dpmsolver", lower_order_final: bool = True,
                       denoise_to_zero: bool = False, y: Optional[Tensor] = None,
                       cfg_scale: float = 1.0, cfg_channels: Optional[int] = None,
@@ -230,8 +230,14 @@ def dpm_solver_sample(diffusion: GaussianDiffusion, model, shape: Optional[Seque
     reused; DPM-Solver++(2M) is order=2, the default, and suits guided sampling) or
     "singlestep" (order - 1 extra calls inside each step; the steps hold the same
     total). algorithm: "dpmsolver++" integrates the x_0 prediction, "dpmsolver" the
-    eps prediction. skip_type places the steps uniformly in t ("time_uniform"), in
-    logSNR ("logSNR") or in sqrt(t) ("time_quadratic"). solver_type: "dpmsolver"
+    eps prediction. skip_type places the steps uniformly in logSNR ("logSNR", the
+    paper's choice), in t ("time_uniform", the reference code's and diffusers'
+    default) or in sqrt(t) ("time_quadratic"). Time-uniform steps end with one long
+    step in logSNR (timesteps ~50 -> 0 at 20 steps: lambda 1.7 -> 4.6), over which
+    second-order multistep extrapolation overshoots once lower_order_final no longer
+    applies: on the digits DiT, DPM-Solver++(2M) at 20 time-uniform steps was
+    further from the converged ODE solution than at 10, while logSNR and quadratic
+    steps were 4-6x closer than DDIM-20. solver_type: "dpmsolver"
     (the paper's) or "taylor" estimates of the derivative terms. lower_order_final:
     with fewer than 15 steps the last multistep updates use orders 1 and 2.
     denoise_to_zero: one more model call at the end, replacing x by its x_0

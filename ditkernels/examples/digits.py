@@ -277,12 +277,13 @@ def load_checkpoint(path, map_location="cpu") -> DigitsCheckpoint:
 
 
 def sample_digits(model: DiT, diffusion_config: Dict, labels: Tensor, *, sampling_steps: int,
-                  cfg_scale: float, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
-                  batch_size: int = 250, progress: bool = True) -> Tensor:
+                  cfg_scale: float, sampler: str = "ddim", eta: float = 0.0,
+                  skip_type: str = "logSNR", seed: int = 0, batch_size: int = 250,
+                  progress: bool = True) -> Tensor:
     """Samples [len(labels), C, S, S] in [-1, 1] for the given class labels.
 
     sampler: "ddim" (eta), "ddpm" (ancestral, respaced to sampling_steps) or "dpm++"
-    (DPM-Solver++(2M), time-uniform steps) for an eps model whose diffusion_config
+    (DPM-Solver++(2M), steps placed by skip_type) for an eps model whose diffusion_config
     holds create_diffusion's kwargs; "euler" or "heun" for a flow model whose
     diffusion_config holds RectifiedFlow's.
     """
@@ -302,7 +303,8 @@ def sample_digits(model: DiT, diffusion_config: Dict, labels: Tensor, *, samplin
         def draw(shape, y, seed):
             # It ends at timestep 0's small noise level, so may step just past [-1, 1].
             return dpm_solver_sample(diffusion, denoiser, shape, steps=sampling_steps, order=2,
-                                     y=y, cfg_scale=cfg_scale, clip_denoised=True, seed=seed,
+                                     skip_type=skip_type, y=y, cfg_scale=cfg_scale,
+                                     clip_denoised=True, seed=seed,
                                      progress=progress).clamp(-1, 1)
     elif sampler in ("ddim", "ddpm"):
         respacing = f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps)
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, nargs="+",
                    default=[50], help="one or more step counts; every sampler runs each")
     g.add_argument("--cfg-scale", type=float, default=3.0)
+    g.add_argument("--skip-type", choices=["logSNR", "time_uniform", "time_quadratic"],
+                   default="logSNR", help="dpm++: where the steps lie (see dpm_solver_sample)")
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--samples-per-class", type=int, default=50, help="scored samples per class")
     g.add_argument("--grid-columns", type=int, default=10, help="samples per row in the PNG")
@@ -488,7 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             start = time.perf_counter()
             samples = sample_digits(model, diffusion_config, labels, sampling_steps=steps,
                                     cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
-                                    seed=args.seed, progress=not args.no_progress)
+                                    skip_type=args.skip_type, seed=args.seed,
+                                    progress=not args.no_progress)
             seconds = time.perf_counter() - start
             correct = classify(classifier, samples) == labels
             results.append(dict(sampler=sampler, steps=steps,
