@@ -13,8 +13,8 @@ DDPM or DPM-Solver++(2M) + classifier-free guidance, writes a PNG grid (one row 
 class) and scores the samples with a small CNN trained on the same training split: the
 class-conditional accuracy of the generated digits, per sampler and step count. With
 --objective flow the DiT learns the rectified-flow velocity instead (logit-normal t)
-and samples with Euler or Heun steps. The checkpoint holds the EMA DiT, the classifier and every
-config needed to rebuild them (load_checkpoint).
+and samples with Euler or Heun steps. The checkpoint holds the EMA DiT, the classifier
+and every config needed to rebuild them (load_checkpoint).
 
 The defaults (DiT with 4x4 patches over 16x16, hidden 128, depth 4; 2000 AdamW steps of
 batch 64) train in about 4-5 minutes on a 2-core CPU.
@@ -47,15 +47,17 @@ from ..diffusion import (
     dpm_solver_sample,
     flow_sample,
 )
+from ..diffusion.dpm_solver import SKIP_TYPES
+from ..diffusion.flow import T_SAMPLINGS
 from ..models import DiT
 
 NUM_CLASSES = 10
 CHECKPOINT_FORMAT = "ditkernels.examples.digits/1"
 
-# Flags that --smoke changes: a model and run small enough for a unit test.
 # The samplers each training objective supports; the first is the default.
 SAMPLERS = {"eps": ("ddim", "ddpm", "dpm++"), "flow": ("euler", "heun")}
 
+# Flags that --smoke changes: a model and run small enough for a unit test.
 SMOKE_DEFAULTS = dict(image_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                       train_steps=4, batch_size=16, classifier_steps=4, sampling_steps=[3],
                       samples_per_class=2, grid_columns=2)
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=sorted(SAMPLERS), default="eps",
                    help="eps: Gaussian diffusion, eps prediction; flow: rectified flow, "
                         "velocity prediction (with --sample-only the checkpoint decides)")
-    g.add_argument("--t-sampling", choices=["uniform", "logit_normal"], default="logit_normal",
+    g.add_argument("--t-sampling", choices=T_SAMPLINGS, default="logit_normal",
                    help="flow objective: how training draws t in (0, 1)")
     g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=2000)
@@ -393,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, nargs="+",
                    default=[50], help="one or more step counts; every sampler runs each")
     g.add_argument("--cfg-scale", type=float, default=3.0)
-    g.add_argument("--skip-type", choices=["logSNR", "time_uniform", "time_quadratic"],
+    g.add_argument("--skip-type", choices=SKIP_TYPES,
                    default="logSNR", help="dpm++: where the steps lie (see dpm_solver_sample)")
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--samples-per-class", type=int, default=50, help="scored samples per class")
@@ -429,6 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.checkpoint or args.out / "digits_dit.pt"
     argv_used = sys.argv[1:] if argv is None else list(argv)
     metrics: Dict = {"command": "python -m ditkernels.examples.digits " + " ".join(argv_used)}
@@ -481,7 +484,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                   "train_seconds": metrics["train_seconds"]},
                         objective=objective)
         print(f"saved {ckpt_path}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     test_correct = classify(classifier, x_test) == y_test
     metrics["classifier_test_accuracy"] = test_correct.float().mean().item()
