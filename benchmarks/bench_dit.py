@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import MODEL_COLUMNS, BenchContext, model_rows
-from ditkernels import reference_models as ref
+from ditkernels.reference import dit as ref
 from ditkernels.models import DIT_CONFIGS, DiT
 from ditkernels.nn import DiTBlock
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from benchmarks.common import MODEL_COLUMNS, BenchContext, model_rows
-from ditkernels import reference_uvit as ref
+from ditkernels.reference import uvit as ref
 from ditkernels.models.uvit import UVIT_CONFIGS, UViT
 
 MODEL = "U-ViT-M/2"

@@ -30,7 +30,7 @@ from benchmarks.common import (  # noqa: E402
     table_header,
 )
 
-FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "int8", "dit", "uvit"]
+FAMILIES = ["adaln", "skip_concat_linear", "tmsa", "int8", "dit", "uvit", "diffusers"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -43,10 +43,10 @@ DK_TORCH_LIBRARY(m) {
   // or None; N = num_leading + Gh * Gw when a table is given.
   // Returns out [B, N, H, D] and the softmax log-sum-exp [B, H, N] (fp32; fp64 for fp64).
   m.def(
-      "tmsa_fwd(Tensor qkv, Tensor? time_qkv, Tensor? rel_table, int grid_h, int grid_w, "
+      "tmsa(Tensor qkv, Tensor? time_qkv, Tensor? rel_table, int grid_h, int grid_w, "
       "int num_leading, float scale) -> (Tensor out, Tensor lse)");
   m.def(
-      "tmsa_bwd(Tensor grad_out, Tensor qkv, Tensor? time_qkv, Tensor? rel_table, Tensor out, "
+      "tmsa_backward(Tensor grad_out, Tensor qkv, Tensor? time_qkv, Tensor? rel_table, Tensor out, "
       "Tensor lse, int grid_h, int grid_w, int num_leading, float scale) "
       "-> (Tensor grad_qkv, Tensor grad_time_qkv, Tensor grad_rel_table)");
 

@@ -18,9 +18,10 @@ from .ops import (gated_residual_ln_modulate, int8_gemm_dequant, int8_linear,  #
 from . import diffusion, models, nn, quant  # noqa: E402
 from .diffusion import as_denoiser, create_diffusion, ddim_sample, ddpm_sample  # noqa: E402
 from .models import (DiffiT, DiffiT_models, DiffiTBlock, DiffiTUNet, DiT,  # noqa: E402
-                     DiT_models, TMSA, UViT, UViT_models)
+                     DiT_models, TMSA, UViT, UViT_models, UViTT2I, UViTT2I_models)
 from .nn import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder  # noqa: E402
 from .patching import patch_dit  # noqa: E402
+from .integrations import patch_diffusers  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -54,8 +55,9 @@ def build_info():
 
 
 __all__ = ["DiT", "DiTBlock", "DiT_models", "DiffiT", "DiffiTBlock", "DiffiTUNet", "DiffiT_models",
-           "TMSA", "UViT", "UViT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
+           "TMSA", "UViT", "UViT_models", "UViTT2I", "UViTT2I_models", "FinalLayer",
+           "LabelEmbedder", "TimestepEmbedder",
            "as_denoiser", "build_info", "create_diffusion", "ddim_sample", "ddpm_sample", "diffusion",
            "gated_residual_ln_modulate", "int8_gemm_dequant", "int8_linear",
            "ln_modulate", "ln_modulate_int8", "quantize_per_sample", "models", "nn", "ops",
-           "patch_dit", "quant", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]
+           "patch_diffusers", "patch_dit", "quant", "reference", "skip_concat_linear", "tmsa", "tmsa_windowed"]

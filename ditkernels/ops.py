@@ -228,7 +228,7 @@ def tmsa(qkv: Tensor, time_qkv: Optional[Tensor] = None, rel_table: Optional[Ten
         # With D = 0 the op itself reports qkv's shape; D ** -0.5 would divide by zero first.
         scale = qkv.shape[-1] ** -0.5 if qkv.shape[-1] > 0 else 1.0
     scale = float(scale)
-    return _ops.tmsa_fwd(qkv, time_qkv, rel_table, gh, gw, num_leading, scale)[0]
+    return _ops.tmsa(qkv, time_qkv, rel_table, gh, gw, num_leading, scale)[0]
 
 
 def tmsa_windowed(qkv: Tensor, time_qkv: Optional[Tensor], rel_table: Optional[Tensor],
@@ -258,17 +258,17 @@ def _lse_dtype(qkv: Tensor) -> torch.dtype:
     return torch.float64 if qkv.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("ditkernels::tmsa_fwd")
-def _tmsa_fwd_fake(qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale):
-    _check_one_device("tmsa_fwd", "qkv", qkv, time_qkv=time_qkv, rel_table=rel_table)
+@torch.library.register_fake("ditkernels::tmsa")
+def _tmsa_fake(qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale):
+    _check_one_device("tmsa", "qkv", qkv, time_qkv=time_qkv, rel_table=rel_table)
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=_lse_dtype(qkv))
 
 
-@torch.library.register_fake("ditkernels::tmsa_bwd")
-def _tmsa_bwd_fake(grad_out, qkv, time_qkv, rel_table, out, lse, grid_h, grid_w, num_leading,
+@torch.library.register_fake("ditkernels::tmsa_backward")
+def _tmsa_backward_fake(grad_out, qkv, time_qkv, rel_table, out, lse, grid_h, grid_w, num_leading,
                    scale):
-    _check_one_device("tmsa_bwd", "qkv", qkv, grad_out=grad_out, time_qkv=time_qkv,
+    _check_one_device("tmsa_backward", "qkv", qkv, grad_out=grad_out, time_qkv=time_qkv,
                       rel_table=rel_table, out=out, lse=lse)
     return (qkv.new_empty(qkv.shape), _grad_like(time_qkv, qkv), _grad_like(rel_table, qkv))
 
@@ -283,15 +283,15 @@ def _tmsa_setup_context(ctx, inputs, output):
 
 def _tmsa_backward(ctx, grad_out, _grad_lse):
     qkv, time_qkv, rel_table, out, lse = ctx.saved_tensors
-    gqkv, gtime, gtable = _ops.tmsa_bwd(grad_out, qkv, time_qkv, rel_table, out, lse,
-                                        *ctx.config)
+    gqkv, gtime, gtable = _ops.tmsa_backward(grad_out, qkv, time_qkv, rel_table, out, lse,
+                                             *ctx.config)
     return (gqkv, _present(gtime, time_qkv), _present(gtable, rel_table), None, None, None,
             None)
 
 
-torch.library.register_autograd("ditkernels::tmsa_fwd", _tmsa_backward,
+torch.library.register_autograd("ditkernels::tmsa", _tmsa_backward,
                                 setup_context=_tmsa_setup_context)
-torch.library.register_autograd("ditkernels::tmsa_bwd", _no_double_backward("tmsa_bwd"))
+torch.library.register_autograd("ditkernels::tmsa_backward", _no_double_backward("tmsa_backward"))
 
 
 # ---------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def racecheck(*values):
 
 OPS = ["ln_modulate", "gated_residual_ln_modulate", "ln_modulate_backward",
        "gated_residual_ln_modulate_backward", "ln_modulate_int8", "skip_concat_linear",
-       "skip_concat_linear_backward", "tmsa_fwd", "tmsa_bwd", "int8_linear",
+       "skip_concat_linear_backward", "tmsa", "tmsa_backward", "int8_linear",
        "int8_gemm_dequant", "quantize_per_sample"]
 
 
@@ -477,6 +477,20 @@ def test_tmsa_backward_is_deterministic():
         test_tmsa.check_backward_is_deterministic("cpu", dtype)
 
 
+@pytest.mark.parametrize("D", [64, 72])
+def test_tmsa_backward_table_sums_in_global_memory(D, monkeypatch):
+    """Where the table's int32 partial sums do not fit in shared memory, the kernel adds
+    the same integer terms straight to the global int64 sums: the same bits."""
+    args = test_tmsa.make_inputs(2, 3, D, (5, 7), 1, torch.bfloat16, "cpu")
+    grad = torch.randn(2, 36, 3, D).to(torch.bfloat16)
+    shared = test_tmsa._grads(ditkernels.tmsa, args, grad)
+    monkeypatch.setenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL", "1")
+    in_global = test_tmsa._grads(ditkernels.tmsa, args, grad)
+    for k in shared:
+        assert torch.equal(shared[k], in_global[k]), k
+    assert shared["rel_table"].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------
 # skip-concat-linear
 # ---------------------------------------------------------------------------
@@ -549,3 +563,28 @@ def test_int8_mixed_timesteps_in_one_batch():
 def test_ln_modulate_int8():
     for dtype in CUDA_DTYPES:
         test_int8.check_ln_modulate_int8("cpu", dtype)
+
+
+def test_tmsa_backward_is_three_launches(tmp_path, monkeypatch):
+    """For contiguous inputs the fused backward is three kernels (prep, main, finalize)
+    and no ATen computation: allocations and views only."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import static_report
+
+    args = test_tmsa.make_inputs(2, 3, 64, (5, 7), 1, torch.bfloat16, "cpu")
+    qkv, time_qkv, table = args["qkv"], args["time_qkv"], args["rel_table"]
+    out, lse = torch.ops.ditkernels.tmsa(qkv, time_qkv, table, 5, 7, 1, 0.125)
+    grad = torch.randn_like(out)
+    log = tmp_path / "launches.tsv"
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.ditkernels.tmsa_backward(grad, qkv, time_qkv, table, out, lse, 5, 7, 1, 0.125)
+    launches = log.read_text().splitlines()
+    kernels = static_report.read_launch_log(log.read_text(), _LIB)
+    assert len(launches) == 3, launches
+    assert {k.split("<")[0] for k in kernels} == {
+        "tmsa_bwd_prep_kernel", "tmsa_bwd_kernel", "tmsa_bwd_finalize_kernel"}, kernels
+    aten = {e.name for e in prof.events() if e.name.startswith("aten::")}
+    assert aten <= {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::select",
+                    "aten::as_strided"}, aten

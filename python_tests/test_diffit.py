@@ -1,5 +1,5 @@
 """DiffiT on the fused kernels (ditkernels.models.diffit) against the plain-PyTorch
-DiffiT in ditkernels.reference_diffit.
+DiffiT in ditkernels.reference.diffit.
 
 Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 import conftest
-import ditkernels.models.diffit as diffit
+import ditkernels.nn.tmsa as tmsa_module
 from conftest import DEVICES, assert_same_state, ditkernels_copy, image_model_inputs
-from ditkernels import reference_diffit as ref
+from ditkernels.reference import diffit as ref
 from ditkernels.models.diffit import (DIFFIT_CONFIGS, DIFFIT_IMAGE_CONFIGS, TMSA, DiffiT,
                                       DiffiTBlock, DiffiT_models, DiffiTUNet)
 
@@ -62,7 +62,7 @@ assert_compiled_matches_eager = functools.partial(conftest.assert_compiled_match
 
 def tmsa_inputs(config: dict, batch: int, device):
     gen = torch.Generator().manual_seed(7)
-    gh, gw = diffit._pair(config["grid_size"])
+    gh, gw = tmsa_module._pair(config["grid_size"])
     tokens = config.get("num_leading", 0) + gh * gw
     x = torch.randn(batch, tokens, config["dim"], generator=gen)
     temb = torch.randn(batch, config.get("temb_dim", config["dim"]), generator=gen)
@@ -238,7 +238,7 @@ def test_kernels_are_fused_and_blocks_chained(monkeypatch):
     inputs = model_inputs(LATENT, 2, "cpu")
     expected = reference(*inputs)
     calls = []
-    fused_tmsa = diffit.tmsa
+    fused_tmsa = tmsa_module.tmsa
 
     def counted(qkv, *args):
         calls.append(tuple(qkv.shape))
@@ -248,7 +248,7 @@ def test_kernels_are_fused_and_blocks_chained(monkeypatch):
         raise AssertionError("DiffiT.forward should chain the blocks' parts")
 
     with monkeypatch.context() as patch:
-        patch.setattr(diffit, "tmsa", counted)
+        patch.setattr(tmsa_module, "tmsa", counted)
         patch.setattr(DiffiTBlock, "forward", not_called)
         torch.testing.assert_close(ours(*inputs), expected, atol=1e-4, rtol=1e-4)
     assert calls == [(2, 16, 3, 2, 72)] * LATENT["depth"]
@@ -260,8 +260,8 @@ def test_kernels_are_fused_and_blocks_chained(monkeypatch):
     assert seen == [(2, 16, 144)]
 
     windowed = []
-    fused_windowed = diffit.tmsa_windowed
-    monkeypatch.setattr(diffit, "tmsa_windowed",
+    fused_windowed = tmsa_module.tmsa_windowed
+    monkeypatch.setattr(tmsa_module, "tmsa_windowed",
                         lambda qkv, *a: windowed.append(a[3]) or fused_windowed(qkv, *a))
     image = DiffiTUNet(**IMAGE["uncond"])
     image(*model_inputs(IMAGE["uncond"], 1, "cpu"))

@@ -1,5 +1,5 @@
 """DiT on the fused kernels (ditkernels.nn.DiTBlock, ditkernels.models.DiT, patch_dit)
-against the plain-PyTorch DiT in ditkernels.reference_models.
+against the plain-PyTorch DiT in ditkernels.reference.dit.
 
 Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from conftest import (DEVICES, assert_matches_reference, assert_same_state, ditkernels_copy,
                       forward_backward, image_model_inputs, randomize_)
-from ditkernels import reference_models as ref
+from ditkernels.reference import dit as ref
 from ditkernels.models import DIT_CONFIGS, DiT, DiT_models
 from ditkernels.nn import DiTBlock, LabelEmbedder, TimestepEmbedder
 from ditkernels.patching import patch_dit

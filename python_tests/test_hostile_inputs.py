@@ -51,7 +51,7 @@ def op_cases(dtype):
     qkv = _randn(B, 4, 3, H, hd, dtype=dtype)
     time_qkv = _randn(B, 3, H, hd, dtype=dtype)
     table = _randn(T, H, dtype=dtype)
-    out, lse = ops.tmsa_fwd(qkv, time_qkv, table, *grid, 0, hd ** -0.5)
+    out, lse = ops.tmsa(qkv, time_qkv, table, *grid, 0, hd ** -0.5)
     K, Nw = 32, 16
     w_q = torch.randint(-127, 128, (Nw, K), dtype=torch.int8)
     w_scale = torch.rand(Nw) * 0.01 + 0.001
@@ -77,9 +77,10 @@ def op_cases(dtype):
             ops.skip_concat_linear_backward,
             [_randn(B, N, Dout, dtype=dtype), xs, _randn(B, N, D, dtype=dtype),
              _randn(Dout, 2 * D, dtype=dtype), True], [0, 2, 3]),
-        "tmsa_fwd": (ops.tmsa_fwd, [qkv, time_qkv, table, *grid, 0, hd ** -0.5], [1, 2]),
-        "tmsa_bwd": (ops.tmsa_bwd, [_randn(*out.shape, dtype=dtype), qkv, time_qkv, table, out,
-                                    lse, *grid, 0, hd ** -0.5], [0, 2, 3, 4, 5]),
+        "tmsa": (ops.tmsa, [qkv, time_qkv, table, *grid, 0, hd ** -0.5], [1, 2]),
+        "tmsa_backward": (ops.tmsa_backward, [_randn(*out.shape, dtype=dtype), qkv, time_qkv,
+                                              table, out, lse, *grid, 0, hd ** -0.5],
+                          [0, 2, 3, 4, 5]),
         "int8_linear": (ops.int8_linear, [xq, w_q, w_scale, act_scales, t,
                                           _randn(Nw, dtype=dtype)], [1, 2, 3, 4, 5]),
         "int8_gemm_dequant": (
@@ -134,7 +135,7 @@ LAYOUTS = ["strided", "padded", "transposed", "offset", "expanded"]
 def test_side_inputs_in_any_layout(backend, name, layout):
     """Each side input in turn, as a strided, padded, transposed, offset or expanded view, gives
     the result of its contiguous copy: exactly on CPU, except where BLAS reads the view in
-    place (tmsa_bwd's grad_out and out) and rounds after its layout; up to rounding on
+    place (tmsa_backward's grad_out and out) and rounds after its layout; up to rounding on
     CUDA, where a misaligned view can select a kernel of another vector width."""
     dtypes = [torch.float32] if backend == "cpu" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
@@ -150,7 +151,7 @@ def test_side_inputs_in_any_layout(backend, name, layout):
                 want = op(*args)
             varied = list(args)
             varied[i] = values
-            _assert_same(op(*varied), want, exact=backend == "cpu" and name != "tmsa_bwd")
+            _assert_same(op(*varied), want, exact=backend == "cpu" and name != "tmsa_backward")
 
 
 def test_strided_scale_table_matches_reference():
@@ -314,12 +315,12 @@ def test_tmsa_backward_nonfinite_grad_out_poisons_its_head(backend, value):
         qkv = _randn(2, 4, 3, 2, 32, dtype=dtype)
         time_qkv = _randn(2, 3, 2, 32, dtype=dtype)
         table = _randn(9, 2, dtype=dtype)
-        out, lse = ops.tmsa_fwd(qkv, time_qkv, table, 2, 2, 0, 32 ** -0.5)
+        out, lse = ops.tmsa(qkv, time_qkv, table, 2, 2, 0, 32 ** -0.5)
         grad_out = _randn(*out.shape, dtype=dtype)
-        clean = ops.tmsa_bwd(grad_out, qkv, time_qkv, table, out, lse, 2, 2, 0, 32 ** -0.5)
+        clean = ops.tmsa_backward(grad_out, qkv, time_qkv, table, out, lse, 2, 2, 0, 32 ** -0.5)
         grad_out[0, 1, 1, 7] = value
-        gqkv, gtime, gtable = ops.tmsa_bwd(grad_out, qkv, time_qkv, table, out, lse, 2, 2, 0,
-                                           32 ** -0.5)
+        gqkv, gtime, gtable = ops.tmsa_backward(grad_out, qkv, time_qkv, table, out, lse, 2, 2,
+                                                0, 32 ** -0.5)
         assert gqkv[0, :, :, 1].isnan().all() and gtime[0, :, 1].isnan().all()
         assert gtable[:, 1].isnan().all()
         tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
@@ -394,16 +395,16 @@ def test_backward_ops_check_shapes_and_dtypes(backend):
     with pytest.raises(RuntimeError, match=r"ln_modulate_backward: grad_y must have the shape "
                                            r"of x \[2, 3, 24\], got \[3, 2, 24\]"):
         op(*bad)
-    op, args, _ = op_cases(torch.float32)["tmsa_bwd"]
+    op, args, _ = op_cases(torch.float32)["tmsa_backward"]
     bad = list(args)
     bad[5] = args[5].double()
-    with pytest.raises(RuntimeError, match="tmsa_bwd: lse must have dtype Float for qkv of "
+    with pytest.raises(RuntimeError, match="tmsa_backward: lse must have dtype Float for qkv of "
                                            "dtype Float, got Double"):
         op(*bad)
 
 
 def test_head_dim_zero_raises_clear_errors():
-    with pytest.raises(RuntimeError, match=r"tmsa_fwd: qkv must have at least one head and one "
+    with pytest.raises(RuntimeError, match=r"tmsa: qkv must have at least one head and one "
                                            r"feature, got \[1, 4, 3, 2, 0\]"):
         ditkernels.tmsa(torch.randn(1, 4, 3, 2, 0))
     for make in [lambda: Attention(0, 8), lambda: UViTAttention(0, 8),
@@ -415,9 +416,9 @@ def test_head_dim_zero_raises_clear_errors():
 def test_huge_grid_raises_clear_error():
     qkv = torch.randn(1, 4, 3, 1, 8)
     g = 2 ** 62
-    with pytest.raises(RuntimeError, match=rf"tmsa_fwd: a {g} x {g} grid after 0 leading tokens "
+    with pytest.raises(RuntimeError, match=rf"tmsa: a {g} x {g} grid after 0 leading tokens "
                                            rf"does not fit N = 4 tokens"):
-        ops.tmsa_fwd(qkv, None, torch.randn(9, 1), g, g, 0, 1.0)
+        ops.tmsa(qkv, None, torch.randn(9, 1), g, g, 0, 1.0)
 
 
 def test_calibrating_with_too_few_timesteps_names_them():

@@ -163,9 +163,9 @@ def check_backward_is_deterministic(device, dtype):
 def test_opcheck(device):
     args = make_inputs(2, 2, 32, (3, 3), 1, torch.float32, device)
     qkv, t, table = (args[k].requires_grad_() for k in ("qkv", "time_qkv", "rel_table"))
-    torch.library.opcheck(torch.ops.ditkernels.tmsa_fwd.default, (qkv, t, table, 3, 3, 1, 0.2))
-    out, lse = torch.ops.ditkernels.tmsa_fwd(qkv, t, table, 3, 3, 1, 0.2)
-    torch.library.opcheck(torch.ops.ditkernels.tmsa_bwd.default,
+    torch.library.opcheck(torch.ops.ditkernels.tmsa.default, (qkv, t, table, 3, 3, 1, 0.2))
+    out, lse = torch.ops.ditkernels.tmsa(qkv, t, table, 3, 3, 1, 0.2)
+    torch.library.opcheck(torch.ops.ditkernels.tmsa_backward.default,
                           (torch.randn_like(out), qkv.detach(), t.detach(), table.detach(),
                            out.detach(), lse, 3, 3, 1, 0.2))
 

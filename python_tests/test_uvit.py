@@ -1,5 +1,5 @@
 """U-ViT on the fused kernels (ditkernels.models.uvit) against the plain-PyTorch U-ViT
-in ditkernels.reference_uvit.
+in ditkernels.reference.uvit.
 
 Accuracy: conftest.assert_matches_reference (STYLE.md rule 7, at most 2x eager's error).
 """
@@ -12,9 +12,10 @@ import torch.nn as nn
 
 import conftest
 import ditkernels.models.uvit as uvit
+import ditkernels.nn.functional as fused
 from conftest import (DEVICES, assert_compiled_matches_eager, assert_matches_reference,
                       assert_same_state, ditkernels_copy, forward_backward, image_model_inputs)
-from ditkernels import reference_uvit as ref
+from ditkernels.reference import uvit as ref
 from ditkernels.models.uvit import UVIT_CONFIGS, UVIT_SIZES, Block, UViT, UViT_models
 
 # Small configs that still cover every path. "cond": label + time tokens (27 tokens),
@@ -56,15 +57,19 @@ def uvit_inputs(config: dict, batch: int, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_state_dict_loads_strictly_both_ways(config_name):
-    config = CONFIGS[config_name]
-    reference, ours = randomize_(ref.UViT(**config)), UViT(**config)
+def assert_loads_strictly_both_ways(reference_cls, cls, config: dict):
+    """Random reference weights load into cls(**config) with strict=True, and back."""
+    reference, ours = randomize_(reference_cls(**config)), cls(**config)
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert_same_state(ours, reference)
-    fresh_reference = ref.UViT(**config)
+    fresh_reference = reference_cls(**config)
     fresh_reference.load_state_dict(randomize_(ours).state_dict(), strict=True)
     assert_same_state(fresh_reference, ours)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_state_dict_loads_strictly_both_ways(config_name):
+    assert_loads_strictly_both_ways(ref.UViT, UViT, CONFIGS[config_name])
 
 
 def test_state_dict_names_are_u_vits():
@@ -167,13 +172,12 @@ def test_without_skips_matches_reference(device):
     assert_matches_reference(ours, reference, uvit_inputs(config, 2, device))
 
 
-def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
-    config = CONFIGS["cond"]
-    reference = reference_uvit(config, "cpu")
-    ours = ditkernels_copy(reference, UViT, config)
-    inputs = uvit_inputs(config, 2, "cpu")
+def assert_skips_fused_and_blocks_chained(monkeypatch, model, reference, inputs, skip_shape):
+    """model(*inputs) gives reference(*inputs), each out block's skip merge running as one
+    skip_concat_linear on [B, L, D] = skip_shape tokens, and no block called whole
+    (forward chains the blocks' parts)."""
     expected = reference(*inputs)
-    skip_concat_linear = uvit.skip_concat_linear
+    skip_concat_linear = fused.skip_concat_linear
     fused_calls = []
 
     def counted(*args):
@@ -181,13 +185,21 @@ def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
         return skip_concat_linear(*args)
 
     def not_called(self, x, skip=None):
-        raise AssertionError("UViT.forward should chain the blocks' parts")
+        raise AssertionError(f"{type(model).__name__}.forward should chain the blocks' parts")
 
     with monkeypatch.context() as patch:
-        patch.setattr(uvit, "skip_concat_linear", counted)
+        patch.setattr(fused, "skip_concat_linear", counted)
         patch.setattr(Block, "forward", not_called)
-        torch.testing.assert_close(ours(*inputs), expected, atol=1e-4, rtol=1e-4)
-    assert fused_calls == [(2, 27, 144)] * len(ours.out_blocks)
+        torch.testing.assert_close(model(*inputs), expected, atol=1e-4, rtol=1e-4)
+    assert fused_calls == [skip_shape] * len(model.out_blocks)
+
+
+def test_skips_use_the_fused_op_and_blocks_are_chained(monkeypatch):
+    config = CONFIGS["cond"]
+    reference = reference_uvit(config, "cpu")
+    ours = ditkernels_copy(reference, UViT, config)
+    assert_skips_fused_and_blocks_chained(monkeypatch, ours, reference,
+                                          uvit_inputs(config, 2, "cpu"), (2, 27, 144))
 
 
 def test_hooks_and_checkpointing_fall_back_to_block_calls():

@@ -324,10 +324,6 @@ void backward_kernel(const AdaLNParams& p) {
                    [&](int64_t t0, int64_t t1) { tasks_fn(p, t0, t1); });
 }
 
-bool cpu_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 void cpu_forward(const AdaLNParams& p, at::ScalarType dtype) {
   // The CPU ln_modulate_int8 quantizes ln_modulate's output (csrc/cpu/int8.cpp).
   TORCH_CHECK(p.y_q == nullptr, "the CPU adaLN kernel has no int8 output");
@@ -344,10 +340,15 @@ int64_t cpu_num_slots(const AdaLNParams& p, at::ScalarType) {
   return (p.N + kCpuRowsPerSlot - 1) / kCpuRowsPerSlot;
 }
 
-const AdaLNBackend kCpuBackend{"CPU", "float32, float64, float16 and bfloat16", cpu_supports,
-                               cpu_forward, cpu_backward, cpu_num_slots};
+const AdaLNBackend kCpuAdaLN{kCpu, cpu_forward, cpu_backward, cpu_num_slots};
 
 }  // namespace
 }  // namespace ditkernels
 
-TORCH_LIBRARY_IMPL(ditkernels, CPU, m) { DK_REGISTER_ADALN_OPS(m, ::ditkernels::kCpuBackend); }
+TORCH_LIBRARY_IMPL(ditkernels, CPU, m) {
+  using Ops = ditkernels::AdaLNOps<ditkernels::kCpuAdaLN>;
+  m.impl("ln_modulate", &Ops::ln_modulate);
+  m.impl("gated_residual_ln_modulate", &Ops::gated_residual_ln_modulate);
+  m.impl("ln_modulate_backward", &Ops::ln_modulate_backward);
+  m.impl("gated_residual_ln_modulate_backward", &Ops::gated_residual_ln_modulate_backward);
+}

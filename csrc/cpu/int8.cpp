@@ -123,13 +123,7 @@ at::Tensor gemm_dequant(const int8::Rows& r, const at::Tensor& q, const at::Tens
   return y;
 }
 
-bool cpu_supports(at::ScalarType d) {
-  return d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16;
-}
-
-void check_float(const char* op, const at::Tensor& x) {
-  int8::check_float_input(op, x, cpu_supports, "CPU", "float32, float64, float16 and bfloat16");
-}
+void check_float(const char* op, const at::Tensor& x) { check_backend_dtype(kCpu, op, x, "x"); }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const at::Tensor& act_scales, const at::Tensor& t,

@@ -9,15 +9,10 @@
 namespace ditkernels {
 namespace {
 
-bool cpu_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-constexpr const char* kCpuDtypes = "float32, float64, float16 and bfloat16";
-
 skip_concat_linear::Checked check_cpu(const char* op, const at::Tensor& x,
                                       const at::Tensor& skip, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias) {
-  return skip_concat_linear::check(op, x, skip, weight, bias, cpu_supports, kCpuDtypes, "CPU");
+  return skip_concat_linear::check(kCpu, op, x, skip, weight, bias);
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& weight,

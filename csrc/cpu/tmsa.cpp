@@ -9,16 +9,11 @@
 namespace ditkernels {
 namespace {
 
-bool cpu_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 tmsa::Args check_cpu(const char* op, const at::Tensor& qkv,
                      const std::optional<at::Tensor>& time_qkv,
                      const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
                      int64_t num_leading, double scale) {
-  return tmsa::check(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale,
-                     cpu_supports, "float32, float64, float16 and bfloat16", "CPU");
+  return tmsa::check(kCpu, op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qkv,
@@ -27,15 +22,15 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qkv,
                                                int64_t grid_h, int64_t grid_w,
                                                int64_t num_leading, double scale) {
   return tmsa::forward_blocked(
-      check_cpu("tmsa_fwd", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale));
+      check_cpu("tmsa", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
     const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
     int64_t grid_h, int64_t grid_w, int64_t num_leading, double scale) {
-  auto a = check_cpu("tmsa_bwd", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
-  tmsa::check_backward_tensors("tmsa_bwd", a, grad_out, out, lse);
+  auto a = check_cpu("tmsa_backward", qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
+  tmsa::check_backward_tensors("tmsa_backward", a, grad_out, out, lse);
   return tmsa::backward_blocked(a, grad_out, out, lse);
 }
 
@@ -43,6 +38,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }  // namespace ditkernels
 
 TORCH_LIBRARY_IMPL(ditkernels, CPU, m) {
-  m.impl("tmsa_fwd", &ditkernels::forward_cpu);
-  m.impl("tmsa_bwd", &ditkernels::backward_cpu);
+  m.impl("tmsa", &ditkernels::forward_cpu);
+  m.impl("tmsa_backward", &ditkernels::backward_cpu);
 }

@@ -20,7 +20,6 @@
 #include "ditkernels/adaln.h"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
-#include "ditkernels/int8.h"
 
 namespace ditkernels {
 namespace {
@@ -486,10 +485,6 @@ struct BackwardLauncher {
   static void run(const AdaLNParams& p, cudaStream_t s) { launch_backward<T, VEC, kWarpTeam>(p, s); }
 };
 
-bool cuda_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 void cuda_forward(const AdaLNParams& p, at::ScalarType dtype) {
   check_c(p);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -515,28 +510,16 @@ int64_t cuda_num_slots(const AdaLNParams& p, at::ScalarType) {
   return blocks * teams;
 }
 
-const AdaLNBackend kCudaBackend{"CUDA", "float32, float16 and bfloat16", cuda_supports,
-                                cuda_forward, cuda_backward, cuda_num_slots};
-
-// ln_modulate_int8 (int8 family, schema in csrc/ops.cpp): the forward kernel above
-// with its store replaced by per-sample quantization.
-at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift,
-                                 const std::optional<at::Tensor>& scale, double eps,
-                                 const std::optional<at::Tensor>& weight,
-                                 const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& act_scales, const at::Tensor& t) {
-  const char* op = "ln_modulate_int8";
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
-  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t);
-  const at::Tensor scales = act_scales.contiguous();
-  return adaln_forward_int8(kCudaBackend, op, x, shift, scale, weight, bias, eps, scales, r.t,
-                            r.rows_per_sample);
-}
-
 }  // namespace
+
+const AdaLNBackend kCudaAdaLN{kCuda, cuda_forward, cuda_backward, cuda_num_slots};
+
 }  // namespace ditkernels
 
 DK_TORCH_LIBRARY_IMPL_CUDA(m) {
-  DK_REGISTER_ADALN_OPS(m, ::ditkernels::kCudaBackend);
-  m.impl("ln_modulate_int8", &ditkernels::ln_modulate_int8_cuda);
+  using Ops = ditkernels::AdaLNOps<ditkernels::kCudaAdaLN>;
+  m.impl("ln_modulate", &Ops::ln_modulate);
+  m.impl("gated_residual_ln_modulate", &Ops::gated_residual_ln_modulate);
+  m.impl("ln_modulate_backward", &Ops::ln_modulate_backward);
+  m.impl("gated_residual_ln_modulate_backward", &Ops::gated_residual_ln_modulate_backward);
 }

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "ditkernels/adaln.h"
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
@@ -429,13 +430,7 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   return y;
 }
 
-bool cuda_supports(at::ScalarType d) {
-  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
-}
-
-void check_float(const char* op, const at::Tensor& x) {
-  int8::check_float_input(op, x, cuda_supports, "CUDA", "float32, float16 and bfloat16");
-}
+void check_float(const char* op, const at::Tensor& x) { check_backend_dtype(kCuda, op, x, "x"); }
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                             const at::Tensor& act_scales, const at::Tensor& t,
@@ -494,6 +489,21 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
   return q.view(x.sizes());
 }
 
+// The adaLN forward kernel (csrc/cuda/adaln.cu) with its store replaced by per-sample
+// quantization.
+at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Tensor>& shift,
+                                 const std::optional<at::Tensor>& scale, double eps,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& act_scales, const at::Tensor& t) {
+  const char* op = "ln_modulate_int8";
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
+  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t);
+  const at::Tensor scales = act_scales.contiguous();
+  return adaln_forward_int8(kCudaAdaLN, op, x, shift, scale, weight, bias, eps, scales, r.t,
+                            r.rows_per_sample);
+}
+
 }  // namespace
 }  // namespace ditkernels
 
@@ -501,4 +511,5 @@ DK_TORCH_LIBRARY_IMPL_CUDA(m) {
   m.impl("int8_linear", &ditkernels::int8_linear_cuda);
   m.impl("int8_gemm_dequant", &ditkernels::int8_gemm_dequant_cuda);
   m.impl("quantize_per_sample", &ditkernels::quantize_per_sample_cuda);
+  m.impl("ln_modulate_int8", &ditkernels::ln_modulate_int8_cuda);
 }

@@ -306,15 +306,10 @@ __global__ void __launch_bounds__(kFThreads) skip_gemm_f32_kernel(const SkipGemm
   }
 }
 
-bool cuda_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-constexpr const char* kCudaDtypes = "float32, float16 and bfloat16";
-
 skip_concat_linear::Checked check_cuda(const char* op, const at::Tensor& x, const at::Tensor& skip,
                                        const at::Tensor& weight,
                                        const std::optional<at::Tensor>& bias) {
-  return skip_concat_linear::check(op, x, skip, weight, bias, cuda_supports, kCudaDtypes, "CUDA");
+  return skip_concat_linear::check(kCuda, op, x, skip, weight, bias);
 }
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& weight,

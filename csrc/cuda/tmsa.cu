@@ -23,7 +23,10 @@
 
 #include <climits>
 #include <cmath>
+#include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
@@ -142,36 +145,21 @@ __device__ __forceinline__ void load_kv_tile(const TmsaFwdParams& p, const T* k_
   }
 }
 
-// The bias of query i and key j at grid positions (qy, qx) and (ky, kx) is
-//   table[(qy - ky + Gh - 1) (2 Gw - 1) + (qx - kx + Gw - 1)] = table[query_base(i) - key_offset(j)],
-// so a tile needs one division per token rather than one per score. Leading tokens
-// and tokens past N have no grid position: kNoBias.
-constexpr int kNoBias = INT_MIN;
-
-template <typename Params>
-__device__ __forceinline__ int key_offset(const Params& p, int j) {
-  if (j < p.num_leading || j >= p.N) return kNoBias;
-  const int g = j - p.num_leading, y = g / p.grid_w;
-  return y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
-}
-
-template <typename Params>
-__device__ __forceinline__ int query_base(const Params& p, int i) {
-  if (i < p.num_leading || i >= p.N) return kNoBias;
-  const int g = i - p.num_leading, y = g / p.grid_w;
-  return (y + p.grid_h - 1) * (2 * p.grid_w - 1) + (g - y * p.grid_w) + p.grid_w - 1;
-}
-
-// The forward gathers every score's bias unconditionally from the padded table of
-// fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros | T + 1 masks], at
-// query_bias_base(i) + key offset(j) (KeyCursor), with A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
-//   grid query: query_base - A, in [0, A];   leading query (or past N): 2A + 1;
-//   grid key: A - key_offset, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
+// The bias of query i and key j at grid positions (qy, qx) and (ky, kx) (token
+// g = y Gw + x after the leading ones) is table[(qy - ky + Gh - 1) (2 Gw - 1) + (qx - kx + Gw - 1)],
+// the sum of a per-query and a per-key term, so a tile needs one division per token
+// rather than one per score. Both passes gather every score's bias unconditionally
+// from the padded table of fwd_bias_table, [table (T = 2A + 1 entries) | T + 1 zeros |
+// T + 1 masks], at query_bias_base(i) + key offset(j) (KeyCursor), with
+// A = (Gh - 1)(2 Gw - 1) + Gw - 1 and
+//   grid query: qy (2 Gw - 1) + qx, in [0, A];       leading query (or past N): 2A + 1;
+//   grid key: A - ky (2 Gw - 1) - kx, in [0, A];     leading key: 2A + 1;   key past N: 4A + 3.
 // Grid pairs land in the table, pairs with a leading token in the zeros
 // [2A + 1, 4A + 2], keys past N in the masks [4A + 3, 6A + 4]: one load per score,
 // no branch, and the offsets are never negative (unsigned 32-bit address arithmetic).
 // Without a table every token counts as leading (A = 0).
-__device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int i) {
+template <typename Params>
+__device__ __forceinline__ unsigned query_bias_base(const Params& p, int i) {
   const int g = i < p.bias_leading ? 0 : i - p.bias_leading, y = g / p.grid_w;
   const int base = y * (2 * p.grid_w - 1) + (g - y * p.grid_w);
   return i < p.bias_leading || i >= p.N ? 2 * p.bias_span + 1 : base;
@@ -184,14 +172,16 @@ __device__ __forceinline__ unsigned query_bias_base(const TmsaFwdParams& p, int 
 struct KeyCursor {
   int j, x, lin;
 
-  __device__ __forceinline__ KeyCursor(const TmsaFwdParams& p, int j0) : j(j0) {
+  template <typename Params>
+  __device__ __forceinline__ KeyCursor(const Params& p, int j0) : j(j0) {
     const int g = j - p.bias_leading;
     const int y = (g >= 0 ? g : g - p.grid_w + 1) / p.grid_w;
     x = g - y * p.grid_w;
     lin = y * (2 * p.grid_w - 1) + x;
   }
 
-  __device__ __forceinline__ unsigned offset(const TmsaFwdParams& p) const {
+  template <typename Params>
+  __device__ __forceinline__ unsigned offset(const Params& p) const {
     return j >= p.N ? 4 * p.bias_span + 3 : j < p.bias_leading ? 2 * p.bias_span + 1
                                                               : p.bias_span - lin;
   }
@@ -584,92 +574,294 @@ __global__ void __launch_bounds__(kThreads, 2) tmsa_fwd_kernel(const TmsaFwdPara
 
 // ---------------------------------------------------------------------------
 // Backward (fp16/bf16): a CTA owns 64 keys of one (sample, head), each warp 16 of
-// them, and walks all query tiles, recomputing P from the saved log-sum-exp:
+// them, and walks all query tiles (64 queries, Q' and dO double-buffered through
+// cp.async), recomputing P from the saved log-sum-exp:
 //   S^T = K Q'^T (+ bias), P^T = exp(S^T - lse'), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta'), dK += dS^T Q', dQ += dS K, dtable[rel] += dS.
 // With the time term folded as in the forward pass, raw K and V suffice:
 // lse' = lse - scale * q'.tk, delta' = dO . (out - tv), and the tk term of dQ,
-// tk * sum_j dS_ij, is zero because rows of dS sum to zero.
-// dQ and the table gradient are sums over CTAs. They accumulate as int64 fixed
-// point with integer atomics, which are exact and so deterministic in any order;
-// the power-of-two scales come from bounds on the sums (computed on the device
-// from max |dO|, |v| and |k|), so they cannot overflow.
+// tk * sum_j dS_ij, is zero because rows of dS sum to zero. Q' = q + tq (rounded as
+// the forward rounds it), lse' (times log2 e) and delta' come from the launcher.
+// The bias seeds the S^T accumulators from the forward's padded table
+// (fwd_bias_table, query_bias_base + KeyCursor offsets): one load per score, no
+// branch, and keys past N masked.
+//
+// dQ and the table gradient are sums over CTAs. They accumulate in fixed point with
+// integer atomics, which are exact and so deterministic in any order; the
+// power-of-two scales come from bounds on the sums (bwd_exponents), so
+// they cannot overflow:
+//   dQ: int64 in global memory (native 64-bit reductions), one per element and tile;
+//   the table gradient: int32 in shared memory (native 32-bit shared atomics) over
+//   the CTA's 64 keys, then added once per CTA to the int64 [H, T] sums. A table
+//   entry is one relative offset, and each key meets that offset in at most one
+//   query, so a CTA adds at most 64 terms |dS| <= 2 max|dO| max|v| to an entry: the
+//   scale keeps 64 such terms below 2^30. Pairs without a table entry (leading
+//   tokens, keys past N) go to a spare slot past the table that nobody reads.
+//   Where the table does not fit in shared memory (kSmemTable false) the same
+//   int32 terms go straight to the int64 sums.
 // ---------------------------------------------------------------------------
 
-struct TmsaBwdParams {
-  const void* qkv;
-  const void* time_qkv;
-  const float* table;      // [H, T] fp32 times log2 e, or null
-  const void* grad_out;    // [B, N, H, D] contiguous
-  const float* lse;        // [B, H, N]
-  const float* delta;      // [B, H, N]: dO . (out - tv)
-  const int* exponents;    // [2]: fixed-point exponents of dQ and of the table gradient
-  unsigned long long* dq_acc;     // [B, H, N, D] int64
-  unsigned long long* table_acc;  // [H, T] int64, or null
-  void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
-  int64_t s_b, s_n, s_3, s_h;
-  int B, N, H;
-  int grid_h, grid_w, num_leading, table_size;
-  float scale, scale_log2;
-  bool table_in_smem;
-};
+constexpr int kBwdKeys = 64;     // keys per CTA (16 a warp)
+constexpr int kBwdQueries = 64;  // queries per pipeline stage
 
 template <int kD>
-constexpr int bwd_smem_bytes() {
-  // Q', K, V, dO tiles; dS^T tile; lse', delta' and query_base per query.
-  return 4 * 64 * smem_stride<kD>() * 2 + 64 * 72 * 2 + 3 * 64 * 4;
+struct BwdTiles {
+  static constexpr int kBc = kBwdKeys, kBr = kBwdQueries;
+  static constexpr int kS = smem_stride<kD>();
+  static constexpr int kDsS = kBr + 8;  // dS^T row stride: an odd number of 16-byte chunks
+  static constexpr int kDTiles = kD / 8;
+  // The scores are formed kSlice queries at a time: at D = 128 the dK and dV
+  // accumulators take 128 registers (96 at D = 96), and a 64-query slice of S^T and
+  // dP^T 64 more.
+  static constexpr int kSlice = kD >= 96 ? 32 : 64;
+  static constexpr int kSliceTiles = kSlice / 8;
+  static constexpr int kSlices = kBr / kSlice;
+  static constexpr int kDqParts = kD >= 96 ? 2 : 1;  // dQ column blocks (registers)
+  static constexpr int kMinBlocks = 2;  // CTAs per SM the registers allow
+  // Q' and dO tiles are copied in rounds of kRowStep rows, each thread one 16-byte
+  // column chunk of one row, so its addresses step by a constant from round to round
+  // (threads past kRowStep * kD / 8 idle). The last round may run into spare rows
+  // past kBr that nobody reads (no bounds check).
+  static constexpr int kRowStep = kThreads / (kD / 8);
+  static constexpr int kRounds = (kBr + kRowStep - 1) / kRowStep;
+  static constexpr int kStageRows = kRounds * kRowStep;
+};
+
+constexpr int kRowTile = kBwdQueries;  // rows per prep CTA and per row-statistics tile
+
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
-__device__ __forceinline__ unsigned long long to_fixed(float v, int e) {
-  return static_cast<unsigned long long>(__float2ll_rn(ldexpf(v, e)));
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
+
+// Power-of-two exponents e with bound * 2^e <= 2^target, computed the same way by
+// every kernel that needs them. |dS_ij| and sum_j |dS_ij| are at most 2 |dO_i| max_j
+// |v_j|, so a dQ element is at most scale max|k| times that (an int64 sum below 2^62),
+// and a CTA's partial sum of one table entry at most kBwdKeys times that (int32 below
+// 2^30). Rows of grad_out holding an Inf or NaN are left out of the bound: their
+// (sample, head) comes out NaN anyway, and an infinite bound would coarsen the rest.
+struct BwdExponents {
+  int dq, table;
+  bool nonfinite;
+};
+
+__device__ __forceinline__ int fixed_point_exponent(double bound, double target) {
+  const double e = floor(target - log2(fmax(bound, 1e-30)));
+  return static_cast<int>(fmin(fmax(e, -60.0), 100.0));
+}
+
+// The exponents of one (sample, head) from its row statistics, reduced by the whole
+// block (kThreads threads; scratch: kWarps * 4 floats of shared memory).
+__device__ BwdExponents bwd_exponents(const float* stats, int n_tiles, float scale,
+                                      float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float m[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int t = threadIdx.x; t < n_tiles; t += kThreads) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) m[c] = fmaxf(m[c], stats[4 * t + c]);
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    m[c] = warp_max(m[c]);
+    if (lane == 0) scratch[4 * warp + c] = m[c];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    m[c] = scratch[c];
+    for (int w = 1; w < kWarps; ++w) m[c] = fmaxf(m[c], scratch[4 * w + c]);
+  }
+  __syncthreads();  // scratch is free again
+  const double ds = 2.0 * m[0] * m[1];
+  return {fixed_point_exponent(ds * m[2] * scale, 62.0),
+          fixed_point_exponent(ds * kBwdKeys, 30.0), m[3] > 0.f};
+}
+
+struct TmsaBwdParams {
+  const void* qkv;         // [B, N, 3, H, D]: K and V read in place
+  const void* q;           // Q' rows: q + tq ([B, N, H, D]) or q itself (in qkv)
+  int64_t q_s_b, q_s_n, q_s_h;  // their strides
+  const float* table;      // fwd_bias_table: [H or 1, table_stride]
+  const void* grad_out;    // [B, N, H, D] contiguous
+  const float* lse;        // [B, H, n_pad]: lse' times log2 e (0 past N)
+  const float* delta;      // [B, H, n_pad]: dO . (out - tv) (0 past N)
+  const float* row_stats;  // [B, H, n_tiles, 4] (tmsa_bwd_prep_kernel): the exponents
+  unsigned long long* dq_acc;     // [B, H, n_pad, D] int64
+  unsigned long long* table_acc;  // [B, H, table_size + 1] int64 (the last a spare), or null
+  void* grad_qkv;          // [B, N, 3, H, D] contiguous (slots 1 and 2 written here)
+  int64_t s_b, s_n, s_3, s_h;
+  int B, N, H, n_pad, n_tiles;
+  int grid_h, grid_w, num_leading, table_size;
+  float scale, scale_log2;
+  // The bias gather, as in TmsaFwdParams.
+  int64_t table_stride;
+  int bias_span, bias_leading;
+};
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams p) {
-  constexpr int kS = smem_stride<kD>();
-  constexpr int kDsS = 72;  // dS^T row stride: 9 chunks, conflict-free for ldmatrix
-  constexpr int kDTiles = kD / 8;
+struct alignas(16) BwdSharedStorage {
+  using Tiles = BwdTiles<kD>;
+  T k[Tiles::kBc][Tiles::kS];
+  T v[Tiles::kBc][Tiles::kS];
+  T q[2][Tiles::kStageRows][Tiles::kS];     // two pipeline stages of Q' and dO
+  T dout[2][Tiles::kStageRows][Tiles::kS];
+  T ds[Tiles::kBc][Tiles::kDsS];            // dS^T, read transposed for dQ
+  float lse[2][Tiles::kBr];
+  float delta[2][Tiles::kBr];
+  unsigned query_bias[2][Tiles::kBr];       // query_bias_base of each query
+  // Q', dO, lse', delta', grad_qkv and the table sums of the (sample, head).
+  const void* bases[6];
+  float scratch[kWarps * 4];                // bwd_exponents
+  // kSmemTable: int table_grad[table_size + 1] follows (the launcher adds its bytes).
+};
+
+// Q', dO, lse', delta' and the query bias bases of queries q0.. into one stage; rows
+// past N are zero-filled (lse' and delta' are zero there too: padded to n_pad; a
+// stage past the last tile reads nothing).
+template <typename T, int kD>
+__device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p, BwdSharedStorage<T, kD>& sm,
+                                               int stage, int q0) {
+  using Tiles = BwdTiles<kD>;
+  constexpr int kChunks = kD / 8, kRowStep = Tiles::kRowStep;
+  const int row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  if (row < kRowStep) {
+    const T* q_base = static_cast<const T*>(sm.bases[0]);
+    const T* dout_base = static_cast<const T*>(sm.bases[1]);
+    // 32-bit offsets (the launcher checks they fit): one multiply-add an address.
+    const unsigned q_s_n = static_cast<unsigned>(p.q_s_n), dout_s_n = p.H * kD;
+    unsigned q_off = (q0 + row) * q_s_n + chunk * 8, dout_off = (q0 + row) * dout_s_n + chunk * 8;
+    T* q_dst = &sm.q[stage][row][chunk * 8];
+    T* dout_dst = &sm.dout[stage][row][chunk * 8];
+#pragma unroll
+    for (int r = 0; r < Tiles::kRounds; ++r) {
+      const bool valid = q0 + row + r * kRowStep < p.N;
+      mma::cp_async_16(q_dst + r * kRowStep * Tiles::kS, q_base + (valid ? q_off : 0),
+                       valid ? 16 : 0);
+      mma::cp_async_16(dout_dst + r * kRowStep * Tiles::kS, dout_base + (valid ? dout_off : 0),
+                       valid ? 16 : 0);
+      q_off += kRowStep * q_s_n;
+      dout_off += kRowStep * dout_s_n;
+    }
+  }
+  const int tid = threadIdx.x;
+  const bool in_pad = q0 < p.n_pad;
+  if (tid < 2 * (Tiles::kBr / 4)) {  // 16-byte chunks of lse' (16) and delta' (16)
+    const int c = tid % (Tiles::kBr / 4);
+    const float* src = static_cast<const float*>(sm.bases[tid < Tiles::kBr / 4 ? 2 : 3]) +
+                       (in_pad ? q0 + 4 * c : 0);
+    float* dst = (tid < Tiles::kBr / 4 ? sm.lse[stage] : sm.delta[stage]) + 4 * c;
+    mma::cp_async_16(dst, src, in_pad ? 16 : 0);
+  } else if (tid >= kThreads - Tiles::kBr) {
+    const int row = tid - (kThreads - Tiles::kBr);
+    sm.query_bias[stage][row] = query_bias_base(p, q0 + row);
+  }
+}
+
+// C[16 x 8 kNTiles] = A[16 x kD] B[8 kNTiles x kD]^T with A and B row-major in shared
+// memory (stride kS): K Q'^T- and V dO^T-shaped products, added to c.
+template <typename T, int kD, int kS, int kNTiles>
+__device__ __forceinline__ void rows16_times_tile_t(float (&c)[kNTiles][4], const T* a,
+                                                    const T* b, int lane) {
+  constexpr int kK16 = kD / 16;
+#pragma unroll
+  for (int ks = 0; ks < kK16; ++ks) {
+    uint32_t af[4];
+    mma::ldmatrix_x4(af, a + (lane & 15) * kS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t r[4];
+      mma::ldmatrix_x4(r, b + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
+                              ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      mma::mma_16816<T>(c[2 * pair], af, b0);
+      mma::mma_16816<T>(c[2 * pair + 1], af, b1);
+    }
+  }
+  if constexpr (kD % 16 == 8) {
+    uint32_t af[2];
+    mma::ldmatrix_x2(af, a + (lane & 15) * kS + kK16 * 16);
+#pragma unroll
+    for (int pair = 0; pair < kNTiles / 2; ++pair) {
+      uint32_t r[2];
+      mma::ldmatrix_x2(r, b + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
+      mma::mma_1688<T>(c[2 * pair], af, r[0]);
+      mma::mma_1688<T>(c[2 * pair + 1], af, r[1]);
+    }
+  }
+}
+
+template <typename T, int kD, bool kSmemTable>
+__global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_kernel(const TmsaBwdParams p) {
+  using Tiles = BwdTiles<kD>;
+  constexpr int kS = Tiles::kS, kDTiles = Tiles::kDTiles;
+  constexpr int kBr = Tiles::kBr, kSlice = Tiles::kSlice, kSliceTiles = Tiles::kSliceTiles;
   DK_DYNAMIC_SMEM(16, smem_raw);
-  T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + 64 * kS;
-  T* sv = sk + 64 * kS;
-  T* sdo = sv + 64 * kS;
-  T* sds = sdo + 64 * kS;
-  float* s_lse = reinterpret_cast<float*>(sds + 64 * kDsS);
-  float* s_delta = s_lse + 64;
-  int* s_qbase = reinterpret_cast<int*>(s_delta + 64);
-  unsigned long long* s_table = reinterpret_cast<unsigned long long*>(s_qbase + 64);
+  auto& sm = *reinterpret_cast<BwdSharedStorage<T, kD>*>(smem_raw);
+  int* const table_grad = reinterpret_cast<int*>(smem_raw + sizeof(BwdSharedStorage<T, kD>));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int k0 = blockIdx.x * 64;
-  const int e_q = p.exponents[0], e_tab = p.exponents[1];
+  const int k0 = blockIdx.x * Tiles::kBc;
+  const bool has_table = p.table_acc != nullptr;
   const T* qkv = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
-  const T* time = static_cast<const T*>(p.time_qkv);
-  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * kD;
-  const int64_t time_slot = static_cast<int64_t>(p.H) * kD;
-  const float* table = p.table != nullptr ? p.table + static_cast<int64_t>(h) * p.table_size
-                                          : nullptr;
-  unsigned long long* table_acc =
-      p.table_acc != nullptr ? p.table_acc + static_cast<int64_t>(h) * p.table_size : nullptr;
+  // This head's int64 table sums (recomputed where used: a 64-bit pointer held across
+  // the loop costs the D = 128 kernel a spill).
+  const auto head_table_acc = [&p] {
+    return p.table_acc + static_cast<int64_t>(blockIdx.y) * (p.table_size + 1);
+  };
+  unsigned long long* const global_table_acc =
+      !kSmemTable && has_table ? head_table_acc() : nullptr;
+  // Fixed-point scales of this (sample, head): dQ's includes the softmax scale.
+  const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
+                                        p.n_tiles, p.scale, sm.scratch);
+  const float dq_unit = ldexpf(p.scale, ex.dq);
+  const float table_unit = ldexpf(1.f, ex.table);
 
-  // K and V tiles of this CTA, read in place.
-  for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
+  // K and V of this CTA (read in place), the first stage, the table's partial sums.
+  for (int idx = tid; idx < Tiles::kBc * (kD / 8); idx += kThreads) {
     const int row = idx / (kD / 8), chunk = idx % (kD / 8), j = k0 + row;
     const bool valid = j < p.N;
     const T* src = qkv + (valid ? j : 0) * p.s_n + chunk * 8;
-    mma::cp_async_16(sk + row * kS + chunk * 8, src + p.s_3, valid ? 16 : 0);
-    mma::cp_async_16(sv + row * kS + chunk * 8, src + 2 * p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(&sm.k[row][chunk * 8], src + p.s_3, valid ? 16 : 0);
+    mma::cp_async_16(&sm.v[row][chunk * 8], src + 2 * p.s_3, valid ? 16 : 0);
   }
+  // The (sample, head)'s Q', dO, lse' and delta', read back from shared memory by
+  // each load rather than held in registers across the loop (so too the epilogue's
+  // bases: at D = 128 every register counts).
+  if (tid == 0) {
+    sm.bases[0] = static_cast<const T*>(p.q) + b * p.q_s_b + h * p.q_s_h;
+    sm.bases[1] = static_cast<const T*>(p.grad_out) + static_cast<int64_t>(b) * p.N * p.H * kD +
+                  h * kD;
+    sm.bases[2] = p.lse + static_cast<int64_t>(bh) * p.n_pad;
+    sm.bases[3] = p.delta + static_cast<int64_t>(bh) * p.n_pad;
+    sm.bases[4] = static_cast<T*>(p.grad_qkv) + static_cast<int64_t>(b) * p.N * 3 * p.H * kD +
+                  h * kD;
+    sm.bases[5] = head_table_acc();
+  }
+  __syncthreads();
+  load_bwd_stage<T, kD>(p, sm, 0, 0);
   mma::cp_async_commit();
-  if (table_acc != nullptr && p.table_in_smem) {
-    for (int i = tid; i < p.table_size; i += kThreads) s_table[i] = 0ull;
+  if (kSmemTable && has_table) {
+    for (int i = tid; i <= p.table_size; i += kThreads) table_grad[i] = 0;
   }
 
-  // This thread's two keys (rows of S^T) and their table offsets.
-  const int kj[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
-  const bool k_valid[2] = {kj[0] < p.N, kj[1] < p.N};
-  const int koff[2] = {key_offset(p, kj[0]), key_offset(p, kj[1])};
+  // This thread's two keys (rows of S^T): their offsets into the padded bias table
+  // (and into the gradient's table, where past the table means the spare slot).
+  const float* head_table = mma::opaque(p.table + h * p.table_stride);
+  unsigned key_off[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_off[r] = KeyCursor(p, k0 + warp * 16 + (lane >> 2) + 8 * r).offset(p);
+  }
+  const unsigned spare = static_cast<unsigned>(p.table_size);
 
   float dk[kDTiles][4], dv[kDTiles][4];
 #pragma unroll
@@ -677,148 +869,138 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  const T* dout = static_cast<const T*>(p.grad_out);
-  for (int q0 = 0; q0 < p.N; q0 += 64) {
-    // dO tile (cp.async), Q' = q + tq tile, lse' and delta' of these queries.
-    for (int idx = tid; idx < 64 * (kD / 8); idx += kThreads) {
-      const int row = idx / (kD / 8), chunk = idx % (kD / 8), i = q0 + row;
-      const bool valid = i < p.N;
-      const T* src = dout + ((static_cast<int64_t>(b) * p.N + (valid ? i : 0)) * p.H + h) * kD +
-                     chunk * 8;
-      mma::cp_async_16(sdo + row * kS + chunk * 8, src, valid ? 16 : 0);
-    }
-    mma::cp_async_commit();
-    load_q_time_tile<T, kD, kS>(sq, qkv, p.s_n, time != nullptr ? time + time_base : nullptr, q0,
-                                p.N, tid);
-    __syncthreads();
-    {
-      const float c = row_time_dot<T, kD, kS>(
-          sq, time != nullptr ? time + time_base + time_slot : nullptr, warp * 16, lane);
-      if (lane < 16) {
-        const int row = warp * 16 + lane, i = q0 + row;
-        const int64_t at = (static_cast<int64_t>(b) * p.H + h) * p.N + i;
-        s_lse[row] = i < p.N ? (p.lse[at] - c * p.scale) * kLog2e : 0.f;
-        s_delta[row] = i < p.N ? p.delta[at] : 0.f;
-        s_qbase[row] = query_base(p, i);
-      }
-    }
+  const int n_tiles = (p.N + kBr - 1) / kBr;
+  unsigned long long* dq_rows =
+      p.dq_acc + (static_cast<int64_t>(bh) * p.n_pad + warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
+  for (int it = 0; it < n_tiles; ++it, dq_rows += kBr * kD) {
+    const int stage = it & 1;
+    // One barrier here: this tile's copies are visible, and every warp is done with
+    // the other stage and with dS^T. The next tile goes into the other stage (past
+    // the last tile: zeros nobody reads).
     mma::cp_async_wait<0>();
     __syncthreads();
+    load_bwd_stage<T, kD>(p, sm, stage ^ 1, (it + 1) * kBr);
+    mma::cp_async_commit();
 
-    // S^T for this warp's 16 keys x 64 queries.
-    float s[8][4];
 #pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
-    rows16_times_tile64_t<T, kD, kS>(s, sk + warp * 16 * kS, sq, lane);
+    for (int sl = 0; sl < Tiles::kSlices; ++sl) {
+      const int c0 = sl * kSlice;  // the slice's first query in the tile
+      const T* sq = &sm.q[stage][c0][0];
+      const T* sdo = &sm.dout[stage][c0][0];
+      // Per query column of this thread (8 t + 2 (lane % 4) + e), read where used (held
+      // across the products they would cost registers): bias base, lse', delta'.
+      const int col0 = c0 + (lane & 3) * 2;
+      const auto bias_base = [&](int t) {
+        return *reinterpret_cast<const uint2*>(&sm.query_bias[stage][col0 + t * 8]);
+      };
 
-    // P^T (the table is stored times log2 e). A pair's table index is re-read below
-    // rather than kept: registers are the scarce resource here.
+      // S^T for this warp's 16 keys, seeded with the bias (divided by the scale).
+      float s[kSliceTiles][4];
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const uint2 qb = bias_base(t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int qc = t * 8 + (lane & 3) * 2 + (e & 1), i = q0 + qc;
-        if (!k_valid[r] || i >= p.N) {
-          s[t][e] = 0.f;
-          continue;
-        }
-        float v = s[t][e] * p.scale_log2;
-        if (table != nullptr && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
-          v += __ldg(table + s_qbase[qc] - koff[r]);
-        }
-        s[t][e] = mma::ex2_approx(v - s_lse[qc]);
+        for (int e = 0; e < 4; ++e) s[t][e] = __ldg(head_table + (key_off[e >> 1] + ((e & 1) ? qb.y : qb.x)));
       }
-    }
+      rows16_times_tile_t<T, kD, kS, kSliceTiles>(s, &sm.k[warp * 16][0], sq, lane);
+      // P^T = exp2(scale log2 e S^T - lse').
+#pragma unroll
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const float2 lse = *reinterpret_cast<const float2*>(&sm.lse[stage][col0 + t * 8]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[t][e] = mma::ex2_approx(fmaf(s[t][e], p.scale_log2, -((e & 1) ? lse.y : lse.x)));
+        }
+      }
 
-    // dV += P^T dO (k = queries), and dP^T = V dO^T.
-    float dp[8][4];
+      // dV += P^T dO (k = queries), and dP^T = V dO^T.
 #pragma unroll
-    for (int t = 0; t < 8; ++t)
+      for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
+        uint32_t pa[4];
+        tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
+        frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
+      }
+      float dp[kSliceTiles][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
+      for (int t = 0; t < kSliceTiles; ++t)
 #pragma unroll
-    for (int kb = 0; kb < 4; ++kb) {
-      uint32_t pa[4];
-      tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
-      frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
-    }
-    rows16_times_tile64_t<T, kD, kS>(dp, sv + warp * 16 * kS, sdo, lane);
+        for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
+      rows16_times_tile_t<T, kD, kS, kSliceTiles>(dp, &sm.v[warp * 16][0], sdo, lane);
 
-    // dS^T = P^T (dP^T - delta'); the table gradient; dS^T to shared memory for dQ.
+      // dS^T = P^T (dP^T - delta'), into dp; to shared memory for dQ; the table
+      // gradient, in fixed point (see above).
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
+      for (int t = 0; t < kSliceTiles; ++t) {
+        const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[stage][col0 + t * 8]);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int qc = t * 8 + (lane & 3) * 2 + (e & 1);
-        const float ds = s[t][e] * (dp[t][e] - s_delta[qc]);
-        dp[t][e] = ds;
-        // P = 0 outside the valid pairs, so ds = 0 there and nothing is added.
-        if (table_acc != nullptr && ds != 0.f && koff[r] != kNoBias && s_qbase[qc] != kNoBias) {
-          const int idx = s_qbase[qc] - koff[r];
-          const unsigned long long v = to_fixed(ds, e_tab);
-          if (p.table_in_smem) {
-            atomicAdd(s_table + idx, v);
-          } else {
-            atomicAdd(table_acc + idx, v);
+        for (int e = 0; e < 4; ++e) {
+          dp[t][e] = s[t][e] * (dp[t][e] - ((e & 1) ? delta.y : delta.x));
+        }
+        const int row = warp * 16 + (lane >> 2), col = col0 + t * 8;
+        *reinterpret_cast<uint32_t*>(&sm.ds[row][col]) = mma::pack2<T>(dp[t][0], dp[t][1]);
+        *reinterpret_cast<uint32_t*>(&sm.ds[row + 8][col]) = mma::pack2<T>(dp[t][2], dp[t][3]);
+        if (has_table) {
+          const uint2 qb = bias_base(t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const unsigned idx = min(key_off[e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
+            const int v = __float2int_rn(dp[t][e] * table_unit);
+            if constexpr (kSmemTable) {
+              atomicAdd(table_grad + idx, v);
+            } else {
+              atomicAdd(global_table_acc + idx,
+                        static_cast<unsigned long long>(static_cast<long long>(v)));
+            }
           }
         }
       }
-      const int row = warp * 16 + (lane >> 2), col = t * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(sds + row * kDsS + col) = mma::pack2<T>(dp[t][0], dp[t][1]);
-      *reinterpret_cast<uint32_t*>(sds + (row + 8) * kDsS + col) = mma::pack2<T>(dp[t][2], dp[t][3]);
-    }
 
-    // dK += dS^T Q' (k = queries).
+      // dK += dS^T Q' (k = queries).
 #pragma unroll
-    for (int kb = 0; kb < 4; ++kb) {
-      uint32_t da[4];
-      tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
-      frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
+      for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
+        uint32_t da[4];
+        tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
+        frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
+      }
     }
     __syncthreads();
 
-    // dQ for this warp's 16 queries: dS (from the dS^T tile, transposed on load) K.
-    {
-      float dq[kDTiles][4];
+    // dQ for this warp's 16 queries: dS (the dS^T tile read transposed) K, added to
+    // the int64 sums (rows padded to n_pad: no bounds check); in kDqParts column
+    // blocks, whose accumulators fit beside dK and dV.
 #pragma unroll
-      for (int t = 0; t < kDTiles; ++t)
+    for (int part = 0; part < Tiles::kDqParts; ++part) {
+      constexpr int kDq = kD / Tiles::kDqParts;
+      float dq[kDq / 8][4];
+#pragma unroll
+      for (int t = 0; t < kDq / 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[t][e] = 0.f;
 #pragma unroll
-      for (int kb = 0; kb < 4; ++kb) {
+      for (int kb = 0; kb < Tiles::kBc / 16; ++kb) {
         uint32_t a[4];
-        mma::ldmatrix_x4_trans(a, sds + (kb * 16 + (lane & 7) + ((lane >> 4) << 3)) * kDsS +
-                                      warp * 16 + ((lane >> 3) & 1) * 8);
-        frag_times_rows16<T, kD, kS>(dq, a, sk + kb * 16 * kS, lane);
+        mma::ldmatrix_x4_trans(a, &sm.ds[kb * 16 + (lane & 7) + ((lane >> 4) << 3)]
+                                        [warp * 16 + ((lane >> 3) & 1) * 8]);
+        frag_times_rows16<T, kDq, kS>(dq, a, &sm.k[kb * 16][part * kDq], lane);
       }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = q0 + warp * 16 + (lane >> 2) + r * 8;
-        if (i >= p.N) continue;
-        unsigned long long* dst = p.dq_acc + ((static_cast<int64_t>(b) * p.H + h) * p.N + i) * kD;
+      for (int t = 0; t < kDq / 8; ++t)
 #pragma unroll
-        for (int t = 0; t < kDTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float v = dq[t][r * 2 + e] * p.scale;
-            if (v != 0.f) atomicAdd(dst + t * 8 + (lane & 3) * 2 + e, to_fixed(v, e_q));
-          }
+        for (int e = 0; e < 4; ++e) {
+          atomicAdd(dq_rows + (e >> 1) * 8 * kD + part * kDq + t * 8 + (e & 1),
+                    static_cast<unsigned long long>(__float2ll_rn(dq[t][e] * dq_unit)));
         }
-      }
     }
-    __syncthreads();
   }
+  mma::cp_async_wait<0>();
 
   // dK (scaled) and dV of this warp's keys into slots 1 and 2 of grad_qkv.
-  T* gq = static_cast<T*>(p.grad_qkv);
+  T* gq = static_cast<T*>(const_cast<void*>(sm.bases[4]));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (!k_valid[r]) continue;
-    T* row = gq + ((static_cast<int64_t>(b) * p.N + kj[r]) * 3) * p.H * kD + h * kD;
+    const int j = blockIdx.x * Tiles::kBc + warp * 16 + (lane >> 2) + 8 * r;
+    if (j >= p.N) continue;
+    T* row = gq + static_cast<int64_t>(j) * 3 * p.H * kD;
 #pragma unroll
     for (int t = 0; t < kDTiles; ++t) {
 #pragma unroll
@@ -829,16 +1011,232 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_kernel(const TmsaBwdParams 
       }
     }
   }
-  if (table_acc != nullptr && p.table_in_smem) {
+  if (kSmemTable && has_table) {
     __syncthreads();
+    auto* table_acc = static_cast<unsigned long long*>(const_cast<void*>(sm.bases[5]));
     for (int i = tid; i < p.table_size; i += kThreads) {
-      if (s_table[i] != 0ull) atomicAdd(table_acc + i, s_table[i]);
+      const int v = table_grad[i];
+      if (v != 0) atomicAdd(table_acc + i, static_cast<unsigned long long>(static_cast<long long>(v)));
     }
   }
 }
 
-bool cuda_supports(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+// The forward's bias table (see query_bias_base): [H, 3T + 2] fp32, the table divided
+// by the scale (the kernel seeds unscaled scores with it), then T + 1 zeros, then
+// T + 1 masks; without a table the one row [0, 0, 0, mask, mask] (T = 1, A = 0) that
+// every head shares. A mask is finite, so the tensor cores add it like any bias, and so
+// far below any score that its exponential is 0.
+constexpr float kMaskedScore = -1e30f;
+
+// ---------------------------------------------------------------------------
+// The backward's two other launches. tmsa_bwd_prep_kernel reads each query row once
+// and writes what the main kernel reads: Q' = q + tq (rounded as the forward pass
+// rounds it), lse' (times log2 e) and delta' padded to n_pad rows, zeroed dQ sums, a
+// contiguous copy of dO where grad_out is not one, the forward's padded bias table,
+// zeroed table sums, and per 64-row tile the row statistics the fixed-point exponents
+// come from. tmsa_bwd_finalize_kernel turns the fixed-point sums into dQ, grad_time
+// and grad_table, in a fixed order (deterministic), and poisons the (sample, head)s
+// whose grad_out holds an Inf or NaN.
+// ---------------------------------------------------------------------------
+
+struct TmsaBwdAuxParams {
+  const void* qkv;  // packed [B, N, 3, H, D], unit stride along D
+  int64_t s_b, s_n, s_3, s_h;
+  const void* time_qkv;    // [B, 3, H, D] contiguous, or null
+  const void* grad_out;    // [B, N, H, D], any strides
+  int64_t g_s[4];
+  const void* out;         // [B, N, H, D], any strides
+  int64_t o_s[4];
+  const float* lse;        // [B, H, N], any strides
+  int64_t l_s[3];
+  const void* rel_table;   // [T, H] contiguous, or null
+  void* q_prime;           // [B, N, H, D] (with time_qkv), or null
+  void* dout;              // [B, N, H, D]: the copy the main kernel reads, or null
+  float* lse2;             // [B, H, n_pad]
+  float* delta;            // [B, H, n_pad]
+  unsigned long long* dq_acc;     // [B, H, n_pad, D]
+  unsigned long long* table_acc;  // [B, H, T + 1], or null
+  float* bias_table;       // fwd_bias_table's layout: [H, 3T + 2], or [1, 5] without a table
+  float* row_stats;        // [B, H, n_tiles, 4]: max |dO_i| (finite rows), max |v_j|, max |k|, any non-finite dO
+  void* grad_qkv;          // [B, N, 3, H, D] contiguous (finalize)
+  void* grad_time;         // [B, 3, H, D] (finalize), or null
+  void* grad_table;        // [T, H] (finalize), or null
+  int B, N, H, D, n_pad, n_tiles, table_size, table_chunks;
+  float scale;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tmsa_bwd_prep_kernel(const TmsaBwdAuxParams p) {
+  __shared__ float scratch[kWarps][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const T* qkv = static_cast<const T*>(p.qkv) + b * p.s_b + h * p.s_h;
+  const T* time = static_cast<const T*>(p.time_qkv);
+  const int64_t time_base = (static_cast<int64_t>(b) * 3 * p.H + h) * p.D, time_slot = p.H * p.D;
+  const T* g = static_cast<const T*>(p.grad_out) + b * p.g_s[0] + h * p.g_s[2];
+  const T* o = static_cast<const T*>(p.out) + b * p.o_s[0] + h * p.o_s[2];
+
+  float g_max = 0.f, v_max = 0.f, k_max = 0.f, bad = 0.f;
+  for (int r = warp; r < kRowTile; r += kWarps) {
+    const int i = tile * kRowTile + r;
+    const int64_t row = static_cast<int64_t>(bh) * p.n_pad + i;
+    for (int d = lane; d < p.D; d += 32) p.dq_acc[row * p.D + d] = 0ull;
+    if (i >= p.N) {
+      if (lane == 0) p.lse2[row] = p.delta[row] = 0.f;
+      continue;
+    }
+    const T* qrow = qkv + i * p.s_n;
+    const int64_t dst = ((static_cast<int64_t>(b) * p.N + i) * p.H + h) * p.D;
+    float c = 0.f, dlt = 0.f, g2 = 0.f, v2 = 0.f;
+    bool finite = true;
+    for (int d = lane; d < p.D; d += 32) {
+      const float k = static_cast<float>(qrow[p.s_3 + d]), v = static_cast<float>(qrow[2 * p.s_3 + d]);
+      k_max = fmaxf(k_max, fabsf(k));
+      v2 += v * v;
+      if (time != nullptr) {
+        const T q = static_cast<T>(static_cast<float>(qrow[d]) +
+                                   static_cast<float>(time[time_base + d]));
+        static_cast<T*>(p.q_prime)[dst + d] = q;
+        c += static_cast<float>(q) * static_cast<float>(time[time_base + time_slot + d]);
+      }
+      const T gv = g[i * p.g_s[1] + d * p.g_s[3]];
+      const float gf = static_cast<float>(gv);
+      float of = static_cast<float>(o[i * p.o_s[1] + d * p.o_s[3]]);
+      if (time != nullptr) of -= static_cast<float>(time[time_base + 2 * time_slot + d]);
+      dlt += gf * of;
+      g2 += gf * gf;
+      finite = finite && fabsf(gf) <= FLT_MAX;  // false for Inf and NaN
+      if (p.dout != nullptr) static_cast<T*>(p.dout)[dst + d] = gv;
+    }
+    c = warp_sum(c);
+    dlt = warp_sum(dlt);
+    g2 = warp_sum(g2);
+    v2 = warp_sum(v2);
+    finite = warp_max(finite ? 0.f : 1.f) == 0.f;
+    if (lane == 0) {
+      const float lse = p.lse[b * p.l_s[0] + h * p.l_s[1] + i * p.l_s[2]];
+      p.lse2[row] = (lse - c * p.scale) * kLog2e;
+      p.delta[row] = dlt;
+    }
+    if (finite) g_max = fmaxf(g_max, sqrtf(g2));
+    bad = finite ? bad : 1.f;
+    v_max = fmaxf(v_max, sqrtf(v2));
+  }
+  const float m[4] = {g_max, v_max, warp_max(k_max), bad};
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) scratch[warp][c] = m[c];
+  }
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    float v = scratch[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w) v = fmaxf(v, scratch[w][threadIdx.x]);
+    p.row_stats[(static_cast<int64_t>(bh) * p.n_tiles + tile) * 4 + threadIdx.x] = v;
+  }
+
+  // This CTA's share of the zeroed table sums (of its (sample, head)) and, in sample 0,
+  // of the padded bias table of its head (fwd_bias_table).
+  const int T_ = p.table_size;
+  if (p.table_acc != nullptr) {
+    const int per = (T_ + 1 + p.n_tiles - 1) / p.n_tiles;
+    for (int e = tile * per + threadIdx.x; e < min((tile + 1) * per, T_ + 1); e += kThreads) {
+      p.table_acc[static_cast<int64_t>(bh) * (T_ + 1) + e] = 0ull;
+    }
+  }
+  if (b == 0) {
+    const int width = p.rel_table != nullptr ? 3 * T_ + 2 : 5;
+    if (p.rel_table == nullptr && h != 0) return;
+    const int per = (width + p.n_tiles - 1) / p.n_tiles;
+    const T* rel = static_cast<const T*>(p.rel_table);
+    const int T1 = p.rel_table != nullptr ? T_ : 1;
+    for (int e = tile * per + threadIdx.x; e < min((tile + 1) * per, width); e += kThreads) {
+      float v = e < 2 * T1 + 1 ? 0.f : kMaskedScore;
+      if (rel != nullptr && e < T_) v = static_cast<float>(rel[static_cast<int64_t>(e) * p.H + h]) / p.scale;
+      p.bias_table[static_cast<int64_t>(h) * width + e] = v;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tmsa_bwd_finalize_kernel(const TmsaBwdAuxParams p) {
+  __shared__ float scratch[kWarps * 4];
+  __shared__ float table_units[kThreads];
+  __shared__ bool table_bad[kThreads];
+  const int nbh = p.B * p.H;
+  if (static_cast<int>(blockIdx.x) < nbh) {
+    // dQ of one (sample, head) into slot 0 of grad_qkv, the sums over tokens of all
+    // three slots into grad_time; NaN throughout where its grad_out was not finite.
+    // Thread (r, d) takes feature d of rows r, r + rows, ...; the rows' partial sums
+    // are added in a fixed order.
+    __shared__ float partial[3][kThreads];
+    const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+    const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
+                                          p.n_tiles, p.scale, scratch);
+    const double unit = ldexp(1.0, -ex.dq);
+    const int rows = kThreads / p.D, d = threadIdx.x % p.D, r0 = threadIdx.x / p.D;
+    const int64_t slot_stride = static_cast<int64_t>(p.H) * p.D;
+    T* gq = static_cast<T*>(p.grad_qkv) + static_cast<int64_t>(b) * p.N * 3 * slot_stride +
+            h * p.D + d;
+    const unsigned long long* acc = p.dq_acc + static_cast<int64_t>(bh) * p.n_pad * p.D + d;
+    float sums[3] = {0.f, 0.f, 0.f};
+    if (r0 < rows) {
+      for (int i = r0; i < p.N; i += rows) {
+        T* row = gq + static_cast<int64_t>(i) * 3 * slot_stride;
+        const T dq = static_cast<T>(
+            static_cast<double>(static_cast<long long>(acc[static_cast<int64_t>(i) * p.D])) * unit);
+        row[0] = ex.nonfinite ? static_cast<T>(NAN) : dq;
+        sums[0] += static_cast<float>(row[0]);
+#pragma unroll
+        for (int s = 1; s < 3; ++s) {
+          if (ex.nonfinite) row[s * slot_stride] = static_cast<T>(NAN);
+          sums[s] += static_cast<float>(row[s * slot_stride]);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 3; ++s) partial[s][threadIdx.x] = sums[s];
+    __syncthreads();
+    if (p.grad_time != nullptr && static_cast<int>(threadIdx.x) < p.D) {
+      for (int s = 0; s < 3; ++s) {
+        float total = 0.f;
+        for (int r = 0; r < rows; ++r) total += partial[s][r * p.D + threadIdx.x];
+        static_cast<T*>(p.grad_time)[((static_cast<int64_t>(b) * 3 + s) * p.H + h) * p.D +
+                                     threadIdx.x] = static_cast<T>(total);
+      }
+    }
+    return;
+  }
+  // grad_table[t, h] = sum over samples b of the sums of (b, h), in the order of b; NaN
+  // where any sample's grad_out in head h was not finite.
+  const int c = blockIdx.x - nbh, h = c / p.table_chunks;
+  const int t = (c % p.table_chunks) * kThreads + threadIdx.x;
+  double sum = 0.0;
+  bool bad = false;
+  for (int b0 = 0; b0 < p.B; b0 += kThreads) {
+    for (int b = b0; b < min(b0 + kThreads, p.B); ++b) {
+      const BwdExponents ex = bwd_exponents(
+          p.row_stats + (static_cast<int64_t>(b) * p.H + h) * p.n_tiles * 4, p.n_tiles, p.scale,
+          scratch);
+      if (threadIdx.x == 0) {
+        table_units[b - b0] = static_cast<float>(ldexp(1.0, -ex.table));
+        table_bad[b - b0] = ex.nonfinite;
+      }
+    }
+    __syncthreads();
+    for (int b = b0; b < min(b0 + kThreads, p.B); ++b) {
+      if (t < p.table_size) {
+        const long long v = static_cast<long long>(
+            p.table_acc[(static_cast<int64_t>(b) * p.H + h) * (p.table_size + 1) + t]);
+        sum += static_cast<double>(v) * table_units[b - b0];
+      }
+      bad = bad || table_bad[b - b0];
+    }
+    __syncthreads();
+  }
+  if (t < p.table_size) {
+    static_cast<T*>(p.grad_table)[static_cast<int64_t>(t) * p.H + h] =
+        static_cast<T>(bad ? NAN : sum);
+  }
 }
 
 // The packed projection with 16-byte aligned rows for cp.async (a contiguous copy
@@ -851,21 +1249,14 @@ at::Tensor aligned_qkv(const tmsa::Args& a) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// The bias table as the kernels read it: [H, T] fp32, times log2 e (they work in
-// the exp2 domain).
-at::Tensor tmsa_table_log2(const at::Tensor& rel_table) {
-  return (rel_table.t().to(at::kFloat) * kLog2e).contiguous();
-}
-
 // The fields the forward and backward parameter structs share.
 template <typename Params>
 void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
-                 const at::Tensor& time, const at::Tensor& table) {
+                 const at::Tensor& table) {
   TORCH_CHECK(a.B * a.H <= 65535 && a.N < (1 << 30), "tmsa: B * H = ", a.B * a.H, " or N = ",
               a.N, " exceeds the CUDA grid limits of the fused kernels");
   p.qkv = packed.data_ptr();
-  p.time_qkv = time.defined() ? time.data_ptr() : nullptr;
-  p.table = table.defined() ? table.data_ptr<float>() : nullptr;
+  p.table = table.data_ptr<float>();
   p.s_b = packed.stride(0);
   p.s_n = packed.stride(1);
   p.s_3 = packed.stride(2);
@@ -876,29 +1267,27 @@ void fill_layout(Params& p, const tmsa::Args& a, const at::Tensor& packed,
   p.grid_h = static_cast<int>(a.grid_h);
   p.grid_w = static_cast<int>(std::max<int64_t>(a.grid_w, 1));
   p.num_leading = static_cast<int>(a.num_leading);
-  p.table_size = table.defined() ? static_cast<int>(table.size(1)) : 0;
+  p.table_size = a.rel_table ? static_cast<int>(a.rel_table->size(0)) : 0;
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = p.scale * kLog2e;
+  // The bias gather from fwd_bias_table (query_bias_base, KeyCursor).
+  p.table_stride = a.rel_table ? table.size(1) : 0;
+  p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
+  p.bias_leading = a.rel_table ? p.num_leading : p.N;
 }
 
 tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
                       const std::optional<at::Tensor>& time_qkv,
                       const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
                       int64_t num_leading, double scale) {
-  auto a = tmsa::check(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale,
-                       cuda_supports, "float32, float16 and bfloat16", "CUDA");
+  auto a = tmsa::check(kCuda, op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   TORCH_CHECK(a.D == 32 || a.D == 64 || a.D == 72 || a.D == 96 || a.D == 128, op, ": head dim ",
               a.D, " is not supported on CUDA (supported: 32, 64, 72, 96, 128); qkv has shape ",
               shape_str(qkv));
   return a;
 }
 
-// The forward's bias table (see query_bias_base): [H, 3T + 2] fp32, the table divided
-// by the scale (the kernel seeds unscaled scores with it), then T + 1 zeros, then
-// T + 1 masks; without a table the one row [0, 0, 0, mask, mask] (T = 1, A = 0) that
-// every head shares. A mask is finite, so the tensor cores add it like any bias, and so
-// far below any score that its exponential is 0.
-constexpr float kMaskedScore = -1e30f;
+// The forward's bias table (see kMaskedScore).
 
 at::Tensor fwd_bias_table(const tmsa::Args& a) {
   const auto opts = a.qkv.options().dtype(at::kFloat);
@@ -934,7 +1323,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
                                                 const std::optional<at::Tensor>& rel_table,
                                                 int64_t grid_h, int64_t grid_w,
                                                 int64_t num_leading, double scale) {
-  const char* op = "tmsa_fwd";
+  const char* op = "tmsa";
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   const c10::cuda::CUDAGuard guard(qkv.device());
   if (qkv.scalar_type() == at::kFloat) return tmsa::forward_blocked(a);
@@ -948,12 +1337,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   const at::Tensor table = fwd_bias_table(a);
 
   TmsaFwdParams p;
-  fill_layout(p, a, packed, time, table);
+  fill_layout(p, a, packed, table);
+  p.time_qkv = time.defined() ? time.data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.table_stride = a.rel_table ? table.size(1) : 0;
-  p.bias_span = a.rel_table ? (p.grid_h - 1) * (2 * p.grid_w - 1) + p.grid_w - 1 : 0;
-  p.bias_leading = a.rel_table ? p.num_leading : p.N;
   p.key_step_x = kFwdKeyTile % p.grid_w;
   p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
@@ -965,45 +1352,35 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   return {out, lse};
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSmemTable>
 void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) {
-  auto kernel = tmsa_bwd_kernel<T, kD>;
+  auto kernel = tmsa_bwd_kernel<T, kD, kSmemTable>;
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
-  const dim3 grid((p.N + 63) / 64, p.B * p.H);
+  const dim3 grid((p.N + kBwdKeys - 1) / kBwdKeys, p.B * p.H);
   DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
 }
 
-template <int kD>
-size_t backward_smem_bytes() {
-  return bwd_smem_bytes<kD>();
+template <typename T>
+void launch_backward_aux(const TmsaBwdAuxParams& x, bool finalize, cudaStream_t stream) {
+  if (finalize) {
+    const dim3 grid(x.B * x.H + x.H * x.table_chunks);
+    DK_LAUNCH(tmsa_bwd_finalize_kernel<T>, grid, kThreads, 0, stream)(x);
+  } else {
+    const dim3 grid(x.n_tiles, x.B * x.H);
+    DK_LAUNCH(tmsa_bwd_prep_kernel<T>, grid, kThreads, 0, stream)(x);
+  }
 }
 
-// Power-of-two exponents e with bound * 2^e <= 2^62 for the dQ and table sums
-// (see the backward kernel's comment), computed on the device: no synchronisation.
-// Rows of grad_out holding an Inf or NaN are left out: their (sample, head) gradients
-// come out NaN anyway (tmsa::poison_nonfinite_heads), and an infinite bound would
-// coarsen every other head's fixed point to nothing.
-at::Tensor fixed_point_exponents(const tmsa::Args& a, const at::Tensor& grad_out) {
-  const at::Tensor dout_max = grad_out.to(at::kFloat).norm(2, -1).nan_to_num(0, 0, 0).amax();
-  const at::Tensor v_max = a.qkv.select(2, 2).to(at::kFloat).norm(2, -1).amax();
-  const at::Tensor k_max = a.qkv.select(2, 1).to(at::kFloat).abs().amax();
-  const at::Tensor sum_ds = 2.0 * dout_max * v_max;  // bounds sum_j |dS_ij|
-  const at::Tensor bounds =
-      at::stack({sum_ds * k_max * a.scale, sum_ds * static_cast<double>(a.B * a.N)});
-  return (62.0 - at::log2(bounds.to(at::kDouble).clamp_min(1e-30)))
-      .floor()
-      .clamp(-60, 100)
-      .to(at::kInt);
-}
-
+// Three launches for contiguous inputs: tmsa_bwd_prep_kernel, tmsa_bwd_kernel,
+// tmsa_bwd_finalize_kernel (see their comments); no synchronisation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
     const std::optional<at::Tensor>& rel_table, const at::Tensor& out, const at::Tensor& lse,
     int64_t grid_h, int64_t grid_w, int64_t num_leading, double scale) {
-  const char* op = "tmsa_bwd";
+  const char* op = "tmsa_backward";
   auto a = check_cuda(op, qkv, time_qkv, rel_table, grid_h, grid_w, num_leading, scale);
   tmsa::check_backward_tensors(op, a, grad_out, out, lse);
   const c10::cuda::CUDAGuard guard(qkv.device());
@@ -1011,60 +1388,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const NoAutocast no_autocast;
 
   const at::Tensor packed = aligned_qkv(a);
-  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
-  at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, qkv.options());
+  // The fused kernel's shared memory (plus the table's int32 partial sums where they
+  // fit): past the device's limit (D = 128 on 99 KiB parts), the blocked path.
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+    return sizeof(BwdSharedStorage<c10::Half, kD>);
+  });
+  // The kernel addresses Q' and dO rows of one sample with 32-bit offsets.
+  const bool offsets_fit = (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) <
+                           (int64_t{1} << 32);
+  if (!fused_forward_supports(a, packed) || !offsets_fit || bytes > limit) {
+    return tmsa::backward_blocked(a, grad_out, out, lse);
+  }
+  const auto opts = qkv.options();
+  at::Tensor grad_qkv = at::empty({a.B, a.N, 3, a.H, a.D}, opts);
   if (a.B * a.N == 0) {
     grad_qkv.zero_();
-    return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, qkv.options()),
-            a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, qkv.options())};
+    return {grad_qkv, a.time_qkv ? at::zeros_like(*a.time_qkv) : at::empty({0}, opts),
+            a.rel_table ? at::zeros_like(*a.rel_table) : at::empty({0}, opts)};
   }
-  const at::Tensor dout = aligned_rows(grad_out.contiguous());  // read with cp.async
-  at::Tensor out_minus_tv = out.to(at::kFloat);
-  if (a.time_qkv) out_minus_tv = out_minus_tv - a.time_qkv->select(1, 2).unsqueeze(1).to(at::kFloat);
-  const at::Tensor delta =
-      (dout.to(at::kFloat) * out_minus_tv).sum(-1).permute({0, 2, 1}).contiguous();
-  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
-  const at::Tensor exponents = fixed_point_exponents(a, dout);
-  at::Tensor dq_acc = at::zeros({a.B, a.H, a.N, a.D}, qkv.options().dtype(at::kLong));
-  at::Tensor table, table_acc;
-  if (a.rel_table) {
-    table = tmsa_table_log2(*a.rel_table);
-    table_acc = at::zeros({a.H, table.size(1)}, qkv.options().dtype(at::kLong));
+  const at::Tensor time = a.time_qkv ? aligned_rows(*a.time_qkv) : at::Tensor();
+  const int64_t n_tiles = (a.N + kBwdQueries - 1) / kBwdQueries, n_pad = n_tiles * kBwdQueries;
+  const int64_t T = a.rel_table ? a.rel_table->size(0) : 0;
+  const auto f32 = opts.dtype(at::kFloat), i64 = opts.dtype(at::kLong);
+  // The main kernel reads dO with cp.async: grad_out itself where it is contiguous and
+  // 16-byte aligned (its rows are: D is a multiple of 8), else the prep kernel's copy.
+  const bool dout_in_place =
+      grad_out.is_contiguous() && reinterpret_cast<std::uintptr_t>(grad_out.data_ptr()) % 16 == 0;
+  const at::Tensor dout = dout_in_place ? grad_out : at::empty({a.B, a.N, a.H, a.D}, opts);
+  const at::Tensor q_prime = a.time_qkv ? at::empty({a.B, a.N, a.H, a.D}, opts) : at::Tensor();
+  const at::Tensor lse2 = at::empty({a.B, a.H, n_pad}, f32), delta = at::empty_like(lse2);
+  const at::Tensor dq_acc = at::empty({a.B, a.H, n_pad, a.D}, i64);
+  const at::Tensor table_acc = a.rel_table ? at::empty({a.B, a.H, T + 1}, i64) : at::Tensor();
+  const at::Tensor bias_table =
+      a.rel_table ? at::empty({a.H, 3 * T + 2}, f32) : at::empty({1, 5}, f32);
+  const at::Tensor row_stats = at::empty({a.B, a.H, n_tiles, 4}, f32);
+  at::Tensor grad_time = a.time_qkv ? at::empty({a.B, 3, a.H, a.D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_table = a.rel_table ? at::empty({T, a.H}, opts) : at::empty({0}, opts);
+
+  TmsaBwdAuxParams x;
+  x.qkv = packed.data_ptr();
+  x.s_b = packed.stride(0);
+  x.s_n = packed.stride(1);
+  x.s_3 = packed.stride(2);
+  x.s_h = packed.stride(3);
+  x.time_qkv = time.defined() ? time.data_ptr() : nullptr;
+  x.grad_out = grad_out.data_ptr();
+  x.out = out.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    x.g_s[d] = grad_out.stride(d);
+    x.o_s[d] = out.stride(d);
   }
+  x.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) x.l_s[d] = lse.stride(d);
+  x.rel_table = a.rel_table ? a.rel_table->data_ptr() : nullptr;
+  x.q_prime = q_prime.defined() ? q_prime.data_ptr() : nullptr;
+  x.dout = dout_in_place ? nullptr : dout.data_ptr();
+  x.lse2 = lse2.data_ptr<float>();
+  x.delta = delta.data_ptr<float>();
+  x.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
+  x.table_acc = table_acc.defined()
+                    ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
+                    : nullptr;
+  x.bias_table = bias_table.data_ptr<float>();
+  x.row_stats = row_stats.data_ptr<float>();
+  x.grad_qkv = grad_qkv.data_ptr();
+  x.grad_time = a.time_qkv ? grad_time.data_ptr() : nullptr;
+  x.grad_table = a.rel_table ? grad_table.data_ptr() : nullptr;
+  x.B = static_cast<int>(a.B);
+  x.N = static_cast<int>(a.N);
+  x.H = static_cast<int>(a.H);
+  x.D = static_cast<int>(a.D);
+  x.n_pad = static_cast<int>(n_pad);
+  x.n_tiles = static_cast<int>(n_tiles);
+  x.table_size = static_cast<int>(T);
+  x.table_chunks = static_cast<int>((T + kThreads - 1) / kThreads);
+  x.scale = static_cast<float>(a.scale);
 
   TmsaBwdParams p;
-  fill_layout(p, a, packed, time, table);
+  fill_layout(p, a, packed, bias_table);
+  const at::Tensor q = a.time_qkv ? q_prime : packed.select(2, 0);  // Q' rows
+  p.q = q.data_ptr();
+  p.q_s_b = q.stride(0);
+  p.q_s_n = q.stride(1);
+  p.q_s_h = q.stride(2);
   p.grad_out = dout.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.exponents = exponents.data_ptr<int>();
-  p.dq_acc = reinterpret_cast<unsigned long long*>(dq_acc.data_ptr<int64_t>());
-  p.table_acc = table.defined() ? reinterpret_cast<unsigned long long*>(table_acc.data_ptr<int64_t>())
-                                : nullptr;
-  p.grad_qkv = grad_qkv.data_ptr();
+  p.lse = x.lse2;
+  p.delta = x.delta;
+  p.row_stats = x.row_stats;
+  p.dq_acc = x.dq_acc;
+  p.table_acc = x.table_acc;
+  p.grad_qkv = x.grad_qkv;
+  p.n_pad = x.n_pad;
+  p.n_tiles = x.n_tiles;
 
-  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] { return backward_smem_bytes<kD>(); });
-  // The table's partial sums stay in shared memory when they fit, else go straight
-  // to global memory (same integer sums, more atomics).
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const size_t table_bytes = sizeof(unsigned long long) * p.table_size;
-  p.table_in_smem = table.defined() && bytes + table_bytes <= limit;
-  if (p.table_in_smem) bytes += table_bytes;
-
+  // DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks the global-memory table sums by hand (the
+  // same integer terms, so the same bits).
+  const size_t table_bytes = sizeof(int) * (p.table_size + 1);
+  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
+  const bool table_in_smem = table_acc.defined() && bytes + table_bytes <= limit &&
+                             !(force_global != nullptr && std::string(force_global) == "1");
+  if (table_in_smem) bytes += table_bytes;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
-    DK_HEAD_DIM_SWITCH(a.D, kD, [&] { launch_backward<scalar_t, kD>(p, bytes, stream); });
+    launch_backward_aux<scalar_t>(x, false, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+      if (table_in_smem) {
+        launch_backward<scalar_t, kD, true>(p, bytes, stream);
+      } else {
+        launch_backward<scalar_t, kD, false>(p, bytes, stream);
+      }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward_aux<scalar_t>(x, true, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const at::Tensor unit = at::pow(2.0, -exponents.to(at::kDouble));  // [2]
-  grad_qkv.select(2, 0).copy_((dq_acc.to(at::kDouble) * unit[0]).permute({0, 2, 1, 3}));
-  const at::Tensor table_by_head =
-      table.defined() ? table_acc.to(at::kDouble) * unit[1] : at::Tensor();
-  tmsa::poison_nonfinite_heads(dout, grad_qkv, table_by_head);
-  at::Tensor grad_time = a.time_qkv ? grad_qkv.sum(1) : at::empty({0}, qkv.options());
-  at::Tensor grad_table = table_by_head.defined() ? table_by_head.t().to(qkv.scalar_type())
-                                                  : at::empty({0}, qkv.options());
   return {grad_qkv, grad_time, grad_table};
 }
 
@@ -1072,6 +1511,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace ditkernels
 
 DK_TORCH_LIBRARY_IMPL_CUDA(m) {
-  m.impl("tmsa_fwd", &ditkernels::forward_cuda);
-  m.impl("tmsa_bwd", &ditkernels::backward_cuda);
+  m.impl("tmsa", &ditkernels::forward_cuda);
+  m.impl("tmsa_backward", &ditkernels::backward_cuda);
 }

@@ -66,6 +66,9 @@ struct dim3 {
 struct __attribute__((aligned(16))) float4 {
   float x, y, z, w;
 };
+struct __attribute__((aligned(8))) float2 {
+  float x, y;
+};
 struct __attribute__((aligned(8))) uint2 {
   unsigned x, y;
 };

@@ -186,5 +186,10 @@ inline float ex2_approx(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
+template <typename T>
+inline T* opaque(T* p) {
+  return p;
+}
+
 }  // namespace mma
 }  // namespace ditkernels

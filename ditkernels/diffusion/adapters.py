@@ -15,11 +15,18 @@ for guidance counts its null class in num_classes (1001 = 1000 classes + null id
 1000), which its attributes cannot tell apart from 1001 real classes: pass
 ``as_denoiser(uvit, num_classes=1000, null_class=1000)``. Models with other call
 signatures pass ``forward=`` (a lambda) and the metadata explicitly.
+
+A text-conditioned model called as model(x, t, context=...) (UViTT2I) adapts with
+``as_denoiser(model, context=prompts, null_context=empty)``: the labels y then pick
+rows of the encoded prompts [P, L, D], and the null class P conditions on the
+encoding of the empty prompt [L, D], so the samplers' labels and classifier-free
+guidance work unchanged.
 """
 
 import dataclasses
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
 
 _UNSET: Any = object()
@@ -106,9 +113,34 @@ def _null_class(model, num_classes: int) -> Optional[int]:
     return num_classes if dropout and dropout > 0 else None
 
 
+def _context_forward(model, context: Tensor, null_context: Optional[Tensor]) -> Callable:
+    """(x, t, y) -> model(x, t, context=table[y]), table = the prompts' encodings, then
+    the empty prompt's when given."""
+    if isinstance(model, DiffusionModelAdapter):
+        raise ValueError("context= binds the text of a model called as model(x, t, "
+                         "context=...): pass the model itself, not an adapter")
+    if context.dim() != 3 or context.shape[0] == 0 or not context.is_floating_point():
+        raise ValueError(f"context must be the floating text-encoder output of P >= 1 "
+                         f"prompts, [P, L, D], got {context.dtype} of shape "
+                         f"{tuple(context.shape)}")
+    table = context
+    if null_context is not None:
+        if tuple(null_context.shape) != tuple(context.shape[1:]):
+            raise ValueError(f"null_context must be one encoded prompt of shape "
+                             f"{tuple(context.shape[1:])} (context is {tuple(context.shape)}), "
+                             f"got shape {tuple(null_context.shape)}")
+        table = torch.cat([context, null_context.to(context)[None]])
+
+    def forward(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        return model(x, t, context=table.to(x.device)[y])
+
+    return forward
+
+
 def as_denoiser(model, *, forward: Optional[Callable] = None, in_channels: Any = _UNSET,
                 learn_sigma: Any = _UNSET, num_classes: Any = _UNSET,
-                null_class: Any = _UNSET) -> DiffusionModelAdapter:
+                null_class: Any = _UNSET, context: Optional[Tensor] = None,
+                null_context: Optional[Tensor] = None) -> DiffusionModelAdapter:
     """Adapt ``model`` to the denoiser interface; keyword arguments override what is read.
 
     Read from the model when not given: in_channels (or in_chans), learn_sigma (or
@@ -117,11 +149,25 @@ def as_denoiser(model, *, forward: Optional[Callable] = None, in_channels: Any =
     table has num_classes + 1 rows, as DiT's does with class_dropout_prob > 0).
     forward defaults to calling model(x, t, y). An adapter passed in is returned as
     is, or copied with the overrides.
+
+    context [P, L, D] (text-conditioned models, called as model(x, t, context=...)):
+    label i conditions on context[i], so num_classes is P; null_context [L, D], the
+    encoding of the empty prompt, is the null class P for classifier-free guidance.
+    Given with forward, num_classes or null_class, which it sets, it is an error.
     """
     given = {k: v for k, v in dict(forward=forward, in_channels=in_channels,
                                    learn_sigma=learn_sigma, num_classes=num_classes,
                                    null_class=null_class).items()
              if v is not _UNSET and not (k == "forward" and v is None)}
+    if context is None and null_context is not None:
+        raise ValueError("null_context needs context, the encoded prompts")
+    if context is not None:
+        if given.keys() & {"forward", "num_classes", "null_class"}:
+            raise ValueError("context= sets forward, num_classes and null_class: do not pass "
+                             "them as well")
+        given["forward"] = _context_forward(model, context, null_context)
+        prompts = context.shape[0]
+        given.update(num_classes=prompts, null_class=None if null_context is None else prompts)
     if isinstance(model, DiffusionModelAdapter):
         return dataclasses.replace(model, **given) if given else model
     if not callable(model) and forward is None:

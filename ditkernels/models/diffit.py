@@ -1,14 +1,12 @@
 """DiffiT (Hatamizadeh et al., "DiffiT: Diffusion Vision Transformers for Image
-Generation") on the fused kernels: the time-dependent attention TMSA, the DiffiT
-block, the latent DiffiT and the image-space (U-shaped) DiffiT.
+Generation") on the fused kernels: the latent DiffiT and the image-space (U-shaped)
+DiffiT.
 
-TMSA: q = x W_qs + x_t W_qt (likewise k, v), attention softmax(q k^T * scale + B) v
-with B read from a Swin-style relative-position-bias table. It runs as one
-ditkernels.tmsa call that reads the qkv projection in place ([B, N, 3, H, D], no
-transposed copy), adds the per-sample time projection and gathers the bias per
-(query, key) pair inside the kernel; the [H, N, N] bias and the [B, H, N, N] scores
-never exist in memory. Every LayerNorm runs as ln_modulate, and each one that follows
-a residual add runs with it as gated_residual_ln_modulate.
+The attention (TMSA, ditkernels.nn.tmsa: one fused ditkernels.tmsa call per layer)
+and the blocks (DiffiTBlock, DiffiTFinalLayer, DiffiTResBlock, ditkernels.nn.diffit)
+are modules of nn/; this module holds the two networks and their named
+configurations. Every LayerNorm runs as ln_modulate, and each one that follows a
+residual add runs with it as gated_residual_ln_modulate.
 
 Latent DiffiT: constructor, submodule names, construction order and initialisation
 follow the DiffiT class of the public NVlabs/DiffiT diffit/diffit.py, read from that
@@ -22,8 +20,7 @@ defaults to 28, the published configuration (the public class defaults to 30 whi
 its ``Diffit()`` constructor uses 28), and it has no ``mask_ratio`` /
 ``decode_layer`` arguments, which the public class accepts and ignores.
 ``relative_position_index`` is kept only because the public class stores it in its
-state_dict (the kernel derives the index from the token position): [N, N] int64 per
-block, 8 MiB per block at 512px.
+state_dict (nn/tmsa.py).
 
 Image-space DiffiT: no public code exists. The structure is the paper's: a symmetric
 U-shaped encoder/decoder, L DiffiT ResBlocks per resolution, ResBlock
@@ -45,150 +42,20 @@ the residual stream's dtype (the residual sums then run in that dtype, as in eag
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.dit import LabelEmbedder, Mlp, TimestepEmbedder, head_dim
-from ..ops import tmsa, tmsa_windowed
-from ..reference import relative_position_index
-from .dit import PatchEmbed, check_latent_inputs, get_2d_sincos_pos_embed, unpatchify
-from .uvit import layer_norm, residual_layer_norm
-
-Size2d = Union[int, Sequence[int]]
-
-
-def _pair(size: Size2d) -> Tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-class TMSA(nn.Module):
-    """Time-dependent multi-head self-attention with a relative position bias,
-    forward(x [B, N, dim], temb [B, temb_dim]) -> [B, N, dim].
-
-    grid_size: the (Gh, Gw) token grid (an int for a square one), preceded by
-    ``num_leading`` tokens that get no position bias, N = num_leading + Gh * Gw.
-    window_size: None for global attention over the grid (the latent DiffiT: the
-    table covers the whole grid), or local attention in non-overlapping windows of
-    that size with the window's table; a window that covers the grid along an axis
-    is clipped to it, so a window at least as large as the grid means global
-    attention. temb_dim: width of the time embedding (default dim). qk_scale
-    overrides head_dim ** -0.5.
-    """
-
-    def __init__(self, dim: int, num_heads: int, grid_size: Size2d, qkv_bias: bool = True,
-                 window_size: Optional[Size2d] = None, num_leading: int = 0,
-                 temb_dim: Optional[int] = None, qk_scale: Optional[float] = None,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        gh, gw = self.grid_size = _pair(grid_size)
-        wh, ww = (gh, gw) if window_size is None else _pair(window_size)
-        wh, ww = min(wh, gh), min(ww, gw)
-        if min(gh, gw, wh, ww) < 1 or gh % wh or gw % ww:
-            raise ValueError(f"window_size {(wh, ww)} must divide grid_size {(gh, gw)}")
-        if (wh, ww) != (gh, gw) and num_leading:
-            raise ValueError("leading tokens need global attention: window_size must be "
-                             "None (or cover the grid) when num_leading > 0")
-        self.window_size = (wh, ww)
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = head_dim(dim, num_heads)
-        self.scale = qk_scale or self.head_dim ** -0.5
-        self.num_leading = num_leading
-        self.temb_dim = dim if temb_dim is None else temb_dim
-
-        # Construction order follows the public DiffiTAttention, so that a given seed
-        # gives its initial weights.
-        self.qkv_temb = nn.Linear(self.temb_dim, 3 * dim)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # Unused by the kernel; kept so that original state_dicts load strictly.
-        self.register_buffer("relative_position_index", relative_position_index(wh, ww))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    @property
-    def windowed(self) -> bool:
-        return self.window_size != self.grid_size
-
-    def _check_inputs(self, x: Tensor, temb: Tensor) -> None:
-        gh, gw = self.grid_size
-        tokens = self.num_leading + gh * gw
-        if x.dim() != 3 or x.shape[1:] != (tokens, self.dim):
-            raise ValueError(f"x must be [B, {tokens}, {self.dim}] tokens ({self.num_leading} "
-                             f"leading + a {gh} x {gw} grid, dim {self.dim}), got shape "
-                             f"{tuple(x.shape)}")
-        if temb.dim() != 2 or tuple(temb.shape) != (x.shape[0], self.temb_dim):
-            raise ValueError(f"temb must be [B, temb_dim] = [{x.shape[0]}, {self.temb_dim}] "
-                             f"for x of shape {tuple(x.shape)}, got shape {tuple(temb.shape)}")
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        self._check_inputs(x, temb)
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        time_qkv = self.qkv_temb(temb).reshape(B, 3, self.num_heads, self.head_dim)
-        time_qkv = time_qkv.to(qkv.dtype)
-        table = self.relative_position_bias_table.to(qkv.dtype)
-        if self.windowed:
-            out = tmsa_windowed(qkv, time_qkv, table, self.grid_size, self.window_size,
-                                self.scale)
-        else:
-            out = tmsa(qkv, time_qkv, table, self.grid_size, self.num_leading, self.scale)
-        return self.proj_drop(self.proj(out.reshape(B, N, C)))
-
-
-class DiffiTBlock(nn.Module):
-    """DiffiT transformer block, forward(x [B, N, D], temb [B, temb_dim]):
-    x = x + attn(norm1(x), temb); x = x + mlp(norm2(x)). No adaLN, no gates.
-
-    tmsa_kwargs go to TMSA (window_size, num_leading, temb_dim, qk_scale, proj_drop).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, grid_size: Size2d,
-                 mlp_ratio: float = 4.0, **tmsa_kwargs):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = TMSA(hidden_size, num_heads, grid_size, qkv_bias=True, **tmsa_kwargs)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-
-    def attention_and_mlp(self, x: Tensor, y: Tensor, temb: Tensor) -> Tuple[Tensor, Tensor]:
-        """Everything between norm1 and the closing residual.
-
-        x: the block input; y = norm1(x). Returns (x + attn(y, temb), mlp output h); the
-        caller adds h, which the latent DiffiT fuses with the next norm.
-        """
-        x, y = residual_layer_norm(self.norm2, x, self.attn(y, temb))
-        return x, self.mlp(y).to(x.dtype)
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        x, h = self.attention_and_mlp(x, layer_norm(self.norm1, x), temb)
-        return x + h
-
-
-class DiffiTFinalLayer(nn.Module):
-    """The latent DiffiT's output head: LayerNorm, SiLU, Linear(D, p*p*out_channels)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.silu = nn.SiLU()
-
-    def head(self, y: Tensor) -> Tensor:
-        """The layer after its norm: y = norm_final(x)."""
-        return self.linear(self.silu(y))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(layer_norm(self.norm_final, x))
+# Earlier code imports DiffiT's blocks from here.
+from ..nn.diffit import DiffiTBlock, DiffiTFinalLayer, DiffiTResBlock  # noqa: F401
+from ..nn.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed,
+                        unpatchify)
+from ..nn.functional import check_latent_inputs, layer_norm, residual_layer_norm
+from ..nn.tmsa import TMSA  # noqa: F401  (importable from here)
+from .registry import register_configs
 
 
 # The public forward_with_cfg ramps the guidance scale over the sampling trajectory
@@ -326,32 +193,6 @@ class DiffiT(nn.Module):
 # ---------------------------------------------------------------------------
 # image-space DiffiT
 # ---------------------------------------------------------------------------
-
-
-class DiffiTResBlock(nn.Module):
-    """DiffiT ResBlock on a [B, C, S, S] feature map: x + DiffiTBlock(Conv3x3(SiLU(
-    GroupNorm(x))), temb), the block running on the S*S tokens (row-major)."""
-
-    def __init__(self, channels: int, resolution: int, num_heads: int, temb_dim: int,
-                 window_size: Optional[int] = None, mlp_ratio: float = 4.0,
-                 num_groups: int = 32):
-        super().__init__()
-        self.channels = channels
-        self.resolution = resolution
-        self.norm = nn.GroupNorm(num_groups, channels)
-        self.act = nn.SiLU()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.block = DiffiTBlock(channels, num_heads, resolution, mlp_ratio=mlp_ratio,
-                                 window_size=window_size, temb_dim=temb_dim)
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        expected = (self.channels, self.resolution, self.resolution)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be a [B, {', '.join(map(str, expected))}] feature map, "
-                             f"got shape {tuple(x.shape)}")
-        h = self.conv(self.act(self.norm(x)))
-        tokens = self.block(h.flatten(2).transpose(1, 2), temb)
-        return x + tokens.transpose(1, 2).reshape(h.shape)
 
 
 class Upsample(nn.Module):
@@ -505,23 +346,10 @@ DIFFIT_IMAGE_CONFIGS = {
 }
 
 
-def _config_constructor(name: str, cls, configs: dict):
-    def construct(**kwargs):
-        return cls(**{**configs[name], **kwargs})
-
-    construct.__name__ = name.replace("-", "_").replace("/", "_")
-    construct.__qualname__ = construct.__name__
-    construct.__doc__ = f"{name}: {cls.__name__}(**{configs[name]}), overridden by kwargs."
-    return construct
-
-
-DiffiT_XL_2 = _config_constructor("DiffiT-XL/2", DiffiT, DIFFIT_CONFIGS)
-DiffiT_XL_2_512 = _config_constructor("DiffiT-XL/2-512", DiffiT, DIFFIT_CONFIGS)
-DiffiT_S_2 = _config_constructor("DiffiT-S/2", DiffiT, DIFFIT_CONFIGS)
-DiffiT_CIFAR10 = _config_constructor("DiffiT-CIFAR10", DiffiTUNet, DIFFIT_IMAGE_CONFIGS)
-DiffiT_FFHQ64 = _config_constructor("DiffiT-FFHQ64", DiffiTUNet, DIFFIT_IMAGE_CONFIGS)
-
-DiffiT_models = {
-    "DiffiT-XL/2": DiffiT_XL_2, "DiffiT-XL/2-512": DiffiT_XL_2_512, "DiffiT-S/2": DiffiT_S_2,
-    "DiffiT-CIFAR10": DiffiT_CIFAR10, "DiffiT-FFHQ64": DiffiT_FFHQ64,
-}
+DiffiT_models = {**register_configs(DiffiT, DIFFIT_CONFIGS),
+                 **register_configs(DiffiTUNet, DIFFIT_IMAGE_CONFIGS)}
+DiffiT_XL_2 = DiffiT_models["DiffiT-XL/2"]
+DiffiT_XL_2_512 = DiffiT_models["DiffiT-XL/2-512"]
+DiffiT_S_2 = DiffiT_models["DiffiT-S/2"]
+DiffiT_CIFAR10 = DiffiT_models["DiffiT-CIFAR10"]
+DiffiT_FFHQ64 = DiffiT_models["DiffiT-FFHQ64"]

@@ -11,68 +11,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..nn.dit import (DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder,
-                      gated_residual_ln_modulate_with, ln_modulate_with)
-
-
-class PatchEmbed(nn.Module):
-    """Image [B, C, H, W] -> tokens [B, (H/p)*(W/p), D] by a stride-p convolution
-    (timm's PatchEmbed layout: ``proj`` conv, tokens in row-major order)."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 bias: bool = True):
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size,
-                              bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
-    """MAE's fixed 2-D sin-cos position table, [grid_size**2, embed_dim] in fp64.
-
-    Token i*grid_size + j (row i, column j): the first embed_dim/2 channels encode the
-    column j and the last embed_dim/2 the row i, each half laid out [sin | cos] with
-    frequencies 10000**(-k / (embed_dim/4)).
-    """
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.cat([_1d_sincos_pos_embed(embed_dim // 2, cols.reshape(-1)),
-                      _1d_sincos_pos_embed(embed_dim // 2, rows.reshape(-1))], dim=1)
-
-
-def _1d_sincos_pos_embed(embed_dim: int, positions: Tensor) -> Tensor:
-    omega = 10000.0 ** -(torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
-    angles = positions[:, None] * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-
-def unpatchify(x: Tensor, channels: int, patch_size: int, input_size: int) -> Tensor:
-    """Patch tokens [B, T, p*p*C] back to images [B, C, H, W] (DiT's layout)."""
-    p = patch_size
-    h = w = input_size // p
-    x = x.reshape(x.shape[0], h, w, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(x.shape[0], channels, h * p, w * p)
-
-
-def check_latent_inputs(model: str, x: Tensor, t: Tensor, y: Tensor, in_channels: int,
-                        input_size: int) -> None:
-    """Clear errors for a latent model's (x, t, y) of the wrong shapes."""
-    expected = (in_channels, input_size, input_size)
-    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"x must be [B, {', '.join(map(str, expected))}] latents for this "
-                         f"{model} (in_channels, input_size, input_size), got shape "
-                         f"{tuple(x.shape)}")
-    for name, v in (("t", t), ("y", y)):
-        if tuple(v.shape) != (x.shape[0],):
-            raise ValueError(f"{name} must be a [B] = [{x.shape[0]}] vector matching x of "
-                             f"shape {tuple(x.shape)}, got shape {tuple(v.shape)}")
+from ..nn.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
+from ..nn.embed import PatchEmbed, get_2d_sincos_pos_embed, unpatchify
+from ..nn.functional import check_latent_inputs, layer_norm, residual_layer_norm
+from .registry import register_configs
 
 
 class DiT(nn.Module):
@@ -156,7 +98,7 @@ class DiT(nn.Module):
     def _chained_blocks_and_final_layer(self, x: Tensor, c: Tensor) -> Tensor:
         blocks = list(self.blocks)
         modulation = blocks[0].modulation(c, x.dtype)
-        y = ln_modulate_with(blocks[0].norm1, x, modulation[0], modulation[1])
+        y = layer_norm(blocks[0].norm1, x, modulation[0], modulation[1])
         for i, block in enumerate(blocks):
             x, h = block.attention_and_mlp(x, y, modulation)
             gate_mlp = modulation[5]
@@ -167,7 +109,7 @@ class DiT(nn.Module):
             else:
                 next_norm = self.final_layer.norm_final
                 shift, scale = self.final_layer.modulation(c, x.dtype)
-            x, y = gated_residual_ln_modulate_with(next_norm, x, h, gate_mlp, shift, scale)
+            x, y = residual_layer_norm(next_norm, x, h, gate_mlp, shift, scale)
         return self.final_layer.linear(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -208,32 +150,16 @@ DIT_CONFIGS = {
 }
 
 
-def _config_constructor(name: str):
-    def construct(**kwargs) -> DiT:
-        return DiT(**DIT_CONFIGS[name], **kwargs)
-
-    construct.__name__ = name.replace("-", "_").replace("/", "_")
-    construct.__qualname__ = construct.__name__
-    construct.__doc__ = f"{name}: DiT({DIT_CONFIGS[name]}, **kwargs)."
-    return construct
-
-
-DiT_XL_2 = _config_constructor("DiT-XL/2")
-DiT_XL_4 = _config_constructor("DiT-XL/4")
-DiT_XL_8 = _config_constructor("DiT-XL/8")
-DiT_L_2 = _config_constructor("DiT-L/2")
-DiT_L_4 = _config_constructor("DiT-L/4")
-DiT_L_8 = _config_constructor("DiT-L/8")
-DiT_B_2 = _config_constructor("DiT-B/2")
-DiT_B_4 = _config_constructor("DiT-B/4")
-DiT_B_8 = _config_constructor("DiT-B/8")
-DiT_S_2 = _config_constructor("DiT-S/2")
-DiT_S_4 = _config_constructor("DiT-S/4")
-DiT_S_8 = _config_constructor("DiT-S/8")
-
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-}
+DiT_models = register_configs(DiT, DIT_CONFIGS)
+DiT_XL_2 = DiT_models["DiT-XL/2"]
+DiT_XL_4 = DiT_models["DiT-XL/4"]
+DiT_XL_8 = DiT_models["DiT-XL/8"]
+DiT_L_2 = DiT_models["DiT-L/2"]
+DiT_L_4 = DiT_models["DiT-L/4"]
+DiT_L_8 = DiT_models["DiT-L/8"]
+DiT_B_2 = DiT_models["DiT-B/2"]
+DiT_B_4 = DiT_models["DiT-B/4"]
+DiT_B_8 = DiT_models["DiT-B/8"]
+DiT_S_2 = DiT_models["DiT-S/2"]
+DiT_S_4 = DiT_models["DiT-S/4"]
+DiT_S_8 = DiT_models["DiT-S/8"]

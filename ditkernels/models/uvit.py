@@ -22,173 +22,22 @@ residual stream is fp32 up to the skip merges, whose Linear (here the fused op,
 which autocast does not know) runs in the autocast dtype, so the out blocks carry a
 low-precision stream as in the original. The fused norms take x's dtype, so their
 parameters and the branch outputs are cast to it.
+
+The blocks are ditkernels.nn.uvit's; this module holds the network and its named
+configurations.
 """
 
-import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor
 
-from ..nn.dit import head_dim
-from ..ops import gated_residual_ln_modulate, ln_modulate, skip_concat_linear
-
-
-def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-    """[B] (possibly fractional) timesteps -> fp32 [B, dim] laid out cat[cos, sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period)
-                      * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
-
-
-def _cast(param: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if param is None else param.to(dtype)
-
-
-def layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """norm(x) as one ln_modulate, in x's dtype."""
-    return ln_modulate(x, None, None, norm.eps, _cast(norm.weight, x.dtype),
-                       _cast(norm.bias, x.dtype))
-
-
-def residual_layer_norm(norm: nn.LayerNorm, x: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
-    """(x + h, norm(x + h)) as one gated_residual_ln_modulate, in x's dtype."""
-    return gated_residual_ln_modulate(x, h.to(x.dtype), None, None, None, norm.eps,
-                                      _cast(norm.weight, x.dtype), _cast(norm.bias, x.dtype))
-
-
-def skip_merge(linear: nn.Linear, x: Tensor, skip: Tensor) -> Tensor:
-    """linear(cat([x, skip], -1)) as one skip_concat_linear.
-
-    Under autocast nn.Linear would compute in the autocast dtype; the custom op has no
-    autocast rule, so the cast is done here to keep the original's numerics and speed.
-    """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return skip_concat_linear(x.to(dtype), skip.to(dtype), linear.weight.to(dtype),
-                              _cast(linear.bias, dtype))
-
-
-class Attention(nn.Module):
-    """U-ViT's multi-head self-attention: qkv Linear(dim, 3*dim) laid out [q | k | v],
-    each split into heads; proj Linear(dim, dim); scale qk_scale or head_dim**-0.5."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim(dim, num_heads)
-        self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, C = x.shape
-        q, k, v = (self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
-                   .permute(2, 0, 3, 1, 4).unbind(0))
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
-
-
-class Mlp(nn.Module):
-    """The timm Mlp U-ViT ships: fc1, act (exact GELU by default), fc2, one dropout."""
-
-    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU,
-                 drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-def _norm(norm_layer, dim: int) -> nn.LayerNorm:
-    norm = norm_layer(dim)
-    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (dim,):
-        raise ValueError(f"norm_layer must build an nn.LayerNorm over the last dimension "
-                         f"({dim}), which the fused kernels replace; got {norm!r}")
-    return norm
-
-
-class Block(nn.Module):
-    """U-ViT block, forward(x [B, L, dim], skip [B, L, dim] or None):
-    with skip_linear, x = skip_linear(cat([x, skip], -1)); then
-    x = x + attn(norm1(x)); x = x + mlp(norm2(x)).
-
-    As in the original, a block built without ``skip`` ignores a skip it is given.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
-                 skip: bool = False, use_checkpoint: bool = False):
-        super().__init__()
-        self.dim = dim
-        self.norm1 = _norm(norm_layer, dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
-        self.norm2 = _norm(norm_layer, dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
-        self.use_checkpoint = use_checkpoint
-
-    def merge_skip(self, x: Tensor, skip: Optional[Tensor]) -> Tensor:
-        if self.skip_linear is None:
-            return x
-        if skip is None:
-            raise ValueError("this block merges a long skip (built with skip=True): "
-                             "call it as block(x, skip)")
-        if skip.shape != x.shape:
-            raise ValueError(f"skip must have x's shape {tuple(x.shape)}, got "
-                             f"{tuple(skip.shape)}")
-        return skip_merge(self.skip_linear, x, skip)
-
-    def attention_and_mlp(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-        """Everything between norm1 and the closing residual.
-
-        x: the block input after the skip merge; y = norm1(x). Returns
-        (x + attn(y), mlp output h); the caller adds h, which UViT fuses with the next
-        norm where one follows.
-        """
-        x, y = residual_layer_norm(self.norm2, x, self.attn(y))
-        return x, self.mlp(y)
-
-    def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, L, {self.dim}] tokens, got shape {tuple(x.shape)}")
-        if self.use_checkpoint:
-            return torch.utils.checkpoint.checkpoint(self._forward, x, skip, use_reentrant=False)
-        return self._forward(x, skip)
-
-    def _forward(self, x: Tensor, skip: Optional[Tensor]) -> Tensor:
-        x = self.merge_skip(x, skip)
-        x, h = self.attention_and_mlp(x, layer_norm(self.norm1, x))
-        return x + h
-
-
-class PatchEmbed(nn.Module):
-    """Image [B, C, H, W] -> tokens [B, (H/p)*(W/p), D] by a stride-p convolution."""
-
-    def __init__(self, patch_size: int, in_chans: int = 3, embed_dim: int = 768):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+from ..nn.embed import timestep_embedding
+# Earlier code imports U-ViT's blocks and the fused-norm helpers from here.
+from ..nn.functional import layer_norm, residual_layer_norm, skip_merge  # noqa: F401
+from ..nn.uvit import Attention, Block, Mlp, PatchEmbed, build_norm  # noqa: F401
+from .registry import config_constructor, register_configs
 
 
 class UViT(nn.Module):
@@ -226,11 +75,7 @@ class UViT(nn.Module):
             nn.Linear(4 * embed_dim, embed_dim),
         ) if mlp_time_embed else nn.Identity()
 
-        if self.num_classes > 0:
-            self.label_emb = nn.Embedding(self.num_classes, embed_dim)
-            self.extras = 2
-        else:
-            self.extras = 1
+        self.extras = 1 + self._add_condition_embedding(embed_dim)
 
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
@@ -243,7 +88,7 @@ class UViT(nn.Module):
         self.mid_block = block(False)
         self.out_blocks = nn.ModuleList([block(skip) for _ in range(depth // 2)])
 
-        self.norm = _norm(norm_layer, embed_dim)
+        self.norm = build_norm(norm_layer, embed_dim)
         self.patch_dim = patch_size ** 2 * in_chans
         self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
         self.final_layer = (nn.Conv2d(self.in_chans, self.in_chans, 3, padding=1) if conv
@@ -251,6 +96,18 @@ class UViT(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+
+    def _add_condition_embedding(self, embed_dim: int) -> int:
+        """Builds the embedding of the condition tokens and returns their count.
+
+        Runs where the original builds it, between time_embed and pos_embed, so that
+        subclasses with other conditions (UViTT2I) keep the original's construction
+        order, hence its state_dict order and a seed's initial weights.
+        """
+        if self.num_classes > 0:
+            self.label_emb = nn.Embedding(self.num_classes, embed_dim)
+            return 1
+        return 0
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -329,15 +186,21 @@ class UViT(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self._check_inputs(x, timesteps, y)
         x = self.patch_embed(x)
-        # The sinusoid is fp32; the original concatenates it as is (fine in fp32 and
-        # under autocast), a model cast to bf16/fp64 needs it in its own dtype.
-        time_token = self.time_embed(
-            timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype))
-        tokens = [time_token.unsqueeze(1), x]
+        tokens = [self._time_token(timesteps), x]
         if y is not None:
             tokens.insert(0, self.label_emb(y).unsqueeze(1))
-        x = torch.cat(tokens, dim=1) + self.pos_embed
+        return self._blocks_and_decoder(torch.cat(tokens, dim=1) + self.pos_embed)
 
+    def _time_token(self, timesteps: Tensor) -> Tensor:
+        """[B] timesteps -> the time token [B, 1, embed_dim]."""
+        # The sinusoid is fp32; the original concatenates it as is (fine in fp32 and
+        # under autocast), a model cast to bf16/fp64 needs it in its own dtype.
+        return self.time_embed(
+            timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype)).unsqueeze(1)
+
+    def _blocks_and_decoder(self, x: Tensor) -> Tensor:
+        """Tokens [B, extras + patches, embed_dim], position embedding added -> the
+        output image [B, in_chans, img_size, img_size]."""
         if self._blocks_chainable():
             x = self._chained_blocks_and_norm(x)
         else:
@@ -389,36 +252,24 @@ UVIT_CONFIGS = {
 }
 
 
-def _config_constructor(name: str):
-    def construct(**kwargs) -> UViT:
-        return UViT(**{**UVIT_CONFIGS[name], **kwargs})
+UViT_models = register_configs(UViT, UVIT_CONFIGS, family="U-ViT")
+UViT_S_2 = UViT_models["U-ViT-S/2"]
+UViT_M_2 = UViT_models["U-ViT-M/2"]
+UViT_L_2 = UViT_models["U-ViT-L/2"]
+UViT_H_2 = UViT_models["U-ViT-H/2"]
+UViT_S_2_uncond = UViT_models["U-ViT-S/2-uncond"]
+UViT_M_2_uncond = UViT_models["U-ViT-M/2-uncond"]
+UViT_L_2_uncond = UViT_models["U-ViT-L/2-uncond"]
+UViT_H_2_uncond = UViT_models["U-ViT-H/2-uncond"]
+UViT_S_2_cifar10 = UViT_models["U-ViT-S/2-cifar10"]
+UViT_S_4_celeba64 = UViT_models["U-ViT-S/4-celeba64"]
+UViT_M_4_imagenet64 = UViT_models["U-ViT-M/4-imagenet64"]
+UViT_L_4_imagenet64 = UViT_models["U-ViT-L/4-imagenet64"]
+UViT_L_4_imagenet512 = UViT_models["U-ViT-L/4-imagenet512"]
+UViT_H_4_imagenet512 = UViT_models["U-ViT-H/4-imagenet512"]
 
-    construct.__name__ = name.replace("U-ViT", "UViT").replace("-", "_").replace("/", "_")
-    construct.__qualname__ = construct.__name__
-    construct.__doc__ = f"{name}: UViT(**{UVIT_CONFIGS[name]}), overridden by kwargs."
-    return construct
 
-
-UViT_S_2 = _config_constructor("U-ViT-S/2")
-UViT_M_2 = _config_constructor("U-ViT-M/2")
-UViT_L_2 = _config_constructor("U-ViT-L/2")
-UViT_H_2 = _config_constructor("U-ViT-H/2")
-UViT_S_2_uncond = _config_constructor("U-ViT-S/2-uncond")
-UViT_M_2_uncond = _config_constructor("U-ViT-M/2-uncond")
-UViT_L_2_uncond = _config_constructor("U-ViT-L/2-uncond")
-UViT_H_2_uncond = _config_constructor("U-ViT-H/2-uncond")
-UViT_S_2_cifar10 = _config_constructor("U-ViT-S/2-cifar10")
-UViT_S_4_celeba64 = _config_constructor("U-ViT-S/4-celeba64")
-UViT_M_4_imagenet64 = _config_constructor("U-ViT-M/4-imagenet64")
-UViT_L_4_imagenet64 = _config_constructor("U-ViT-L/4-imagenet64")
-UViT_L_4_imagenet512 = _config_constructor("U-ViT-L/4-imagenet512")
-UViT_H_4_imagenet512 = _config_constructor("U-ViT-H/4-imagenet512")
-
-UViT_models = {
-    "U-ViT-S/2": UViT_S_2, "U-ViT-M/2": UViT_M_2, "U-ViT-L/2": UViT_L_2, "U-ViT-H/2": UViT_H_2,
-    "U-ViT-S/2-uncond": UViT_S_2_uncond, "U-ViT-M/2-uncond": UViT_M_2_uncond,
-    "U-ViT-L/2-uncond": UViT_L_2_uncond, "U-ViT-H/2-uncond": UViT_H_2_uncond,
-    "U-ViT-S/2-cifar10": UViT_S_2_cifar10, "U-ViT-S/4-celeba64": UViT_S_4_celeba64,
-    "U-ViT-M/4-imagenet64": UViT_M_4_imagenet64, "U-ViT-L/4-imagenet64": UViT_L_4_imagenet64,
-    "U-ViT-L/4-imagenet512": UViT_L_4_imagenet512, "U-ViT-H/4-imagenet512": UViT_H_4_imagenet512,
-}
+def _config_constructor(name: str, cls=UViT, configs=UVIT_CONFIGS):
+    """A U-ViT-family constructor (registry.config_constructor) named as UViT's are, for
+    variants (subclasses of UViT with configurations of their own)."""
+    return config_constructor(name, cls, configs, family="U-ViT")

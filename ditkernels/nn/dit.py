@@ -9,29 +9,24 @@ Mixed precision: under torch.autocast the residual stream x stays fp32 while the
 Linear / attention outputs come back in bf16/fp16. The fused ops require one dtype,
 so the small per-sample adaLN outputs and each branch output are cast to x's dtype
 before they meet the residual stream (the residual sum is then fp32, as in eager).
+
+DiT's TimestepEmbedder and LabelEmbedder live in nn/embed.py (DiffiT shares them)
+and are importable from here too.
 """
 
-import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import gated_residual_ln_modulate, ln_modulate
+from .embed import LabelEmbedder, TimestepEmbedder  # noqa: F401  (importable from here)
+from .functional import head_dim, layer_norm, residual_layer_norm
 
-
-def ln_modulate_with(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """ln_modulate with the eps and (optional) affine parameters of an nn.LayerNorm."""
-    return ln_modulate(x, shift, scale, norm.eps, norm.weight, norm.bias)
-
-
-def gated_residual_ln_modulate_with(norm: nn.LayerNorm, x: Tensor, h: Tensor, gate: Tensor,
-                                    shift: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
-    """gated_residual_ln_modulate with the eps and affine parameters of an nn.LayerNorm."""
-    return gated_residual_ln_modulate(x, h.to(x.dtype), gate, shift, scale, norm.eps,
-                                      norm.weight, norm.bias)
+# The LayerNorm wrappers under DiT's names, where earlier code imports them.
+ln_modulate_with = layer_norm
+gated_residual_ln_modulate_with = residual_layer_norm
 
 
 def _check_tokens(x: Tensor, hidden_size: int) -> None:
@@ -47,14 +42,6 @@ def _check_condition(c: Tensor, x: Tensor, hidden_size: int) -> None:
     if c.dim() != 2 or tuple(c.shape) != expected:
         raise ValueError(f"c must be [B, hidden_size] = {list(expected)} for x of shape "
                          f"{tuple(x.shape)}, got shape {tuple(c.shape)}")
-
-
-def head_dim(dim: int, num_heads: int) -> int:
-    """dim // num_heads, for a dim that splits into num_heads heads of at least one
-    feature (a head dim of 0 would make the default scale head_dim ** -0.5 divide by 0)."""
-    if num_heads < 1 or dim < num_heads or dim % num_heads:
-        raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
-    return dim // num_heads
 
 
 class Attention(nn.Module):
@@ -132,8 +119,7 @@ class DiTBlock(nn.Module):
         which DiT fuses with the next block's norm1.
         """
         _, _, gate_msa, shift_mlp, scale_mlp, _ = modulation
-        x, y = gated_residual_ln_modulate_with(self.norm2, x, self.attn(y), gate_msa,
-                                               shift_mlp, scale_mlp)
+        x, y = residual_layer_norm(self.norm2, x, self.attn(y), gate_msa, shift_mlp, scale_mlp)
         return x, self.mlp(y).to(x.dtype)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -141,7 +127,7 @@ class DiTBlock(nn.Module):
         _check_condition(c, x, self.hidden_size)
         modulation = self.modulation(c, x.dtype)
         shift_msa, scale_msa, gate_mlp = modulation[0], modulation[1], modulation[5]
-        y = ln_modulate_with(self.norm1, x, shift_msa, scale_msa)
+        y = layer_norm(self.norm1, x, shift_msa, scale_msa)
         x, h = self.attention_and_mlp(x, y, modulation)
         return torch.addcmul(x, gate_mlp.unsqueeze(1), h)
 
@@ -165,69 +151,5 @@ class FinalLayer(nn.Module):
         _check_tokens(x, self.hidden_size)
         _check_condition(c, x, self.hidden_size)
         shift, scale = self.modulation(c, x.dtype)
-        return self.linear(ln_modulate_with(self.norm_final, x, shift, scale))
+        return self.linear(layer_norm(self.norm_final, x, shift, scale))
 
-
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps [B] -> [B, D]: sinusoidal features, then Linear, SiLU, Linear."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-        """[B] (possibly fractional) timesteps -> fp32 [B, dim] laid out cat[cos, sin]."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period)
-                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = F.pad(embedding, (0, 1))
-        return embedding
-
-    def forward(self, t: Tensor) -> Tensor:
-        if t.dim() != 1:
-            raise ValueError(f"t must be a [B] vector of timesteps, got shape {tuple(t.shape)}")
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        # The sinusoid is built in fp32 for accuracy; a model cast to bf16/fp16 (no
-        # autocast) needs it in its own dtype.
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels [B] -> [B, D]; with dropout_prob > 0 the table has one extra row,
-    the null class used for label dropout and classifier-free guidance."""
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels: Tensor, force_drop_ids: Optional[Tensor] = None) -> Tensor:
-        """Replace labels by the null class, at random or where force_drop_ids == 1."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, self.num_classes, labels)
-
-    def forward(self, labels: Tensor, train: bool,
-                force_drop_ids: Optional[Tensor] = None) -> Tensor:
-        if labels.dim() != 1:
-            raise ValueError(f"labels must be a [B] vector of class ids, got shape "
-                             f"{tuple(labels.shape)}")
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            if self.dropout_prob == 0:
-                raise ValueError("force_drop_ids needs a null-class row: build the "
-                                 "LabelEmbedder with dropout_prob > 0")
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)

@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "ditkernels/backend.h"
 #include "ditkernels/checks.h"
 
 namespace ditkernels {
@@ -68,10 +69,9 @@ struct AdaLNParams {
   double eps = 1e-6;
 };
 
+// A backend's adaLN kernels: its descriptor (backend.h) and entry points.
 struct AdaLNBackend {
-  const char* device_name;   // for messages
-  const char* dtype_names;   // for messages
-  bool (*supports)(at::ScalarType);
+  Backend backend;
   void (*forward)(const AdaLNParams&, at::ScalarType);
   void (*backward)(AdaLNParams&, at::ScalarType);  // sets p.slots before filling partials
   int64_t (*num_slots)(const AdaLNParams&, at::ScalarType);
@@ -131,8 +131,7 @@ inline Checked check_inputs(const AdaLNBackend& be, const char* op, const at::Te
   TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
   TORCH_CHECK(x.size(2) >= 1, op, ": x must have at least one feature (C >= 1), got shape ",
               shape_str(x));
-  TORCH_CHECK(be.supports(x.scalar_type()), op, ": x has dtype ", x.scalar_type(),
-              "; the ", be.device_name, " kernels support ", be.dtype_names);
+  check_backend_dtype(be.backend, op, x, "x");
   TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
   Checked c;
   c.x = x.contiguous();
@@ -273,27 +272,28 @@ adaln_backward(const AdaLNBackend& be, const char* op, const OptTensor& grad_x_o
           detail::reduce_slots(part_bias, x, false)};
 }
 
-// The four registered ops, written once over a backend.
+// The four registered ops, written once over a backend; each backend's file registers
+// AdaLNOps<its AdaLNBackend>::ln_modulate and so on.
+template <const AdaLNBackend& be>
 struct AdaLNOps {
-  static at::Tensor ln_modulate(const AdaLNBackend& be, const at::Tensor& x,
-                                const OptTensor& shift, const OptTensor& scale, double eps,
-                                const OptTensor& weight, const OptTensor& bias) {
+  static at::Tensor ln_modulate(const at::Tensor& x, const OptTensor& shift,
+                                const OptTensor& scale, double eps, const OptTensor& weight,
+                                const OptTensor& bias) {
     return std::get<1>(adaln_forward(be, "ln_modulate", x, std::nullopt, std::nullopt, shift,
                                      scale, weight, bias, eps));
   }
 
   static std::tuple<at::Tensor, at::Tensor> gated_residual_ln_modulate(
-      const AdaLNBackend& be, const at::Tensor& x, const at::Tensor& h, const OptTensor& gate,
-      const OptTensor& shift, const OptTensor& scale, double eps, const OptTensor& weight,
-      const OptTensor& bias) {
+      const at::Tensor& x, const at::Tensor& h, const OptTensor& gate, const OptTensor& shift,
+      const OptTensor& scale, double eps, const OptTensor& weight, const OptTensor& bias) {
     return adaln_forward(be, "gated_residual_ln_modulate", x, h, gate, shift, scale, weight,
                          bias, eps);
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-  ln_modulate_backward(const AdaLNBackend& be, const at::Tensor& grad_y, const at::Tensor& x,
-                       const OptTensor& shift, const OptTensor& scale, double eps,
-                       const OptTensor& weight, const OptTensor& bias) {
+  ln_modulate_backward(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& shift,
+                       const OptTensor& scale, double eps, const OptTensor& weight,
+                       const OptTensor& bias) {
     auto g = adaln_backward(be, "ln_modulate_backward", std::nullopt, grad_y, x, std::nullopt,
                             std::nullopt, shift, scale, weight, bias, eps);
     return {std::get<0>(g), std::get<3>(g), std::get<4>(g), std::get<5>(g), std::get<6>(g)};
@@ -301,49 +301,18 @@ struct AdaLNOps {
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor>
-  gated_residual_ln_modulate_backward(const AdaLNBackend& be, const OptTensor& grad_x_out,
-                                      const at::Tensor& grad_y, const at::Tensor& x_out,
-                                      const at::Tensor& h, const OptTensor& gate,
-                                      const OptTensor& shift, const OptTensor& scale,
-                                      double eps, const OptTensor& weight,
-                                      const OptTensor& bias) {
+  gated_residual_ln_modulate_backward(const OptTensor& grad_x_out, const at::Tensor& grad_y,
+                                      const at::Tensor& x_out, const at::Tensor& h,
+                                      const OptTensor& gate, const OptTensor& shift,
+                                      const OptTensor& scale, double eps,
+                                      const OptTensor& weight, const OptTensor& bias) {
     return adaln_backward(be, "gated_residual_ln_modulate_backward", grad_x_out, grad_y, x_out,
                           h, gate, shift, scale, weight, bias, eps);
   }
 };
 
-}  // namespace ditkernels
+// The CUDA adaLN kernels (csrc/cuda/adaln.cu), which ln_modulate_int8 (csrc/cuda/int8.cu)
+// runs with an int8 store.
+extern const AdaLNBackend kCudaAdaLN;
 
-// Registers the four adaLN ops for one dispatch key, given an AdaLNBackend named BACKEND.
-#define DK_REGISTER_ADALN_OPS(m, BACKEND)                                                     \
-  m.impl("ln_modulate", [](const at::Tensor& x, const ::ditkernels::OptTensor& shift,        \
-                           const ::ditkernels::OptTensor& scale, double eps,                  \
-                           const ::ditkernels::OptTensor& weight,                             \
-                           const ::ditkernels::OptTensor& bias) {                             \
-    return ::ditkernels::AdaLNOps::ln_modulate(BACKEND, x, shift, scale, eps, weight, bias);  \
-  });                                                                                         \
-  m.impl("gated_residual_ln_modulate",                                                        \
-         [](const at::Tensor& x, const at::Tensor& h, const ::ditkernels::OptTensor& gate,    \
-            const ::ditkernels::OptTensor& shift, const ::ditkernels::OptTensor& scale,       \
-            double eps, const ::ditkernels::OptTensor& weight,                                \
-            const ::ditkernels::OptTensor& bias) {                                            \
-           return ::ditkernels::AdaLNOps::gated_residual_ln_modulate(                         \
-               BACKEND, x, h, gate, shift, scale, eps, weight, bias);                         \
-         });                                                                                  \
-  m.impl("ln_modulate_backward",                                                              \
-         [](const at::Tensor& grad_y, const at::Tensor& x,                                    \
-            const ::ditkernels::OptTensor& shift, const ::ditkernels::OptTensor& scale,       \
-            double eps, const ::ditkernels::OptTensor& weight,                                \
-            const ::ditkernels::OptTensor& bias) {                                            \
-           return ::ditkernels::AdaLNOps::ln_modulate_backward(BACKEND, grad_y, x, shift,     \
-                                                               scale, eps, weight, bias);     \
-         });                                                                                  \
-  m.impl("gated_residual_ln_modulate_backward",                                               \
-         [](const ::ditkernels::OptTensor& grad_x_out, const at::Tensor& grad_y,              \
-            const at::Tensor& x_out, const at::Tensor& h,                                     \
-            const ::ditkernels::OptTensor& gate, const ::ditkernels::OptTensor& shift,        \
-            const ::ditkernels::OptTensor& scale, double eps,                                 \
-            const ::ditkernels::OptTensor& weight, const ::ditkernels::OptTensor& bias) {     \
-           return ::ditkernels::AdaLNOps::gated_residual_ln_modulate_backward(                \
-               BACKEND, grad_x_out, grad_y, x_out, h, gate, shift, scale, eps, weight, bias); \
-         })
+}  // namespace ditkernels

@@ -127,6 +127,15 @@ __device__ __forceinline__ float ex2_approx(float x) {
   return y;
 }
 
+// The pointer, as a value the compiler cannot see through: a base computed once is
+// then not re-derived inside every address that adds an offset to it (one
+// IMAD.WIDE.U32 a load rather than a 64-bit add and a shift).
+template <typename T>
+__device__ __forceinline__ T* opaque(T* p) {
+  asm("" : "+l"(p));
+  return p;
+}
+
 }  // namespace mma
 }  // namespace ditkernels
 #endif  // DITKERNELS_EMULATE_CUDA

@@ -21,6 +21,7 @@
 #include <optional>
 #include <vector>
 
+#include "ditkernels/backend.h"
 #include "ditkernels/checks.h"
 
 namespace ditkernels {
@@ -116,14 +117,6 @@ inline void check_weights(const char* op, const Rows& r, const at::Tensor& x,
   }
 }
 
-// The float activations of int8_linear / quantize_per_sample, on a backend that
-// supports `dtype_names`.
-inline void check_float_input(const char* op, const at::Tensor& x,
-                              bool (*supports)(at::ScalarType), const char* device_name,
-                              const char* dtype_names) {
-  TORCH_CHECK(supports(x.scalar_type()), op, ": x has dtype ", x.scalar_type(), "; the ",
-              device_name, " kernels support ", dtype_names);
-}
 
 // Everything an int8 GEMM op checks: activations `a` (float x or int8 x_q) against t
 // and the scale table, then the weights; returns a's rows.

@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "ditkernels/backend.h"
 #include "ditkernels/checks.h"
 
 namespace ditkernels {
@@ -29,10 +30,9 @@ inline at::Tensor rows_2d(const at::Tensor& t, int64_t D) {
   return r.stride(1) == 1 ? r : r.contiguous();
 }
 
-inline Checked check(const char* op, const at::Tensor& x, const at::Tensor& skip,
-                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     bool (*supports)(at::ScalarType), const char* dtype_names,
-                     const char* device_name) {
+inline Checked check(const Backend& be, const char* op, const at::Tensor& x,
+                     const at::Tensor& skip, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim [..., D], got shape ",
               shape_str(x));
   TORCH_CHECK(skip.sizes() == x.sizes(), op, ": skip must have the shape of x ", shape_str(x),
@@ -41,8 +41,7 @@ inline Checked check(const char* op, const at::Tensor& x, const at::Tensor& skip
   check_same_device(op, weight, "weight", x, "x");
   check_same_dtype(op, skip, "skip", x, "x");
   check_same_dtype(op, weight, "weight", x, "x");
-  TORCH_CHECK(supports(x.scalar_type()), op, ": x has dtype ", x.scalar_type(), "; the ",
-              device_name, " kernels support ", dtype_names);
+  check_backend_dtype(be, op, x, "x");
   const int64_t D = x.size(-1);
   TORCH_CHECK(D >= 1, op, ": x must have at least one feature, got shape ", shape_str(x));
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == 2 * D && weight.size(0) >= 1, op,

@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "ditkernels/backend.h"
 #include "ditkernels/checks.h"
 
 namespace ditkernels {
@@ -38,14 +39,13 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline Args check(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& time_qkv,
+inline Args check(const Backend& be, const char* op, const at::Tensor& qkv,
+                  const std::optional<at::Tensor>& time_qkv,
                   const std::optional<at::Tensor>& rel_table, int64_t grid_h, int64_t grid_w,
-                  int64_t num_leading, double scale, bool (*supports)(at::ScalarType),
-                  const char* dtype_names, const char* device_name) {
+                  int64_t num_leading, double scale) {
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, op,
               ": qkv must have shape [B, N, 3, H, D], got ", shape_str(qkv));
-  TORCH_CHECK(supports(qkv.scalar_type()), op, ": qkv has dtype ", qkv.scalar_type(), "; the ",
-              device_name, " kernels support ", dtype_names);
+  check_backend_dtype(be, op, qkv, "qkv");
   Args a;
   a.B = qkv.size(0);
   a.N = qkv.size(1);
