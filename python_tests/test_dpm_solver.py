@@ -168,6 +168,8 @@ def test_first_order_is_ddim(algorithm, with_cond_fn):
 # ---------------------------------------------------------------------------
 
 
+# diffusers deprecates its algorithm_type "dpmsolver" and warns about numpy's copy=.
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("steps", [9, 27])
