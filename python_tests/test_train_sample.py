@@ -3,7 +3,8 @@ against 1, FSDP2 against DDP, resumed runs against uninterrupted ones.
 
 Every run is a subprocess (as a user launches it) with a tiny DiT on random 3-channel
 8x8 "images" in float64, so that what separates the runs is only the order of sums
-in the gradient all-reduce.
+in the gradient all-reduce; a flow-matching DiT on 1-channel ones checks the flow
+objective, its resume and samplers.
 """
 
 import os
