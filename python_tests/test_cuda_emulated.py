@@ -545,6 +545,11 @@ def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
 
 
+@pytest.mark.usefixtures("gemm_kernel")
+def test_int8_bad_timesteps_and_scales_fail_on_the_device(monkeypatch):
+    test_int8.check_bad_values_fail_on_the_device("cpu", monkeypatch)
+
+
 @RACECHECK
 def test_ln_modulate_int8():
     for dtype in CUDA_DTYPES:

@@ -21,6 +21,7 @@
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/int8.h"
+#include "ditkernels/int8_scales.cuh"
 
 namespace ditkernels {
 namespace {
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(1024) adaln_forward_kernel(const AdaLNParams p
       }
       if (p.y_q != nullptr) {
         // As quantize_per_sample(ln_modulate(x)): round to T, then x / s half-to-even.
-        const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+        const float s = int8::row_scale(p.act_scales, p.num_scales, p.t, p.rows_per_sample, row);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float yv = static_cast<float>(static_cast<T>(y[j]));
@@ -527,10 +528,9 @@ at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Te
                                  const at::Tensor& act_scales, const at::Tensor& t) {
   const char* op = "ln_modulate_int8";
   TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
-  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t);
-  const at::Tensor scales = act_scales.contiguous();
-  return adaln_forward_int8(kCudaBackend, op, x, shift, scale, weight, bias, eps, scales, r.t,
-                            r.rows_per_sample);
+  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t, int8::cuda_value_checks());
+  return adaln_forward_int8(kCudaBackend, op, x, shift, scale, weight, bias, eps, r.act_scales,
+                            r.t, r.rows_per_sample);
 }
 
 }  // namespace

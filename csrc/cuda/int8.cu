@@ -20,6 +20,7 @@
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/int8.h"
+#include "ditkernels/int8_scales.cuh"
 
 namespace ditkernels {
 namespace {
@@ -32,12 +33,10 @@ struct Int8GemmParams {
   const void* a;           // x (float T) or x_q (int8), [M, K] with row stride lda
   const int8_t* w;         // [N, K] contiguous
   const float* w_scale;    // [N]
-  const float* act_scales; // [T]
-  const int64_t* t;        // [samples]
+  int8::RowScales scales;  // act_scales[t[sample]], checked as read
   const void* bias;        // [N] in the output dtype, or null
   void* y;                 // [M, N]
   int64_t lda;
-  int64_t rows_per_sample;
   int M, N, K;
 };
 
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
-    s_load[c] = p.act_scales[p.t[gm / p.rows_per_sample]];
+    s_load[c] = p.scales(gm);
   }
 
   AChunks<T> regs;
@@ -195,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + warp_m * 64 + i * 16 + (lane >> 2) + half * 8;
       if (row >= p.M) continue;
-      const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+      const float s = p.scales(row);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -271,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int gm = min(m0 + row0 + half * 8, p.M - 1);
-    s_row[half] = p.act_scales[p.t[gm / p.rows_per_sample]];
+    s_row[half] = p.scales(gm);
   }
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
@@ -302,13 +301,11 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
 // wgmma path): eight elements per thread, one 16- or 32-byte load and one 8-byte
 // store, one division of the index per eight elements.
 template <typename T>
-__global__ void quantize_rows_kernel(const T* x, int8_t* q, const float* act_scales,
-                                     const int64_t* t, int64_t rows_per_sample, int64_t K,
-                                     int64_t chunks) {
+__global__ void quantize_rows_kernel(const T* x, int8_t* q, const int8::RowScales scales,
+                                     int64_t K, int64_t chunks) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = c * 8 / K;
-    const float s = act_scales[t[row / rows_per_sample]];
+    const float s = scales(c * 8 / K);
     float v[8];
     load8<T>(x + c * 8, v);
     uint32_t packed[2] = {0u, 0u};
@@ -349,8 +346,8 @@ void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
 }
 
 // x [M, K] (K % 8 == 0, rows contiguous) quantized with the per-sample scales.
-at::Tensor quantize_rows(const at::Tensor& x2d, const at::Tensor& act_scales, const at::Tensor& t,
-                         int64_t rows_per_sample, cudaStream_t stream) {
+at::Tensor quantize_rows(const at::Tensor& x2d, const int8::RowScales& scales,
+                         cudaStream_t stream) {
   at::Tensor xc = aligned_rows(x2d.contiguous());
   at::Tensor q = at::empty({x2d.size(0), x2d.size(1)}, x2d.options().dtype(at::kChar));
   const int64_t chunks = x2d.numel() / 8;
@@ -359,8 +356,7 @@ at::Tensor quantize_rows(const at::Tensor& x2d, const at::Tensor& act_scales, co
   DK_DISPATCH_CUDA_FLOATS(x2d.scalar_type(), "int8_linear", [&] {
     auto kernel = quantize_rows_kernel<scalar_t>;
     DK_LAUNCH(kernel, blocks, 256, 0, stream)(xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
-                                              act_scales.data_ptr<float>(), t.data_ptr<int64_t>(),
-                                              rows_per_sample, x2d.size(1), chunks);
+                                              scales, x2d.size(1), chunks);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q;
@@ -377,7 +373,7 @@ void launch(const Int8GemmParams& p, cudaStream_t stream) {
 
 at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
                     const at::Tensor& w_q, const at::Tensor& w_scale,
-                    const at::Tensor& act_scales, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& bias,
                     at::ScalarType out_dtype, bool quantize_a) {
   check_cuda_shapes(op, r, w_q);
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -390,18 +386,15 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   at::Tensor a = aligned_rows(r.x2d);
   at::Tensor w = aligned_rows(w_q.contiguous());
   at::Tensor ws = w_scale.contiguous();
-  at::Tensor scales = act_scales.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   Int8GemmParams p;
   p.a = a.data_ptr();
   p.w = w.data_ptr<int8_t>();
   p.w_scale = ws.data_ptr<float>();
-  p.act_scales = scales.data_ptr<float>();
-  p.t = r.t.data_ptr<int64_t>();
+  p.scales = int8::row_scales(r);
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.lda = a.stride(0);
-  p.rows_per_sample = r.rows_per_sample;
   p.M = static_cast<int>(r.M);
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(r.K);
@@ -409,7 +402,7 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   if (wgmma::use_wgmma()) {
     at::Tensor a_q;
     if (quantize_a) {
-      a_q = quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream);
+      a_q = quantize_rows(r.x2d, p.scales, stream);
       p.a = a_q.data_ptr();
       p.lda = a_q.stride(0);
     }
@@ -442,8 +435,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
                             const std::optional<at::Tensor>& bias) {
   const char* op = "int8_linear";
   check_float(op, x);
-  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
-  return run_gemm(op, x, r, w_q, w_scale, act_scales, bias, x.scalar_type(), true)
+  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type(),
+                            int8::cuda_value_checks());
+  return run_gemm(op, x, r, w_q, w_scale, bias, x.scalar_type(), true)
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
@@ -453,18 +447,18 @@ at::Tensor int8_gemm_dequant_cuda(const at::Tensor& x_q, const at::Tensor& w_q,
                                   at::ScalarType out_dtype) {
   const char* op = "int8_gemm_dequant";
   int8::check_int8_input(op, x_q);
-  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
-  return run_gemm(op, x_q, r, w_q, w_scale, act_scales, bias, out_dtype, false)
+  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype,
+                            int8::cuda_value_checks());
+  return run_gemm(op, x_q, r, w_q, w_scale, bias, out_dtype, false)
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
 template <typename T>
-__global__ void quantize_kernel(const T* x, int8_t* q, const float* act_scales, const int64_t* t,
-                                int64_t rows_per_sample, int64_t K, int64_t total) {
+__global__ void quantize_kernel(const T* x, int8_t* q, const int8::RowScales scales, int64_t K,
+                                int64_t total) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / K;
-    q[i] = quantize_value(static_cast<float>(x[i]), act_scales[t[row / rows_per_sample]]);
+    q[i] = quantize_value(static_cast<float>(x[i]), scales(i / K));
   }
 }
 
@@ -472,12 +466,12 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
                                     const at::Tensor& t) {
   const char* op = "quantize_per_sample";
   check_float(op, x);
-  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  auto r = int8::check_rows(op, x, "x", act_scales, t, int8::cuda_value_checks());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor scales = act_scales.contiguous();
+  const int8::RowScales scales = int8::row_scales(r);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (r.K % 8 == 0) {
-    return quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream).view(x.sizes());
+    return quantize_rows(r.x2d, scales, stream).view(x.sizes());
   }
   at::Tensor xc = r.x2d.contiguous();
   at::Tensor q = at::empty({r.M, r.K}, x.options().dtype(at::kChar));
@@ -487,8 +481,7 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
   DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
     auto kernel = quantize_kernel<scalar_t>;
     DK_LAUNCH(kernel, blocks, 256, 0, stream)(
-        xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
-        r.t.data_ptr<int64_t>(), r.rows_per_sample, r.K, total);
+        xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales, r.K, total);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q.view(x.sizes());

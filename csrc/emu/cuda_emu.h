@@ -132,6 +132,10 @@ void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* ac
 void wgmma_commit();
 void wgmma_wait(int pending_groups);
 
+// A kernel's DK_DEVICE_CHECK failed: reported as the launch's error (the thread
+// goes on, as the kernels clamp what they checked).
+void device_check_failed(const char* msg);
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             const std::function<void()>& body);

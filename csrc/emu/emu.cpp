@@ -840,6 +840,8 @@ void wgmma_wait(int pending_groups) {
   });
 }
 
+void device_check_failed(const char* msg) { report(std::string("device-side check failed: ") + msg); }
+
 const DeviceProperties& device_properties() {
   const char* env = std::getenv("DITKERNELS_EMU_DEVICE");
   const std::string name = env != nullptr && env[0] != '\0' ? env : "h100";
