@@ -54,6 +54,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 // One copy per host thread, shared by the fibers (CUDA threads) of the block it runs.
 #define __shared__ static thread_local
