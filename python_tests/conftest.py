@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(config, items):
 # with an sm_90a build the default is wgmma, with the tile width picked per shape;
 # "mma.sync" is what other GPUs run. Elsewhere all of them run the same kernel.
 GEMM_KERNELS = ["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"]
+# The int8 GEMMs also have the warp-specialized TMA kernel, their Hopper default
+# ("tma-*"); for them "wgmma-*" is the cp.async wgmma kernel (DITKERNELS_DISABLE_TMA=1).
+INT8_GEMM_KERNELS = ["tma-n128", "tma-n192", "tma-n256"] + GEMM_KERNELS
 
 
 def set_gemm_kernel(monkeypatch, kernel: str) -> None:
@@ -39,7 +42,11 @@ def set_gemm_kernel(monkeypatch, kernel: str) -> None:
         monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
         return
     monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
-    if kernel != "wgmma":
+    if kernel.startswith("tma"):
+        monkeypatch.delenv("DITKERNELS_DISABLE_TMA", raising=False)
+    else:
+        monkeypatch.setenv("DITKERNELS_DISABLE_TMA", "1")
+    if kernel not in ("wgmma", "tma"):
         monkeypatch.setenv("DITKERNELS_WGMMA_TILE_N", kernel.split("-n")[1])
 
 

@@ -29,7 +29,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DTYPES, GEMM_KERNELS, set_gemm_kernel
+from conftest import DTYPES, GEMM_KERNELS, INT8_GEMM_KERNELS, set_gemm_kernel
 import test_adaln
 import test_int8
 import test_skip_concat_linear
@@ -97,6 +97,14 @@ def gemm_kernel(request, monkeypatch):
     width: the small test shapes alone would always get 128), or, with
     DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs; elsewhere
     only those."""
+    if request.param != "mma.sync" and not HOPPER:
+        pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
+    set_gemm_kernel(monkeypatch, request.param)
+
+
+@pytest.fixture(params=INT8_GEMM_KERNELS)
+def int8_gemm_kernel(request, monkeypatch):
+    """gemm_kernel for the int8 GEMMs, which also have the warp-specialized TMA kernel."""
     if request.param != "mma.sync" and not HOPPER:
         pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
     set_gemm_kernel(monkeypatch, request.param)
@@ -608,14 +616,26 @@ def test_skip_concat_linear_empty():
 @pytest.mark.parametrize("lead,K,N,one_t", [racecheck(*c) if i == 0 else c
                                             for i, c in enumerate(test_int8.CASES)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.usefixtures("int8_gemm_kernel")
 def test_int8_linear_bit_identical(lead, K, N, one_t, bias):
     for dtype in CUDA_DTYPES:
         test_int8.check_int8_linear("cpu", dtype, lead, K, N, one_t, bias)
 
 
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n192", "tma-n256"])
+@pytest.mark.parametrize("ctas", [1, 3])
+def test_int8_tma_kernel_walks_several_tiles_per_cta(kernel, ctas, hopper, monkeypatch):
+    """The persistent TMA kernel with its grid capped: each CTA walks several output
+    tiles (M and N tails included), its stage ring wrapping within and across tiles."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", str(ctas))
+    for lead, K, N, one_t in [((3, 129), 96, 400, False), ((1, 258), 1152, 144, False)]:
+        test_int8.check_int8_linear("cpu", torch.bfloat16, lead, K, N, one_t, True)
+    test_int8.check_gemm_dequant_and_quantize("cpu", [torch.float32], (2, 130), 272, 48, False)
+
+
 @pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES[:3])
-@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.usefixtures("int8_gemm_kernel")
 def test_int8_gemm_dequant_and_quantize(lead, K, N, one_t):
     test_int8.check_gemm_dequant_and_quantize("cpu", CUDA_DTYPES, lead, K, N, one_t)
 
@@ -629,12 +649,12 @@ def test_int8_quantize_rows_of_eight():
         test_int8.check_quantize_rows_of_eight("cpu", dtype)
 
 
-@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.usefixtures("int8_gemm_kernel")
 def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
 
 
-@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.usefixtures("int8_gemm_kernel")
 def test_int8_bad_timesteps_and_scales_fail_on_the_device(monkeypatch):
     test_int8.check_bad_values_fail_on_the_device("cpu", monkeypatch)
 

@@ -17,6 +17,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/cuda_runtime.cuh"
@@ -141,6 +143,14 @@ inline EncodeTiled encode_tiled() {
     return reinterpret_cast<EncodeTiled>(p);
   }();
   return fn;
+}
+
+// Whether the GEMMs that have a warp-specialized TMA kernel run it on Hopper (where
+// their wgmma kernels run): unless DITKERNELS_DISABLE_TMA is set and not 0, which
+// selects the cp.async wgmma kernels. Read at every call, like use_wgmma().
+inline bool use_tma_gemm() {
+  const char* env = std::getenv("DITKERNELS_DISABLE_TMA");
+  return env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0;
 }
 
 // The tensor map of a row-major [rows, cols] matrix of `elem_bytes`-byte elements
