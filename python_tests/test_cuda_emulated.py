@@ -29,7 +29,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import DTYPES, GEMM_KERNELS, INT8_GEMM_KERNELS, set_gemm_kernel
+from conftest import DTYPES, GEMM_KERNELS, set_gemm_kernel
 import test_adaln
 import test_int8
 import test_skip_concat_linear
@@ -93,18 +93,10 @@ pytestmark = [
 
 @pytest.fixture(params=GEMM_KERNELS)
 def gemm_kernel(request, monkeypatch):
-    """On an emulated Hopper the GEMM ops run their sm_90a wgmma kernels (at each tile
-    width: the small test shapes alone would always get 128), or, with
-    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs; elsewhere
-    only those."""
-    if request.param != "mma.sync" and not HOPPER:
-        pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
-    set_gemm_kernel(monkeypatch, request.param)
-
-
-@pytest.fixture(params=INT8_GEMM_KERNELS)
-def int8_gemm_kernel(request, monkeypatch):
-    """gemm_kernel for the int8 GEMMs, which also have the warp-specialized TMA kernel."""
+    """On an emulated Hopper the GEMM ops run their sm_90a kernels, the warp-specialized
+    TMA one and the cp.async wgmma one (each at each tile width: the small test shapes
+    alone would always get 128), or, with DITKERNELS_DISABLE_WGMMA=1, the mma.sync
+    kernels every other GPU runs; elsewhere only those."""
     if request.param != "mma.sync" and not HOPPER:
         pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
     set_gemm_kernel(monkeypatch, request.param)
@@ -616,7 +608,7 @@ def test_skip_concat_linear_empty():
 @pytest.mark.parametrize("lead,K,N,one_t", [racecheck(*c) if i == 0 else c
                                             for i, c in enumerate(test_int8.CASES)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.usefixtures("int8_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_linear_bit_identical(lead, K, N, one_t, bias):
     for dtype in CUDA_DTYPES:
         test_int8.check_int8_linear("cpu", dtype, lead, K, N, one_t, bias)
@@ -634,8 +626,21 @@ def test_int8_tma_kernel_walks_several_tiles_per_cta(kernel, ctas, hopper, monke
     test_int8.check_gemm_dequant_and_quantize("cpu", [torch.float32], (2, 130), 272, 48, False)
 
 
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n192", "tma-n256"])
+@pytest.mark.parametrize("ctas", [1, 3])
+def test_skip_concat_linear_tma_kernel_walks_several_tiles_per_cta(kernel, ctas, hopper,
+                                                                  monkeypatch):
+    """The same for skip_concat_linear, whose K loop walks x's and skip's maps in turn
+    (D = 72: the last k-tile of each straddles D; odd Dout: scalar stores)."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", str(ctas))
+    for dtype in LOW_PRECISION:
+        test_skip_concat_linear.check_forward("cpu", dtype, (2, 150), 72, 300, True)
+        test_skip_concat_linear.check_forward("cpu", dtype, (3, 90), 136, 97, False)
+
+
 @pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES[:3])
-@pytest.mark.usefixtures("int8_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_gemm_dequant_and_quantize(lead, K, N, one_t):
     test_int8.check_gemm_dequant_and_quantize("cpu", CUDA_DTYPES, lead, K, N, one_t)
 
@@ -649,12 +654,12 @@ def test_int8_quantize_rows_of_eight():
         test_int8.check_quantize_rows_of_eight("cpu", dtype)
 
 
-@pytest.mark.usefixtures("int8_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
 
 
-@pytest.mark.usefixtures("int8_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_int8_bad_timesteps_and_scales_fail_on_the_device(monkeypatch):
     test_int8.check_bad_values_fail_on_the_device("cpu", monkeypatch)
 

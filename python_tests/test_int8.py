@@ -7,7 +7,7 @@ import torch
 
 import ditkernels
 from ditkernels import reference
-from conftest import (CPU_CAPABILITIES, DEVICES, DTYPES, INT8_GEMM_KERNELS,
+from conftest import (CPU_CAPABILITIES, DEVICES, DTYPES, GEMM_KERNELS,
                       run_with_cpu_capability, set_gemm_kernel)
 
 T_STEPS = 1000
@@ -125,7 +125,7 @@ def check_quantize_rows_of_eight(device, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", INT8_GEMM_KERNELS)
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_every_cuda_kernel_is_bit_identical(kernel, monkeypatch):
     """On Hopper every GEMM (the TMA and the cp.async wgmma kernels at each tile width,
     after a quantize pass; mma.sync, quantizing in its A load) matches the integer
@@ -295,7 +295,7 @@ def check_bad_values_fail_on_the_device(device, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", INT8_GEMM_KERNELS)
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_cuda_calls_never_synchronize(kernel, monkeypatch):
     """Under torch.cuda's sync debug mode "error", any host synchronisation raises:
     none of the int8 ops has one. And int8_linear captures into a CUDA graph whose

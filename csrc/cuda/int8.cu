@@ -20,6 +20,7 @@
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/cuda_tma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
+#include "ditkernels/wgmma_ws.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/int8.h"
@@ -299,156 +300,52 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
   }
 }
 
-// The warp-specialized persistent kernel (the default on Hopper; DITKERNELS_DISABLE_TMA=1
-// selects the one above). Three warpgroups: one thread of the producer warpgroup
-// issues the TMA loads of A (128 x 128 bytes) and B (BN x 128 bytes) of every k-tile
-// into a ring of stages, each with a "full" barrier (the loads' bytes) and an "empty"
-// one (one arrival per consumer warpgroup once its wgmma reading the stage retired);
-// the two consumer warpgroups only wait, issue wgmma and release stages, then run the
-// dequantize epilogue straight from their accumulators to global memory while the
-// producer already loads the next tile. CTAs walk the output tiles persistently,
-// N fastest, so that the CTAs running together share A's rows. setmaxnreg hands the
-// producer's registers to the consumers.
-namespace tma_ws {
-constexpr int kThreads = 384, kProducerRegs = 40, kConsumerRegs = 232;
-
-template <int BN>
-struct Pipeline {
-  static constexpr int kStageBytes = kATileBytes + BN * wgmma::kRowBytes;
-  static constexpr int kStages = (200 * 1024) / kStageBytes;
-  static_assert(kStages >= 3, "too few stages to keep loads ahead");
-  struct Barriers {
-    uint64_t full[kStages], empty[kStages];
-  };
-  static constexpr int kSmemBytes = kStages * kStageBytes + sizeof(Barriers) + wgmma::kAtomBytes;
-};
-
-// Stage and phase of a ring position: the producer and consumers walk the same sequence.
-struct RingPos {
-  int stage = 0;
-  uint32_t phase = 0;
-  template <int kStages>
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1u;
-    }
-  }
-};
-
-// Output tile `tile` of the persistent walk: N fastest.
-__device__ __forceinline__ void tile_origin(int tile, int n_tiles, int bn, int& m0, int& n0) {
-  m0 = (tile / n_tiles) * kBM;
-  n0 = (tile % n_tiles) * bn;
-}
-
-// Two adjacent outputs in one 8- or 4-byte store.
+// The warp-specialized persistent kernel (ws::run, wgmma_ws.cuh), the default on
+// Hopper; DITKERNELS_DISABLE_TMA=1 selects the one above. A (128 x 128 bytes) and B
+// (BN x 128 bytes) of a k-tile come by TMA; the dequantize epilogue goes from the
+// accumulators straight to global memory, one 4- or 8-byte store per column pair.
 template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* y, OutT a, OutT b) {
-  struct alignas(2 * sizeof(OutT)) Pair {
-    OutT v[2];
-  };
-  *reinterpret_cast<Pair*>(y) = Pair{{a, b}};
-}
+struct Int8TmaProblem {
+  CUtensorMap a, b;  // A [M, K] int8, W [N, K]
+  Int8GemmParams p;
+  int m, n, k_tiles;
 
-// The epilogue of one consumer warpgroup's 64 x BN slab: thread t holds rows
-// 16 (t / 32) + (t % 32) / 4 (+ 8) and column pairs 8 i + 2 (t % 4); N % 16 == 0, so
-// a pair is in bounds whole or not at all.
-template <typename OutT, int BN>
-__device__ __forceinline__ void epilogue(const Int8GemmParams& p, const int (&acc)[BN / 2],
-                                         int row0, int n0, int t) {
-  OutT* y = static_cast<OutT*>(p.y);
-  const OutT* bias = static_cast<const OutT*>(p.bias);
-  const int lane = t % 32;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row0 + (t / 32) * 16 + lane / 4 + half * 8;
-    if (row >= p.M) continue;
-    const float s = p.scales(row);
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane % 4);
-      if (col >= p.N) continue;
-      store_pair<OutT>(y + static_cast<int64_t>(row) * p.N + col,
-                       dequantize<OutT>(acc[4 * j + 2 * half], s, p.w_scale[col], bias, col),
-                       dequantize<OutT>(acc[4 * j + 2 * half + 1], s, p.w_scale[col + 1], bias,
-                                        col + 1));
-    }
+  __device__ __forceinline__ void load(int kt, int m0, int n0, unsigned char* sa,
+                                       unsigned char* sb, uint64_t* full) const {
+    tma::load_2d(sa, &a, full, kt * kBK, m0);
+    tma::load_2d(sb, &b, full, kt * kBK, n0);
   }
-}
 
-template <typename OutT, int BN>
-__global__ void __launch_bounds__(kThreads, 1)
-    int8_gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a,
-                         const __grid_constant__ CUtensorMap map_b, const Int8GemmParams p) {
-  using P = Pipeline<BN>;
-  DK_DYNAMIC_SMEM(16, smem_raw);
-  unsigned char* smem = wgmma::align_to_atom(smem_raw);
-  auto* bars = reinterpret_cast<typename P::Barriers*>(smem + P::kStages * P::kStageBytes);
-  const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
-  const int n_tiles = (p.N + BN - 1) / BN;
-  const int tiles = n_tiles * ((p.M + kBM - 1) / kBM);
-  const int k_tiles = (p.K + kBK - 1) / kBK;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < P::kStages; ++s) {
-      tma::mbarrier_init(&bars->full[s], 1);
-      tma::mbarrier_init(&bars->empty[s], 2);
-    }
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    tma::setmaxnreg_dec<kProducerRegs>();
-    if (t != 0) return;
-    tma::prefetch_map(&map_a);
-    tma::prefetch_map(&map_b);
-    RingPos pos;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      int m0, n0;
-      tile_origin(tile, n_tiles, BN, m0, n0);
-#pragma unroll 1
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        tma::mbarrier_wait(&bars->empty[pos.stage], pos.phase ^ 1u);
-        unsigned char* stage = smem + pos.stage * P::kStageBytes;
-        tma::mbarrier_arrive_expect_tx(&bars->full[pos.stage], P::kStageBytes);
-        tma::load_2d(stage, &map_a, &bars->full[pos.stage], kt * kBK, m0);
-        tma::load_2d(stage + kATileBytes, &map_b, &bars->full[pos.stage], kt * kBK, n0);
-        pos.advance<P::kStages>();
+  // kAcc = BN / 2 accumulators; N % 16 == 0: a column pair is in bounds whole or not
+  // at all.
+  template <int kAcc>
+  __device__ __forceinline__ void epilogue(const int (&acc)[kAcc], int row0, int n0,
+                                           int t) const {
+    OutT* y = static_cast<OutT*>(p.y);
+    const OutT* bias = static_cast<const OutT*>(p.bias);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = ws::acc_row(row0, t, half);
+      if (row >= p.M) continue;
+      const float s = p.scales(row);
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        const int col = ws::acc_col(n0, t, j);
+        if (col >= p.N) continue;
+        ws::store_pair<OutT>(
+            y + static_cast<int64_t>(row) * p.N + col,
+            dequantize<OutT>(acc[4 * j + 2 * half], s, p.w_scale[col], bias, col),
+            dequantize<OutT>(acc[4 * j + 2 * half + 1], s, p.w_scale[col + 1], bias, col + 1));
       }
     }
-    return;
   }
+};
 
-  tma::setmaxnreg_inc<kConsumerRegs>();
-  const int slab = (wg - 1) * 64 * wgmma::kRowBytes;
-  RingPos pos;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    int m0, n0;
-    tile_origin(tile, n_tiles, BN, m0, n0);
-    int acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
-    int held = -1;  // the stage whose wgmma may still be in flight
-#pragma unroll 1
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      tma::mbarrier_wait(&bars->full[pos.stage], pos.phase);
-      const unsigned char* stage = smem + pos.stage * P::kStageBytes;
-      wgmma::fence();
-      wgmma::mma_k_tile<int8_t, BN>(acc, stage + slab, stage + kATileBytes);
-      wgmma::commit();
-      wgmma::wait<1>();  // the previous k-tile's wgmma retired: its stage is free
-      if (held >= 0 && t == 0) tma::mbarrier_arrive(&bars->empty[held]);
-      held = pos.stage;
-      pos.advance<P::kStages>();
-    }
-    wgmma::wait<0>();
-    wgmma::fence_operand(acc);
-    if (t == 0) tma::mbarrier_arrive(&bars->empty[held]);
-    epilogue<OutT, BN>(p, acc, m0 + (wg - 1) * 64, n0, t);
-  }
+template <typename OutT, int BN>
+__global__ void __launch_bounds__(ws::kThreads, 1)
+    int8_gemm_tma_kernel(const __grid_constant__ Int8TmaProblem<OutT> pr) {
+  ws::run<int8_t, BN>(pr);
 }
-}  // namespace tma_ws
 }  // namespace sm90
 
 // quantize_per_sample for K % 8 == 0 (and the quantize pass of int8_linear on the
@@ -493,34 +390,29 @@ void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
 // at most one CTA per SM, each walking its share of the output tiles.
 template <typename OutT, int BN>
 void launch_tma(const Int8GemmParams& p, cudaStream_t stream) {
-  auto kernel = sm90::tma_ws::int8_gemm_tma_kernel<OutT, BN>;
-  constexpr int smem = sm90::tma_ws::Pipeline<BN>::kSmemBytes;
+  auto kernel = sm90::int8_gemm_tma_kernel<OutT, BN>;
+  constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sm90::Int8TmaProblem<OutT> pr;
   const auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
-  const CUtensorMap map_a =
-      tma::make_tensor_map_2d(p.a, u8, 1, p.M, p.K, p.lda, sm90::kBM, sm90::kBK);
-  const CUtensorMap map_b = tma::make_tensor_map_2d(p.w, u8, 1, p.N, p.K, p.K, BN, sm90::kBK);
-  const int64_t tiles = int64_t{(p.N + BN - 1) / BN} * ((p.M + sm90::kBM - 1) / sm90::kBM);
-  int ctas = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // DITKERNELS_PERSISTENT_CTAS caps the grid, so that tests walk several tiles per CTA
-  // on small shapes.
-  if (const char* env = std::getenv("DITKERNELS_PERSISTENT_CTAS")) {
-    const int cap = std::atoi(env);
-    TORCH_CHECK(cap >= 1, "DITKERNELS_PERSISTENT_CTAS must be a positive integer, got '", env, "'");
-    ctas = std::min(ctas, cap);
-  }
-  const int grid = static_cast<int>(std::min<int64_t>(tiles, ctas));
-  DK_LAUNCH(kernel, grid, sm90::tma_ws::kThreads, smem, stream)(map_a, map_b, p);
+  pr.a = tma::make_tensor_map_2d(p.a, u8, 1, p.M, p.K, p.lda, ws::kBM, sm90::kBK);
+  pr.b = tma::make_tensor_map_2d(p.w, u8, 1, p.N, p.K, p.K, BN, sm90::kBK);
+  pr.p = p;
+  pr.m = p.M;
+  pr.n = p.N;
+  pr.k_tiles = (p.K + sm90::kBK - 1) / sm90::kBK;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  DK_LAUNCH(kernel, ws::grid_size(p.M, p.N, BN, sms), ws::kThreads, smem, stream)(pr);
 }
 
 template <typename OutT>
 void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool tma = tma::use_tma_gemm();
+  const bool use_tma = tma::use_tma_gemm();
   switch (wgmma::pick_tile_n(p.M, p.N, sm90::kBM, sms)) {
-    case 256: tma ? launch_tma<OutT, 256>(p, stream) : launch_wgmma<OutT, 256>(p, stream); break;
-    case 192: tma ? launch_tma<OutT, 192>(p, stream) : launch_wgmma<OutT, 192>(p, stream); break;
-    default: tma ? launch_tma<OutT, 128>(p, stream) : launch_wgmma<OutT, 128>(p, stream); break;
+    case 256: use_tma ? launch_tma<OutT, 256>(p, stream) : launch_wgmma<OutT, 256>(p, stream); break;
+    case 192: use_tma ? launch_tma<OutT, 192>(p, stream) : launch_wgmma<OutT, 192>(p, stream); break;
+    default: use_tma ? launch_tma<OutT, 128>(p, stream) : launch_wgmma<OutT, 128>(p, stream); break;
   }
 }
 

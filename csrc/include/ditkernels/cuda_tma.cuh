@@ -49,14 +49,6 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                "r"(mma::smem_addr(bar))
                : "memory");
 }
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra wait_%=;\n}\n" ::"r"(mma::smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 // One probe: whether the phase of `parity` has completed. Kernels block with
 // mbarrier_wait (the emulator cannot see a spin loop around this for what it is).
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
@@ -68,6 +60,13 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity
       : "r"(mma::smem_addr(bar)), "r"(parity)
       : "memory");
   return done != 0;
+}
+// Blocks until the phase of `parity` has completed. The retry is a C++ loop, not a
+// branch inside the asm, so that the compiler lays it out in place (a retry block
+// placed after the kernel's end would branch back across the whole kernel).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  while (!mbarrier_try_wait(bar, parity)) {
+  }
 }
 __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
