@@ -378,7 +378,7 @@ def _tma_matrix(R, C):
 # Inside the matrix, and over its last rows and columns, and before its first ones.
 @pytest.mark.parametrize("x,y,rows", [(0, 0, 8), (32, 5, 16), (128, 16, 16), (-16, -3, 8),
                                       racecheck(16, 13, 16)])
-def test_emulated_tma_tile_is_the_swizzled_box(x, y, rows):
+def test_emulated_tma_tile_is_the_swizzled_box(x, y, rows, hopper):
     """A [21, 160] uint8 matrix (row stride 160 bytes): the tile holds the box with CuTe's
     128-byte swizzle applied to each byte's offset, zeros where the box leaves the matrix
     (past the last row or column, or at negative coordinates)."""
@@ -391,7 +391,7 @@ def test_emulated_tma_tile_is_the_swizzled_box(x, y, rows):
     assert torch.equal(image, want)
 
 
-def test_emulated_tma_lands_at_the_barrier_wait(monkeypatch):
+def test_emulated_tma_lands_at_the_barrier_wait(monkeypatch, hopper):
     """Read before the mbarrier wait, the tile still holds the 0xff fill."""
     monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "wait")
     image = _selftest("tma_read_before_wait", _tma_matrix(21, 160), torch.tensor([0, 0, 8]))
@@ -407,7 +407,7 @@ def test_emulated_tensor_map_encoding_checks_the_drivers_rules():
     assert _selftest("tma_encode").tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
 
 
-def test_emulated_mbarrier_phases():
+def test_emulated_mbarrier_phases(hopper):
     """PTX ISA mbarrier semantics, as CuTe's ClusterBarrier::wait(phase) relies on:
     try_wait.parity P succeeds once the phase of parity P completed, i.e. P differs
     from the running phase's parity; a phase completes when all arrivals are in AND
@@ -419,7 +419,7 @@ def test_emulated_mbarrier_phases():
     assert probes == [0, 1, 0, 1, 0, 0, 1, 0]
 
 
-def test_emulated_wgmma_reads_tma_tiles_without_proxy_fence():
+def test_emulated_wgmma_reads_tma_tiles_without_proxy_fence(hopper):
     """TMA writes through the async proxy: wgmma reads its swizzled tiles with no
     fence.proxy.async, and the swizzles agree, so the product is exact."""
     a = torch.randint(-8, 9, (64, 64)).float()
@@ -431,10 +431,16 @@ def test_emulated_wgmma_reads_tma_tiles_without_proxy_fence():
     ("mbarrier_deadlock", "deadlock: 0 threads wait at __syncthreads, 64 on mbarrier phases"),
     ("tma_without_wait", "TMA loads in flight"),
 ])
-def test_emulator_reports_tma_faults(name, message):
+def test_emulator_reports_tma_faults(name, message, hopper):
     a = _tma_matrix(21, 160)
     with pytest.raises(RuntimeError, match=message):
         _selftest(name, a, torch.tensor([0, 0, 8]))
+
+
+def test_emulator_reports_tma_before_hopper(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "a100")
+    with pytest.raises(RuntimeError, match="on an emulated a100: TMA needs sm_90"):
+        _selftest("tma_tile", _tma_matrix(21, 160), torch.tensor([0, 0, 8]))
 
 
 @pytest.mark.parametrize("name,message", [

@@ -136,12 +136,15 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
   const int k_tiles = (p.K + kBK - 1) / kBK;
 
-  // Scales of the rows whose A chunks this thread quantizes.
-  float s_load[4];
+  // Scales of the rows whose A chunks this thread quantizes (read only then: each read
+  // is also a device-side check, which the compiler cannot drop).
+  float s_load[4] = {};
+  if constexpr (kQuantizeA) {
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
-    s_load[c] = p.scales(gm);
+    for (int c = 0; c < 4; ++c) {
+      const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
+      s_load[c] = p.scales(gm);
+    }
   }
 
   AChunks<T> regs;

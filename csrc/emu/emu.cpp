@@ -1096,6 +1096,11 @@ void tma_check_map(const CUtensorMap* map) { decode_map(map, "prefetch.tensormap
 
 void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
   const char* what = "cp.async.bulk.tensor.2d";
+  const DeviceProperties& device = *w().launch->device;
+  if (device.major < 9) {
+    report(std::string(what) + " on an emulated " + device.name + ": TMA needs sm_90");
+    return;
+  }
   const EncodedMap* m = decode_map(map, what);
   if (m == nullptr) return;
   const bool sw128 = m->swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
