@@ -1016,6 +1016,7 @@ void land_tma_on(uint32_t bar) {
   auto& q = w().tma;
   for (size_t i = 0; i < q.size();) {
     if (q[i].bar == bar) {
+      tsan::acquire(q[i].bytes.data());
       PendingTma op = std::move(q[i]);
       q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
       land_tma(op);
@@ -1036,6 +1037,7 @@ void land_tma_due(Fiber& f) {
   auto& q = w().tma;
   for (size_t i = 0; i < q.size();) {
     if (q[i].issuer == f.index && q[i].countdown-- <= 0) {
+      tsan::acquire(q[i].bytes.data());
       PendingTma op = std::move(q[i]);
       q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
       land_tma(op);
@@ -1145,6 +1147,10 @@ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y)
     }
   }
   k.tma.push_back(std::move(op));
+  // The emulator's own record of the load, allocated here and freed by the thread that
+  // lands it: ordered for ThreadSanitizer (an edge from the issue to the landing, which
+  // the kernels' own arrive.expect_tx before the load gives them anyway).
+  tsan::release(k.tma.back().bytes.data());
   MBarrier& b = k.barriers[k.tma.back().bar];
   ++b.version;  // a waiter re-checks, landing this load
 }

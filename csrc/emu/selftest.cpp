@@ -126,6 +126,24 @@ __global__ void wgmma_tile_kernel(const T* a, const T* b, float* c, WgmmaFault f
 
 // ---- TMA and mbarrier ----
 
+// acc = the four k16 bf16 wgmma of a 64-wide k-tile: A's 64 rows at sa, B's 128 at sb.
+void k_tile_product(float (&acc)[64], const unsigned char* sa, const unsigned char* sb) {
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  wgmma::fence();
+  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
+  wgmma::commit();
+  wgmma::wait<0>();
+}
+
+// Thread 0 initialises the barrier; the block waits for it.
+void init_barrier(uint64_t* bar, uint32_t count) {
+  if (threadIdx.x == 0) {
+    tma::mbarrier_init(bar, count);
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+}
+
 // A box of `rows` 128-byte rows at (x, y) of a uint8 matrix, through one TMA load into
 // an atom-aligned tile: out is the tile's raw image. read_before_wait reads it before
 // the wait on the barrier (then waits, so that no load is in flight at the end);
@@ -138,11 +156,7 @@ __global__ void tma_tile_kernel(const __grid_constant__ CUtensorMap map, int x, 
   unsigned char* tile = wgmma::align_to_atom(smem_raw);
   auto* bar = reinterpret_cast<uint64_t*>(tile + rows * 128);
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    tma::mbarrier_init(bar, 1);
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
+  init_barrier(bar, 1);
   if (tid == 0) {
     tma::prefetch_map(&map);
     tma::mbarrier_arrive_expect_tx(bar, rows * 128);
@@ -168,11 +182,7 @@ __global__ void mbarrier_phases_kernel(const __grid_constant__ CUtensorMap map, 
   auto probe = [&](uint32_t parity) {
     if (tid == 0) out[n++] = tma::mbarrier_try_wait(bar, parity) ? 1 : 0;
   };
-  if (tid == 0) {
-    tma::mbarrier_init(bar, 2);
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
+  init_barrier(bar, 2);
   probe(0);  // phase 0 running
   probe(1);  // "phase -1" counts as complete
   __syncthreads();
@@ -216,11 +226,7 @@ __global__ void wgmma_tma_kernel(const __grid_constant__ CUtensorMap map_a,
   unsigned char* sb = sa + 64 * wgmma::kRowBytes;
   auto* bar = reinterpret_cast<uint64_t*>(sb + 128 * wgmma::kRowBytes);
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    tma::mbarrier_init(bar, 1);
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
+  init_barrier(bar, 1);
   if (tid == 0) {
     tma::mbarrier_arrive_expect_tx(bar, (64 + 128) * wgmma::kRowBytes);
     tma::load_2d(sa, &map_a, bar, 0, 0);
@@ -228,11 +234,7 @@ __global__ void wgmma_tma_kernel(const __grid_constant__ CUtensorMap map_a,
   }
   tma::mbarrier_wait(bar, 0);
   float acc[64];
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  wgmma::fence();
-  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
-  wgmma::commit();
-  wgmma::wait<0>();
+  k_tile_product(acc, sa, sb);
   const int warp = tid / 32, lane = tid % 32;
   for (int i = 0; i < 64; ++i) {
     const int row = 16 * warp + lane / 4 + ((i % 4) >= 2 ? 8 : 0);
@@ -403,11 +405,7 @@ __global__ void wgmma_images_kernel(const unsigned char* a, const unsigned char*
   wgmma::fence_proxy_async();
   __syncthreads();
   float acc[64];
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  wgmma::fence();
-  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
-  wgmma::commit();
-  wgmma::wait<0>();
+  k_tile_product(acc, sa, sb);
   for (int i = 0; i < 64; ++i) d[64 * tid + i] = acc[i];
 }
 
