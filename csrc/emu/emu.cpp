@@ -1011,11 +1011,12 @@ void land_tma(PendingTma& op) {
   settle(b);
 }
 
-// Lands, in issue order, the loads counted by the barrier at shared offset `bar`.
-void land_tma_on(uint32_t bar) {
+// Lands, in issue order, the loads in flight for which due(load) holds.
+template <typename Due>
+void land_tma_if(Due&& due) {
   auto& q = w().tma;
   for (size_t i = 0; i < q.size();) {
-    if (q[i].bar == bar) {
+    if (due(q[i])) {
       tsan::acquire(q[i].bytes.data());
       PendingTma op = std::move(q[i]);
       q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
@@ -1024,6 +1025,11 @@ void land_tma_on(uint32_t bar) {
       ++i;
     }
   }
+}
+
+// The loads counted by the barrier at shared offset `bar`.
+void land_tma_on(uint32_t bar) {
+  land_tma_if([bar](const PendingTma& op) { return op.bar == bar; });
 }
 
 uint32_t smem_offset(const void* p) {
@@ -1033,18 +1039,9 @@ uint32_t smem_offset(const void* p) {
 }  // namespace
 
 namespace {
+// DITKERNELS_EMU_CPASYNC=early: f's loads whose countdown ran out.
 void land_tma_due(Fiber& f) {
-  auto& q = w().tma;
-  for (size_t i = 0; i < q.size();) {
-    if (q[i].issuer == f.index && q[i].countdown-- <= 0) {
-      tsan::acquire(q[i].bytes.data());
-      PendingTma op = std::move(q[i]);
-      q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
-      land_tma(op);
-    } else {
-      ++i;
-    }
-  }
+  land_tma_if([&f](PendingTma& op) { return op.issuer == f.index && op.countdown-- <= 0; });
 }
 }  // namespace
 
