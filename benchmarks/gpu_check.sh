@@ -29,7 +29,7 @@ BUDGET=${2:-540}
 shift $(( $# >= 2 ? 2 : 1 ))
 # The kernels first, then the whole models, whose torch.compile baselines take the
 # longest to compile (DiT-XL/2 could otherwise spend the phase's budget alone).
-FAMILIES=${FAMILIES:-tmsa,adaln,skip_concat_linear,int8,dit,uvit}
+FAMILIES=${FAMILIES:-tmsa,adaln,skip_concat_linear,int8,dit,uvit,diffusers}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
 start=$(date +%s)

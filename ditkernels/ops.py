@@ -310,6 +310,14 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: 
     act_scales[t] must be positive and finite, K at most 133,144 so that the int8 product
     accumulates exactly in int32); y = acc * s * w_scale + bias, in x's dtype. The gradient w.r.t. x passes
     straight through the activation quantizer (dx = dy @ dequantized W).
+
+    Validation of t and act_scales[t] (here and in the other int8 ops): on CPU on the
+    host, with a message naming the values. On CUDA on the device, so that no call
+    synchronizes and calls can be captured in a CUDA graph: the kernels check each
+    timestep and scale as they read it, and a bad one makes the kernel trap (the
+    launch fails, and the CUDA context with it, like a failed device-side assert).
+    Setting DITKERNELS_HOST_CHECKS=1 (debug mode) checks them on the host instead,
+    with the CPU's message, at the cost of one synchronization per call.
     """
     return _ops.int8_linear(x, w_q, w_scale, act_scales, t, bias)
 
@@ -317,12 +325,14 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: 
 def int8_gemm_dequant(x_q: Tensor, w_q: Tensor, w_scale: Tensor, act_scales: Tensor, t: Tensor,
                       bias: Optional[Tensor] = None,
                       out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """int8_linear for activations already quantized (x_q int8 with act_scales[t])."""
+    """int8_linear for activations already quantized (x_q int8 with act_scales[t]);
+    t and act_scales validated as int8_linear says."""
     return _ops.int8_gemm_dequant(x_q, w_q, w_scale, act_scales, t, bias, out_dtype)
 
 
 def quantize_per_sample(x: Tensor, act_scales: Tensor, t: Tensor) -> Tensor:
-    """int8 clamp(round(x / act_scales[t[b]]), -127, 127), per sample b of x."""
+    """int8 clamp(round(x / act_scales[t[b]]), -127, 127), per sample b of x; t and
+    act_scales validated as int8_linear says."""
     return _ops.quantize_per_sample(x, act_scales, t)
 
 
@@ -330,7 +340,8 @@ def ln_modulate_int8(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]
                      act_scales: Tensor, t: Tensor, eps: float = 1e-6,
                      weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """ln_modulate whose output is quantized to int8 with act_scales[t[b]], so the
-    quantization of a qkv or fc1 input rides on the norm that produces it."""
+    quantization of a qkv or fc1 input rides on the norm that produces it; t and
+    act_scales validated as int8_linear says."""
     return _ops.ln_modulate_int8(x, shift, scale, eps, weight, bias, act_scales, t)
 
 

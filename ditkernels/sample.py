@@ -4,8 +4,12 @@
         --num-samples 50000 --sampler ddpm --steps 250 --cfg-scale 1.5 \\
         --vae-path /weights/sd-vae-ft-ema --out samples.npz
 
-The output holds ``arr_0``, uint8 [N, H, W, 3] (what ADM's evaluator reads), and
-``arr_1``, the int64 labels, for a class-conditional model. Work is cut into chunks
+Every sampler of ``ditkernels.diffusion``: DDPM, DDIM and DPM-Solver(++) for eps
+(diffusion) checkpoints, Euler and Heun for flow-matching ones (the checkpoint's
+objective decides which apply). The output holds ``arr_0``, uint8 [N, H, W, 3] (what
+ADM's evaluator reads; 1-channel images are repeated over the 3 channels), and
+``arr_1``, the int64 labels, for a class-conditional model: random, or with
+``--labels balanced`` sample i of class i mod num_classes. Work is cut into chunks
 of ``--batch-size`` consecutive sample indices; process r of W takes chunks r, r + W,
 ... and writes each to OUT.shards/chunk_K.npz as it finishes. Sample i's starting
 noise and label come from a generator seeded by (seed, i), the sampler's step noise
@@ -17,6 +21,7 @@ and streams the chunks into OUT.
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -29,11 +34,16 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_lib
-from .diffusion import create_diffusion, ddim_sample, ddpm_sample
+from .diffusion import (create_diffusion, ddim_sample, ddpm_sample, dpm_solver_sample,
+                        flow_sample)
+from .diffusion.dpm_solver import ALGORITHMS, METHODS, SKIP_TYPES
 from .distributed import DistContext, run_in_process_group
-from .train import DTYPES, build_model, denoiser_for, model_config
+from .train import (DTYPES, OBJECTIVES, build_model, denoiser_for, model_config, objective_of,
+                    training_process)
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+# The samplers of each training objective.
+SAMPLERS = {"eps": ("ddpm", "ddim", "dpm++"), "flow": ("euler", "heun")}
+LABELS = ("random", "balanced")
 
 
 def derived_seed(*keys: int) -> int:
@@ -46,14 +56,20 @@ def derived_seed(*keys: int) -> int:
 _SAMPLE_STREAM, _CHUNK_STREAM = 0, 1
 
 
-def initial_noise_and_labels(indices: range, shape, num_classes: int, seed: int):
-    """x_T [n, *shape] (float32, CPU) and labels [n] (or None) of the given samples."""
+def initial_noise_and_labels(indices: range, shape, num_classes: int, seed: int,
+                             labels_mode: str = "random"):
+    """x_T [n, *shape] (float32, CPU) and labels [n] (or None) of the given samples.
+
+    labels_mode: "random" (drawn per sample) or "balanced" (sample i gets i mod
+    num_classes, so every class has N / num_classes samples, +-1).
+    """
     noise, labels = [], []
     for i in indices:
         g = torch.Generator().manual_seed(derived_seed(seed, _SAMPLE_STREAM, i))
         noise.append(torch.randn(tuple(shape), generator=g))
         if num_classes > 0:
-            labels.append(torch.randint(num_classes, (1,), generator=g))
+            labels.append(torch.randint(num_classes, (1,), generator=g)
+                          if labels_mode == "random" else torch.tensor([i % num_classes]))
     return torch.stack(noise), (torch.cat(labels) if labels else None)
 
 
@@ -114,7 +130,7 @@ def load_model(args, device: torch.device):
                               in_channels=args.in_channels, num_classes=args.num_classes,
                               class_dropout_prob=args.class_dropout_prob,
                               overrides=json.loads(args.model_kwargs) if args.model_kwargs
-                              else None)
+                              else None, objective=args.objective)
         state = ckpt
     model = build_model(config)
     model.load_state_dict(state, strict=True)
@@ -124,8 +140,8 @@ def load_model(args, device: torch.device):
 def sample_settings(args, num_chunks: int) -> Dict[str, Any]:
     """What determines the samples: a rerun must match it to reuse the chunks."""
     keys = ("ckpt", "weights", "num_samples", "batch_size", "sampler", "steps", "eta",
-            "cfg_scale", "cfg_channels", "clip_denoised", "seed", "vae_path", "precision",
-            "dtype", "tf32")
+            "order", "method", "algorithm", "skip_type", "labels", "cfg_scale", "cfg_channels",
+            "clip_denoised", "seed", "vae_path", "precision", "dtype", "tf32")
     return {**{k: getattr(args, k) for k in keys}, "num_chunks": num_chunks}
 
 
@@ -145,6 +161,45 @@ def check_or_write_settings(shard_dir: str, settings: Dict[str, Any], ctx: DistC
                          f"these): {diff}; remove it or pass another --out")
 
 
+def make_sampler(args, config: Dict[str, Any]):
+    """sampler(denoiser, **common) -> samples, for --sampler and --steps on a model of
+    ``config``: DDPM/DDIM respaced by --steps ('250', 'ddim50'), DPM-Solver(++) and the
+    flow ODE solvers in int(--steps) steps."""
+    objective = objective_of(config)
+    name = args.sampler or SAMPLERS[objective][0]
+    if name not in SAMPLERS[objective]:
+        raise ValueError(f"--sampler {name} does not apply to a model trained with the "
+                         f"{objective!r} objective; choose one of {list(SAMPLERS[objective])}")
+    if name in ("ddpm", "ddim"):
+        diffusion = create_diffusion(args.steps, learn_sigma=config["learn_sigma"])
+        if name == "ddpm":
+            return functools.partial(ddpm_sample, diffusion)
+        return functools.partial(ddim_sample, diffusion, eta=args.eta)
+    try:
+        steps = int(args.steps)
+    except ValueError:
+        raise ValueError(f"--sampler {name} takes a number of --steps, got "
+                         f"{args.steps!r}") from None
+    if name == "dpm++":
+        return functools.partial(dpm_solver_sample, training_process(config), steps=steps,
+                                 order=args.order, method=args.method,
+                                 algorithm=args.algorithm, skip_type=args.skip_type)
+
+    def flow(denoiser, *, clip_denoised, **common):
+        # The ODE has no x_0 prediction to clip; the uint8 conversion clamps the output.
+        return flow_sample(denoiser, steps=steps, method=name,
+                           time_scale=training_process(config).time_scale, **common)
+    return flow
+
+
+def to_adm_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] samples [B, C, H, W] -> uint8 [B, H, W, C], a single channel repeated to 3."""
+    images = data_lib.pixels_to_uint8(x)
+    if images.shape[-1] == 1:
+        images = images.expand(*images.shape[:-1], 3)
+    return images.cpu().numpy()
+
+
 def sample(args, ctx: DistContext) -> None:
     if not args.out.endswith(".npz"):
         raise ValueError(f"--out must end in .npz, got {args.out!r}")
@@ -158,9 +213,7 @@ def sample(args, ctx: DistContext) -> None:
     vae = data_lib.VAE(args.vae_path, ctx.device) if args.vae_path else None
     denoiser = denoiser_for(model, config)
     conditional = denoiser.class_conditional
-    diffusion = create_diffusion(args.steps, learn_sigma=config["learn_sigma"])
-    sampler = SAMPLERS[args.sampler]
-    extra = {"eta": args.eta} if args.sampler == "ddim" else {}
+    sampler = make_sampler(args, config)
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                 if args.precision == "bf16" else contextlib.nullcontext())
@@ -171,17 +224,17 @@ def sample(args, ctx: DistContext) -> None:
     for done, k in enumerate(mine, start=1):
         indices = range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))
         noise, labels = initial_noise_and_labels(indices, shape, denoiser.num_classes,
-                                                 args.seed)
+                                                 args.seed, args.labels)
         y = labels.to(ctx.device) if conditional else None
         with autocast:
-            x = sampler(diffusion, denoiser, y=y, cfg_scale=args.cfg_scale,
+            x = sampler(denoiser, y=y, cfg_scale=args.cfg_scale,
                         cfg_channels=args.cfg_channels, clip_denoised=args.clip_denoised,
                         noise=noise.to(ctx.device, DTYPES[args.dtype]),
                         seed=derived_seed(args.seed, _CHUNK_STREAM, k), progress=False,
-                        dtype=DTYPES[args.dtype], **extra)
+                        dtype=DTYPES[args.dtype])
         if vae is not None:
             x = vae.decode(x.float())
-        images = data_lib.pixels_to_uint8(x).cpu().numpy()
+        images = to_adm_uint8(x)
         _save_npz_atomic(chunk_path(shard_dir, k), samples=images,
                          labels=(labels.numpy() if labels is not None
                                  else np.zeros(len(indices), np.int64)),
@@ -209,9 +262,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the .npz to write")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=32, help="samples per chunk per call")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
-    p.add_argument("--steps", default="250", help="respacing: '250', 'ddim50', ...")
+    p.add_argument("--sampler", choices=[s for names in SAMPLERS.values() for s in names],
+                   help="ddpm (default), ddim or dpm++ for eps models; euler (default) or heun "
+                        "for flow models")
+    p.add_argument("--steps", default="250", help="ddpm/ddim respacing: '250', 'ddim50', ...; "
+                                                  "a number of steps for the others")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    p.add_argument("--order", type=int, default=2, help="dpm++: solver order 1-3")
+    p.add_argument("--method", choices=METHODS, default="multistep", help="dpm++")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="dpmsolver++",
+                   help="dpm++: data (dpmsolver++) or noise (dpmsolver) prediction")
+    p.add_argument("--skip-type", choices=SKIP_TYPES, default="logSNR",
+                   help="dpm++: where the steps lie")
+    p.add_argument("--labels", choices=LABELS, default="random",
+                   help="random labels, or balanced: sample i gets class i mod num_classes")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--cfg-channels", type=int, help="guide only the first k eps channels "
                                                     "(DiT: 3)")
@@ -232,6 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     plain.add_argument("--in-channels", type=int, default=4)
     plain.add_argument("--num-classes", type=int, default=1000)
     plain.add_argument("--class-dropout-prob", type=float, default=0.1)
+    plain.add_argument("--objective", choices=OBJECTIVES, default="eps")
     return p.parse_args(argv)
 
 

@@ -37,11 +37,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import data as data_lib
-from .diffusion import as_denoiser, create_diffusion
+from .diffusion import RectifiedFlow, as_denoiser, create_diffusion
+from .diffusion.flow import T_SAMPLINGS
 from .distributed import (DistContext, all_gather_objects, mean_over_ranks,
                           run_in_process_group)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# eps: Gaussian diffusion, noise prediction (DiT's); flow: rectified flow, velocity.
+OBJECTIVES = ("eps", "flow")
 
 
 # -- models -------------------------------------------------------------------------------
@@ -61,7 +64,8 @@ def _family(name: str) -> str:
 
 def model_config(name: str, *, input_size: int, in_channels: int, num_classes: int,
                  class_dropout_prob: float = 0.1, learn_sigma: Optional[bool] = None,
-                 overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                 overrides: Optional[Dict[str, Any]] = None, objective: str = "eps",
+                 t_sampling: str = "uniform") -> Dict[str, Any]:
     """A JSON-able description of a model that ``build_model`` turns into the model.
 
     num_classes: classes in the data; 0 trains unconditionally (DiT and latent DiffiT
@@ -69,10 +73,20 @@ def model_config(name: str, *, input_size: int, in_channels: int, num_classes: i
     class for classifier-free guidance. learn_sigma: None takes the family's default
     (DiT/latent DiffiT True, U-ViT and the DiffiT U-Net False; U-ViT cannot learn it).
     overrides: further constructor arguments (e.g. a tiny depth for tests).
+    objective: "eps" or "flow" (RectifiedFlow with ``t_sampling``; no sigma to learn):
+    ``training_process`` and the sampler follow it.
     """
     registry = model_registry()
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(registry)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if objective == "flow":
+        if learn_sigma:
+            raise ValueError(f"{name}: the flow objective predicts a velocity; it has no "
+                             "sigma to learn")
+        RectifiedFlow(t_sampling=t_sampling)  # rejects an unknown t_sampling now
+        learn_sigma = False
     family = _family(name)
     if family == "latent_transformer":
         num_classes = max(num_classes, 1)  # DiT and latent DiffiT always embed a label
@@ -101,7 +115,20 @@ def model_config(name: str, *, input_size: int, in_channels: int, num_classes: i
     kwargs.update(overrides or {})
     return {"name": name, "kwargs": kwargs, "learn_sigma": bool(learn_sigma),
             "num_classes": num_classes, "class_dropout_prob": class_dropout_prob if null else 0.0,
-            "in_channels": in_channels, "input_size": input_size, "denoiser": denoiser}
+            "in_channels": in_channels, "input_size": input_size, "denoiser": denoiser,
+            "objective": objective, "t_sampling": t_sampling if objective == "flow" else None}
+
+
+def objective_of(config: Dict[str, Any]) -> str:
+    """The training objective of ``config`` (configs from before flow matching: eps)."""
+    return config.get("objective", "eps")
+
+
+def training_process(config: Dict[str, Any]):
+    """The full diffusion (eps) or the rectified flow (flow) that ``config`` trains with."""
+    if objective_of(config) == "flow":
+        return RectifiedFlow(t_sampling=config["t_sampling"])
+    return create_diffusion("", learn_sigma=config["learn_sigma"])
 
 
 def build_model(config: Dict[str, Any]) -> nn.Module:
@@ -340,7 +367,8 @@ def train(args, ctx: DistContext) -> None:
     config = model_config(args.model, input_size=size, in_channels=channels,
                           num_classes=num_classes, class_dropout_prob=args.class_dropout_prob,
                           learn_sigma=False if args.no_learn_sigma else None,
-                          overrides=overrides)
+                          overrides=overrides, objective=args.objective,
+                          t_sampling=args.t_sampling)
 
     # The same seed on every rank: identical initial weights (FSDP2 shards them as they are).
     torch.manual_seed(args.seed)
@@ -361,7 +389,7 @@ def train(args, ctx: DistContext) -> None:
     if args.compile:
         train_model = torch.compile(train_model)
     denoiser = denoiser_for(model, config, forward=train_model)
-    diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
+    process = training_process(config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
 
@@ -411,8 +439,11 @@ def train(args, ctx: DistContext) -> None:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         # Drawn for the global batch, in a fixed order, whatever is used: the stream
         # stays the same for every world size and option.
-        t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=generator,
-                          device=ctx.device)[local]
+        if isinstance(process, RectifiedFlow):
+            t = process.sample_t(global_batch, generator, ctx.device)[local]
+        else:
+            t = torch.randint(0, process.num_timesteps, (global_batch,), generator=generator,
+                              device=ctx.device)[local]
         noise = torch.randn(sample_shape, generator=generator, device=ctx.device,
                             dtype=dtype)[local]
         drop = (torch.rand(global_batch, generator=generator, device=ctx.device)
@@ -430,7 +461,7 @@ def train(args, ctx: DistContext) -> None:
         elif null_class is not None:
             y = torch.where(drop, null_class, y)
         with autocast:
-            loss = diffusion.training_losses(denoiser, x, t, y, noise=noise)["loss"].mean()
+            loss = process.training_losses(denoiser, x, t, y, noise=noise)["loss"].mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, max_steps, args.lr, args.warmup_steps, args.lr_schedule,
                                 args.final_lr_fraction)
@@ -481,6 +512,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                               "'{\"depth\": 2}'")
     model.add_argument("--class-dropout-prob", type=float, default=0.1)
     model.add_argument("--no-learn-sigma", action="store_true")
+    model.add_argument("--objective", choices=OBJECTIVES, default="eps",
+                       help="eps: Gaussian diffusion, noise prediction; flow: rectified flow, "
+                            "velocity prediction (no learned sigma)")
+    model.add_argument("--t-sampling", choices=T_SAMPLINGS, default="uniform",
+                       help="flow: how training draws t in (0, 1)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--global-batch-size", type=int, default=256)
     opt.add_argument("--lr", type=float, default=1e-4)

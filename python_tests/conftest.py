@@ -29,9 +29,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The CUDA GEMM kernels a test can select (read by the ops at every call): on Hopper
-# with an sm_90a build the default is wgmma, with the tile width picked per shape;
-# "mma.sync" is what other GPUs run. Elsewhere all of them run the same kernel.
-GEMM_KERNELS = ["wgmma-n128", "wgmma-n192", "wgmma-n256", "mma.sync"]
+# with an sm_90a build the default is the warp-specialized TMA wgmma kernel ("tma"),
+# with the tile width picked per shape; "wgmma" is the cp.async wgmma kernel
+# (DITKERNELS_DISABLE_TMA=1); "mma.sync" is what other GPUs run. Elsewhere all of them
+# run the same kernel.
+GEMM_KERNELS = ["tma-n128", "tma-n192", "tma-n256", "wgmma-n128", "wgmma-n192", "wgmma-n256",
+                "mma.sync"]
 
 
 def set_gemm_kernel(monkeypatch, kernel: str) -> None:
@@ -39,7 +42,11 @@ def set_gemm_kernel(monkeypatch, kernel: str) -> None:
         monkeypatch.setenv("DITKERNELS_DISABLE_WGMMA", "1")
         return
     monkeypatch.delenv("DITKERNELS_DISABLE_WGMMA", raising=False)
-    if kernel != "wgmma":
+    if kernel.startswith("tma"):
+        monkeypatch.delenv("DITKERNELS_DISABLE_TMA", raising=False)
+    else:
+        monkeypatch.setenv("DITKERNELS_DISABLE_TMA", "1")
+    if kernel not in ("wgmma", "tma"):
         monkeypatch.setenv("DITKERNELS_WGMMA_TILE_N", kernel.split("-n")[1])
 
 

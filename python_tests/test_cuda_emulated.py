@@ -93,10 +93,10 @@ pytestmark = [
 
 @pytest.fixture(params=GEMM_KERNELS)
 def gemm_kernel(request, monkeypatch):
-    """On an emulated Hopper the GEMM ops run their sm_90a wgmma kernels (at each tile
-    width: the small test shapes alone would always get 128), or, with
-    DITKERNELS_DISABLE_WGMMA=1, the mma.sync kernels every other GPU runs; elsewhere
-    only those."""
+    """On an emulated Hopper the GEMM ops run their sm_90a kernels, the warp-specialized
+    TMA one and the cp.async wgmma one (each at each tile width: the small test shapes
+    alone would always get 128), or, with DITKERNELS_DISABLE_WGMMA=1, the mma.sync
+    kernels every other GPU runs; elsewhere only those."""
     if request.param != "mma.sync" and not HOPPER:
         pytest.skip(f"no wgmma on the emulated {EMULATED_DEVICE}")
     set_gemm_kernel(monkeypatch, request.param)
@@ -385,6 +385,101 @@ def test_emulator_racecheck_control():
     assert _selftest("shared_memory_race")[0].item() == 1.0
 
 
+# TMA and mbarrier, against CuTe's and the PTX ISA's definitions written down here.
+
+def _cute_swizzle_343(offset):
+    """CuTe's Swizzle<3, 4, 3> (cute/swizzle.hpp), the 128-byte swizzle of TMA
+    (CU_TENSOR_MAP_SWIZZLE_128B) and of wgmma descriptors (layout type 1): bits 7..9
+    of a byte offset XOR-ed into bits 4..6."""
+    yyy_msk = ((1 << 3) - 1) << (4 + 3)
+    return offset ^ ((offset & yyy_msk) >> 3)
+
+
+def _tma_box(matrix, x, y, rows):
+    """The box TMA reads at coordinates (x, y) (x along the contiguous dimension, as
+    cuTensorMapEncodeTiled orders dims), zeros outside the matrix."""
+    box = torch.zeros(rows, 128, dtype=torch.uint8)
+    R, C = matrix.shape
+    for r in range(rows):
+        for c in range(128):
+            if 0 <= y + r < R and 0 <= x + c < C:
+                box[r, c] = matrix[y + r, x + c]
+    return box
+
+
+def _tma_matrix(R, C):
+    g = torch.Generator().manual_seed(R * C)
+    return torch.randint(1, 256, (R, C), generator=g, dtype=torch.uint8)
+
+
+# Inside the matrix, and over its last rows and columns, and before its first ones.
+@pytest.mark.parametrize("x,y,rows", [(0, 0, 8), (32, 5, 16), (128, 16, 16), (-16, -3, 8),
+                                      racecheck(16, 13, 16)])
+def test_emulated_tma_tile_is_the_swizzled_box(x, y, rows, hopper):
+    """A [21, 160] uint8 matrix (row stride 160 bytes): the tile holds the box with CuTe's
+    128-byte swizzle applied to each byte's offset, zeros where the box leaves the matrix
+    (past the last row or column, or at negative coordinates)."""
+    matrix = _tma_matrix(21, 160)
+    image = _selftest("tma_tile", matrix, torch.tensor([x, y, rows])).flatten()
+    box = _tma_box(matrix, x, y, rows).flatten()
+    want = torch.empty_like(box)
+    for offset in range(box.numel()):
+        want[_cute_swizzle_343(offset)] = box[offset]
+    assert torch.equal(image, want)
+
+
+def test_emulated_tma_lands_at_the_barrier_wait(monkeypatch, hopper):
+    """Read before the mbarrier wait, the tile still holds the 0xff fill."""
+    monkeypatch.setenv("DITKERNELS_EMU_CPASYNC", "wait")
+    image = _selftest("tma_read_before_wait", _tma_matrix(21, 160), torch.tensor([0, 0, 8]))
+    assert (image == 255).all()
+
+
+def test_emulated_tensor_map_encoding_checks_the_drivers_rules():
+    """cuTensorMapEncodeTiled, found through cudaGetDriverEntryPoint, accepts the valid
+    maps (CUDA_SUCCESS = 0) and refuses (CUDA_ERROR_INVALID_VALUE = 1) what cuda.h says
+    it must: unaligned address or stride, a box beyond 256 or of rows that are no
+    multiple of 16 bytes or wider than the swizzle, rank 0, element stride 9, NaN fill
+    of an integer type, an empty dimension (cases in csrc/emu/selftest.cpp)."""
+    assert _selftest("tma_encode").tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_emulated_mbarrier_phases(hopper):
+    """PTX ISA mbarrier semantics, as CuTe's ClusterBarrier::wait(phase) relies on:
+    try_wait.parity P succeeds once the phase of parity P completed, i.e. P differs
+    from the running phase's parity; a phase completes when all arrivals are in AND
+    the expected transaction bytes have arrived (arrive.expect_tx + a TMA load's
+    complete_tx); then the phase flips."""
+    probes = _selftest("mbarrier_phases", _tma_matrix(8, 128)).tolist()
+    # fresh: P=0, P=1 | 1 of 2 arrivals: P=0 | both: P=0, P=1 | arrivals in, 1024 bytes
+    # outstanding: P=1 | the load landed: P=1, P=0
+    assert probes == [0, 1, 0, 1, 0, 0, 1, 0]
+
+
+def test_emulated_wgmma_reads_tma_tiles_without_proxy_fence(hopper):
+    """TMA writes through the async proxy: wgmma reads its swizzled tiles with no
+    fence.proxy.async, and the swizzles agree, so the product is exact."""
+    a = torch.randint(-8, 9, (64, 64)).float()
+    b = torch.randint(-8, 9, (128, 64)).float()
+    assert torch.equal(_selftest("wgmma_tma", a, b), a @ b.t())
+
+
+@pytest.mark.parametrize("name,message", [
+    ("mbarrier_deadlock", "deadlock: 0 threads wait at __syncthreads, 64 on mbarrier phases"),
+    ("tma_without_wait", "TMA loads in flight"),
+])
+def test_emulator_reports_tma_faults(name, message, hopper):
+    a = _tma_matrix(21, 160)
+    with pytest.raises(RuntimeError, match=message):
+        _selftest(name, a, torch.tensor([0, 0, 8]))
+
+
+def test_emulator_reports_tma_before_hopper(monkeypatch):
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", "a100")
+    with pytest.raises(RuntimeError, match="on an emulated a100: TMA needs sm_90"):
+        _selftest("tma_tile", _tma_matrix(21, 160), torch.tensor([0, 0, 8]))
+
+
 @pytest.mark.parametrize("name,message", [
     ("misaligned_ldmatrix", "not 16-byte aligned"),
     ("exited_lane_shuffle", "exited"),
@@ -596,6 +691,31 @@ def test_int8_linear_bit_identical(lead, K, N, one_t, bias):
         test_int8.check_int8_linear("cpu", dtype, lead, K, N, one_t, bias)
 
 
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n192", "tma-n256"])
+@pytest.mark.parametrize("ctas", [1, 3])
+def test_int8_tma_kernel_walks_several_tiles_per_cta(kernel, ctas, hopper, monkeypatch):
+    """The persistent TMA kernel with its grid capped: each CTA walks several output
+    tiles (M and N tails included), its stage ring wrapping within and across tiles."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", str(ctas))
+    for lead, K, N, one_t in [((3, 129), 96, 400, False), ((1, 258), 1152, 144, False)]:
+        test_int8.check_int8_linear("cpu", torch.bfloat16, lead, K, N, one_t, True)
+    test_int8.check_gemm_dequant_and_quantize("cpu", [torch.float32], (2, 130), 272, 48, False)
+
+
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n192", "tma-n256"])
+@pytest.mark.parametrize("ctas", [1, 3])
+def test_skip_concat_linear_tma_kernel_walks_several_tiles_per_cta(kernel, ctas, hopper,
+                                                                  monkeypatch):
+    """The same for skip_concat_linear, whose K loop walks x's and skip's maps in turn
+    (D = 72: the last k-tile of each straddles D; odd Dout: scalar stores)."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", str(ctas))
+    for dtype in LOW_PRECISION:
+        test_skip_concat_linear.check_forward("cpu", dtype, (2, 150), 72, 300, True)
+        test_skip_concat_linear.check_forward("cpu", dtype, (3, 90), 136, 97, False)
+
+
 @pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES[:3])
 @pytest.mark.usefixtures("gemm_kernel")
 def test_int8_gemm_dequant_and_quantize(lead, K, N, one_t):
@@ -614,6 +734,11 @@ def test_int8_quantize_rows_of_eight():
 @pytest.mark.usefixtures("gemm_kernel")
 def test_int8_mixed_timesteps_in_one_batch():
     test_int8.test_mixed_timesteps_in_one_batch("cpu")
+
+
+@pytest.mark.usefixtures("gemm_kernel")
+def test_int8_bad_timesteps_and_scales_fail_on_the_device(monkeypatch):
+    test_int8.check_bad_values_fail_on_the_device("cpu", monkeypatch)
 
 
 @RACECHECK

@@ -363,19 +363,29 @@ def test_int8_linear_with_no_input_features_is_the_bias(backend):
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["int8_linear", "int8_gemm_dequant", "quantize_per_sample",
                                   "ln_modulate_int8"])
-def test_unusable_scales_raise(backend, name, bad):
+def test_unusable_scales_raise(backend, name, bad, monkeypatch):
+    """The host's message (CPU; CUDA in the debug mode DITKERNELS_HOST_CHECKS=1), or the
+    CUDA kernels' device-side check."""
     op, args, _ = op_cases(torch.float32)[name]
     names = SCHEMA_NAMES[name]
     a, ti = names.index("act_scales"), names.index("t")
     args[a] = args[a].clone()
     args[a][args[ti][1]] = bad
+    monkeypatch.setenv("DITKERNELS_HOST_CHECKS", "1")
     with pytest.raises(RuntimeError, match=rf"{name}: act_scales\[t\] holds 1 scales that are "
                                            rf"zero, negative or not finite \(act_scales of shape "
                                            rf"\[10\], t of shape \[2\]\)"):
         op(*args)
-    args[a][args[ti][1]] = 0.5
-    args[a][0] = bad  # an entry that t does not select is not checked
-    op(*args)
+    if backend == "emulated":
+        monkeypatch.delenv("DITKERNELS_HOST_CHECKS")
+        with pytest.raises(RuntimeError, match=r"device-side check failed: int8: act_scales\[t\] "
+                                               r"holds a scale that is zero, negative or not finite"):
+            op(*args)
+    for host_checks in ("1", "0"):
+        monkeypatch.setenv("DITKERNELS_HOST_CHECKS", host_checks)
+        args[a][args[ti][1]] = 0.5
+        args[a][0] = bad  # an entry that t does not select is not checked
+        op(*args)
 
 
 # ---------------------------------------------------------------------------

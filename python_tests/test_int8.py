@@ -127,8 +127,9 @@ def check_quantize_rows_of_eight(device, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_every_cuda_kernel_is_bit_identical(kernel, monkeypatch):
-    """On Hopper every GEMM (wgmma at each tile width, after a quantize pass; mma.sync,
-    quantizing in its A load) matches the integer reference bit for bit."""
+    """On Hopper every GEMM (the TMA and the cp.async wgmma kernels at each tile width,
+    after a quantize pass; mma.sync, quantizing in its A load) matches the integer
+    reference bit for bit."""
     set_gemm_kernel(monkeypatch, kernel)
     for lead, K, N, one_t in CASES:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -212,7 +213,10 @@ def test_torch_compile_fullgraph(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise_clear_errors(device):
+def test_bad_inputs_raise_clear_errors(device, monkeypatch):
+    # On CUDA the values of t are checked on the host only in the debug mode (on the
+    # device otherwise: see check_bad_values_fail_on_the_device); the CPU always checks.
+    monkeypatch.setenv("DITKERNELS_HOST_CHECKS", "1")
     args = make_gemm_inputs((2, 5), 32, 16, torch.float32, device)
     cases = [
         ("t holds timesteps in \\[0, 1000\\] but act_scales has only 1000 entries",
@@ -236,3 +240,86 @@ def test_cuda_shape_requirements():
     args = make_gemm_inputs((2, 5), 40, 16, torch.bfloat16, "cuda")
     with pytest.raises(RuntimeError, match="K and N to be multiples of 16, got K = 40"):
         ditkernels.int8_linear(**args)
+
+
+def value_check_calls(device):
+    """(name, call(act_scales, t)) of every int8 op, on inputs of 2 samples."""
+    args = make_gemm_inputs((2, 5), 32, 16, torch.float32, device)
+    x, w_q, w_scale, bias = args["x"], args["w_q"], args["w_scale"], args["bias"]
+    x_q = torch.randint(-127, 128, x.shape, dtype=torch.int8).to(device)
+    return [
+        ("int8_linear", lambda s, t: ditkernels.int8_linear(x, w_q, w_scale, s, t, bias)),
+        ("int8_gemm_dequant",
+         lambda s, t: ditkernels.int8_gemm_dequant(x_q, w_q, w_scale, s, t, bias, torch.float32)),
+        ("quantize_per_sample (K % 8 == 0)", lambda s, t: ditkernels.quantize_per_sample(x, s, t)),
+        ("quantize_per_sample (K % 8 != 0)",
+         lambda s, t: ditkernels.quantize_per_sample(x[..., :13], s, t)),
+        ("ln_modulate_int8", lambda s, t: ditkernels.ln_modulate_int8(x, None, None, s, t)),
+    ], args["act_scales"]
+
+
+def check_bad_values_fail_on_the_device(device, monkeypatch):
+    """A timestep outside the table, or a scale that is zero, negative, Inf or NaN,
+    fails the kernel that reads it (the emulator reports the device-side check; the
+    host never looked at the values, or its own message would come first). With
+    DITKERNELS_HOST_CHECKS=1 the host reports them instead, naming the values."""
+    calls, good = value_check_calls(device)
+    bad_scales = good.clone()
+    bad_scales[7] = float("nan")
+    bad_scales[8] = 0.0
+    cases = [
+        (good, [0, 1000], "a timestep t is outside \\[0, act_scales.numel\\(\\)\\)",
+         "t holds timesteps in \\[0, 1000\\] but act_scales has only 1000 entries"),
+        (good, [-1, 3], "a timestep t is outside",
+         "t holds timesteps in \\[-1, 3\\]"),
+        (bad_scales, [7, 3], "act_scales\\[t\\] holds a scale that is zero, negative or not finite",
+         "act_scales\\[t\\] holds 1 scales that are zero, negative or not finite"),
+        (bad_scales, [8, 8], "zero, negative or not finite",
+         "act_scales\\[t\\] holds 2 scales"),
+    ]
+    for name, call in calls:
+        for scales, t, device_msg, host_msg in cases:
+            t = torch.tensor(t, device=device)
+            monkeypatch.delenv("DITKERNELS_HOST_CHECKS", raising=False)
+            with pytest.raises(RuntimeError, match="device-side check failed: int8: .*" + device_msg):
+                call(scales, t)
+            monkeypatch.setenv("DITKERNELS_HOST_CHECKS", "1")
+            with pytest.raises(RuntimeError, match=host_msg):
+                call(scales, t)
+        # Good values pass both ways, with the same result.
+        t = torch.tensor([0, 999], device=device)
+        monkeypatch.delenv("DITKERNELS_HOST_CHECKS", raising=False)
+        on_device = call(good, t)
+        monkeypatch.setenv("DITKERNELS_HOST_CHECKS", "1")
+        assert torch.equal(call(good, t), on_device), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+def test_cuda_calls_never_synchronize(kernel, monkeypatch):
+    """Under torch.cuda's sync debug mode "error", any host synchronisation raises:
+    none of the int8 ops has one. And int8_linear captures into a CUDA graph whose
+    replay gives the eager result."""
+    set_gemm_kernel(monkeypatch, kernel)
+    calls, scales = value_check_calls("cuda")
+    t = torch.tensor([5, 999], device="cuda")
+    eager = [call(scales, t) for _, call in calls]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for (name, call), want in zip(calls, eager):
+            assert torch.equal(call(scales, t), want), name
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    name, int8_linear = calls[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        int8_linear(scales, t)  # warm-up outside the capture (cudaFuncSetAttribute)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int8_linear(scales, t)
+    t.copy_(torch.tensor([999, 0]))
+    graph.replay()
+    assert torch.equal(y, int8_linear(scales, t))

@@ -3,7 +3,8 @@ against 1, FSDP2 against DDP, resumed runs against uninterrupted ones.
 
 Every run is a subprocess (as a user launches it) with a tiny DiT on random 3-channel
 8x8 "images" in float64, so that what separates the runs is only the order of sums
-in the gradient all-reduce.
+in the gradient all-reduce; a flow-matching DiT on 1-channel ones checks the flow
+objective, its resume and samplers.
 """
 
 import os
@@ -16,8 +17,11 @@ import torch
 
 import ditkernels
 from ditkernels import data as data_lib
-from ditkernels.sample import derived_seed, merge_chunks
-from ditkernels.train import block_names, build_model, ema_decay_at, lr_at, model_config
+from ditkernels.diffusion import RectifiedFlow
+from ditkernels.sample import derived_seed, make_sampler, merge_chunks
+from ditkernels.sample import parse_args as parse_sample_args
+from ditkernels.train import (block_names, build_model, ema_decay_at, lr_at, model_config,
+                              training_process)
 
 SRC_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ditkernels.__file__)))
 TINY_DIT = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
@@ -104,9 +108,8 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(runs, name):
                                    atol=PARAM_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp"])
-def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs, name):
-    straight, resumed = final(runs, name), final(runs, f"{name}-resumed")
+def assert_bit_identical(straight, resumed):
+    """Two final checkpoints hold the same weights, optimizer, generator and RNG states."""
     for part in ("model", "ema"):
         assert straight[part].keys() == resumed[part].keys()
         for key in straight[part]:
@@ -119,6 +122,91 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs, name):
         assert torch.equal(a["cpu"], b["cpu"])
     assert straight["step"] == resumed["step"] == STEPS
     assert straight["data_order"] == resumed["data_order"]
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(runs, name):
+    assert_bit_identical(final(runs, name), final(runs, f"{name}-resumed"))
+
+
+@pytest.fixture(scope="module")
+def flow_runs(tmp_path_factory):
+    """A rectified-flow DiT on 1-channel 8x8 "images" (logit-normal t), STEPS steps on one
+    process, and the same run resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("flow")
+    rng = np.random.default_rng(1)
+    latents = root / "gray.npz"
+    np.savez(latents, latents=rng.uniform(-1, 1, (16, 1, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 3, 16))
+    common = [*TRAIN, "--latents", latents, "--objective", "flow", "--t-sampling",
+              "logit_normal"]
+    run("ditkernels.train", [*common, "--results-dir", root / "straight"], root)
+    (root / "resumed" / "checkpoints").mkdir(parents=True)
+    os.link(root / "straight" / "checkpoints" / "0000002.pt",
+            root / "resumed" / "checkpoints" / "0000002.pt")
+    run("ditkernels.train", [*common, "--results-dir", root / "resumed", "--resume", "auto"],
+        root)
+    return root
+
+
+def test_a_flow_run_records_its_objective_and_resumes_bit_identically(flow_runs):
+    straight = load(flow_runs / "straight" / "checkpoints" / f"{STEPS:07d}.pt")
+    first = load(flow_runs / "straight" / "checkpoints" / "0000002.pt")
+    config = straight["config"]
+    assert (config["objective"], config["t_sampling"]) == ("flow", "logit_normal")
+    assert not config["learn_sigma"] and isinstance(training_process(config), RectifiedFlow)
+    assert max((straight["model"][k] - first["model"][k]).abs().max()
+               for k in straight["model"]) > 1e-4
+    assert_bit_identical(straight, load(flow_runs / "resumed" / "checkpoints" /
+                                        f"{STEPS:07d}.pt"))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_checkpoints_sample_balanced_gray_images_as_rgb(flow_runs, tmp_path, sampler):
+    ckpt = flow_runs / "straight" / "checkpoints" / f"{STEPS:07d}.pt"
+    out = tmp_path / "flow.npz"
+    run("ditkernels.sample", ["--ckpt", ckpt, "--num-samples", 7, "--batch-size", 4,
+                              "--sampler", sampler, "--steps", 3, "--cfg-scale", 2.0,
+                              "--labels", "balanced", "--device", "cpu", "--out", out],
+        tmp_path)
+    with np.load(out) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (7, 8, 8, 3) and images.dtype == np.uint8
+    assert (images == images[..., :1]).all() and images.std() > 0
+    np.testing.assert_array_equal(labels, np.arange(7) % 3)
+
+
+def test_dpm_solver_samples_an_eps_checkpoint(runs, tmp_path):
+    ckpt = runs["single"] / "checkpoints" / f"{STEPS:07d}.pt"
+    common = ["--ckpt", ckpt, "--num-samples", 3, "--batch-size", 3, "--sampler", "dpm++",
+              "--steps", 4, "--cfg-scale", 2.0, "--device", "cpu", "--dtype", "float64"]
+    run("ditkernels.sample", [*common, "--order", 3, "--skip-type", "time_quadratic",
+                              "--out", tmp_path / "a.npz"], tmp_path)
+    run("ditkernels.sample", [*common, "--order", 1, "--out", tmp_path / "b.npz"], tmp_path)
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a["arr_0"].shape == (3, 8, 8, 3)
+        # The same noise and labels, another solver: other images.
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_samplers_follow_the_objective_and_take_a_number_of_steps():
+    eps = model_config("DiT-S/2", input_size=8, in_channels=3, num_classes=3)
+    flow = model_config("DiT-S/2", input_size=8, in_channels=3, num_classes=3, objective="flow")
+    assert not flow["learn_sigma"] and eps["learn_sigma"]
+    args = parse_sample_args(["--ckpt", "c", "--out", "o.npz", "--sampler", "dpm++"])
+    with pytest.raises(ValueError, match="--sampler dpm\\+\\+ does not apply to a model "
+                                         "trained with the 'flow' objective"):
+        make_sampler(args, flow)
+    with pytest.raises(ValueError, match="takes a number of --steps, got 'ddim50'"):
+        make_sampler(parse_sample_args(["--ckpt", "c", "--out", "o.npz", "--sampler",
+                                        "dpm++", "--steps", "ddim50"]), eps)
+    with pytest.raises(ValueError, match="no sigma to learn"):
+        model_config("DiT-S/2", input_size=8, in_channels=3, num_classes=3, learn_sigma=True,
+                     objective="flow")
+    with pytest.raises(ValueError, match="unknown t_sampling"):
+        model_config("DiT-S/2", input_size=8, in_channels=3, num_classes=3, objective="flow",
+                     t_sampling="cubic")
 
 
 def test_checkpoints_hold_plain_state_dicts_that_load_strictly(runs):

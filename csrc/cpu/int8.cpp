@@ -130,7 +130,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
                            const std::optional<at::Tensor>& bias) {
   const char* op = "int8_linear";
   check_float(op, x);
-  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
+  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type(),
+                            int8::ValueChecks::kHost);
   at::Tensor q = quantize_rows(r, r.act_scales);
   return gemm_dequant(r, q, w_q, w_scale, r.act_scales, bias, x.scalar_type())
       .view(int8::out_shape(r, w_q.size(0)));
@@ -142,7 +143,8 @@ at::Tensor int8_gemm_dequant_cpu(const at::Tensor& x_q, const at::Tensor& w_q,
                                  at::ScalarType out_dtype) {
   const char* op = "int8_gemm_dequant";
   int8::check_int8_input(op, x_q);
-  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
+  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype,
+                            int8::ValueChecks::kHost);
   return gemm_dequant(r, r.x2d, w_q, w_scale, r.act_scales, bias, out_dtype)
       .view(int8::out_shape(r, w_q.size(0)));
 }
@@ -151,7 +153,7 @@ at::Tensor quantize_per_sample_cpu(const at::Tensor& x, const at::Tensor& act_sc
                                    const at::Tensor& t) {
   const char* op = "quantize_per_sample";
   check_float(op, x);
-  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  auto r = int8::check_rows(op, x, "x", act_scales, t, int8::ValueChecks::kHost);
   return quantize_rows(r, r.act_scales).view(x.sizes());
 }
 
@@ -167,7 +169,8 @@ at::Tensor ln_modulate_int8_cpu(const at::Tensor& x, const std::optional<at::Ten
                             const std::optional<at::Tensor>&, double,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   TORCH_CHECK(x.dim() == 3, "ln_modulate_int8: x must have shape [B, N, C], got ", shape_str(x));
-  auto r = int8::check_rows("ln_modulate_int8", x, "x", act_scales, t);
+  auto r = int8::check_rows("ln_modulate_int8", x, "x", act_scales, t,
+                            int8::ValueChecks::kHost);
   at::Tensor y = ln_modulate.call(x, shift, scale, eps, weight, bias);
   r.x2d = y.view({-1, r.K});
   return quantize_rows(r, r.act_scales).view(x.sizes());

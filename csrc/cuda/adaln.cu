@@ -20,6 +20,8 @@
 #include "ditkernels/adaln.h"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
+#include "ditkernels/int8.h"
+#include "ditkernels/int8_scales.cuh"
 
 namespace ditkernels {
 namespace {
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(1024) adaln_forward_kernel(const AdaLNParams p
       }
       if (p.y_q != nullptr) {
         // As quantize_per_sample(ln_modulate(x)): round to T, then x / s half-to-even.
-        const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+        const float s = int8::row_scale(p.act_scales, p.num_scales, p.t, p.rows_per_sample, row);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float yv = static_cast<float>(static_cast<T>(y[j]));

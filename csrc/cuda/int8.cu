@@ -12,15 +12,20 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "ditkernels/adaln.h"
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/cuda_tma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
+#include "ditkernels/wgmma_ws.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/int8.h"
+#include "ditkernels/int8_scales.cuh"
 
 namespace ditkernels {
 namespace {
@@ -33,12 +38,10 @@ struct Int8GemmParams {
   const void* a;           // x (float T) or x_q (int8), [M, K] with row stride lda
   const int8_t* w;         // [N, K] contiguous
   const float* w_scale;    // [N]
-  const float* act_scales; // [T]
-  const int64_t* t;        // [samples]
+  int8::RowScales scales;  // act_scales[t[sample]], checked as read
   const void* bias;        // [N] in the output dtype, or null
   void* y;                 // [M, N]
   int64_t lda;
-  int64_t rows_per_sample;
   int M, N, K;
 };
 
@@ -134,12 +137,15 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
   const int k_tiles = (p.K + kBK - 1) / kBK;
 
-  // Scales of the rows whose A chunks this thread quantizes.
-  float s_load[4];
+  // Scales of the rows whose A chunks this thread quantizes (read only then: each read
+  // is also a device-side check, which the compiler cannot drop).
+  float s_load[4] = {};
+  if constexpr (kQuantizeA) {
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
-    s_load[c] = p.act_scales[p.t[gm / p.rows_per_sample]];
+    for (int c = 0; c < 4; ++c) {
+      const int gm = min(m0 + ((tid + c * kThreads) >> 3), p.M - 1);
+      s_load[c] = p.scales(gm);
+    }
   }
 
   AChunks<T> regs;
@@ -196,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(const Int8GemmParam
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + warp_m * 64 + i * 16 + (lane >> 2) + half * 8;
       if (row >= p.M) continue;
-      const float s = p.act_scales[p.t[row / p.rows_per_sample]];
+      const float s = p.scales(row);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int gm = min(m0 + row0 + half * 8, p.M - 1);
-    s_row[half] = p.act_scales[p.t[gm / p.rows_per_sample]];
+    s_row[half] = p.scales(gm);
   }
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
@@ -297,19 +303,64 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(const Int8
     }
   }
 }
+
+// The warp-specialized persistent kernel (ws::run, wgmma_ws.cuh), the default on
+// Hopper; DITKERNELS_DISABLE_TMA=1 selects the one above. A (128 x 128 bytes) and B
+// (BN x 128 bytes) of a k-tile come by TMA; the dequantize epilogue goes from the
+// accumulators straight to global memory, one 4- or 8-byte store per column pair.
+template <typename OutT>
+struct Int8TmaProblem {
+  CUtensorMap a, b;  // A [M, K] int8, W [N, K]
+  Int8GemmParams p;
+  int m, n, k_tiles;
+
+  __device__ __forceinline__ void load(int kt, int m0, int n0, unsigned char* sa,
+                                       unsigned char* sb, uint64_t* full) const {
+    tma::load_2d(sa, &a, full, kt * kBK, m0);
+    tma::load_2d(sb, &b, full, kt * kBK, n0);
+  }
+
+  // kAcc = BN / 2 accumulators; N % 16 == 0: a column pair is in bounds whole or not
+  // at all.
+  template <int kAcc>
+  __device__ __forceinline__ void epilogue(const int (&acc)[kAcc], int row0, int n0,
+                                           int t) const {
+    OutT* y = static_cast<OutT*>(p.y);
+    const OutT* bias = static_cast<const OutT*>(p.bias);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = ws::acc_row(row0, t, half);
+      if (row >= p.M) continue;
+      const float s = p.scales(row);
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        const int col = ws::acc_col(n0, t, j);
+        if (col >= p.N) continue;
+        ws::store_pair<OutT>(
+            y + static_cast<int64_t>(row) * p.N + col,
+            dequantize<OutT>(acc[4 * j + 2 * half], s, p.w_scale[col], bias, col),
+            dequantize<OutT>(acc[4 * j + 2 * half + 1], s, p.w_scale[col + 1], bias, col + 1));
+      }
+    }
+  }
+};
+
+template <typename OutT, int BN>
+__global__ void __launch_bounds__(ws::kThreads, 1)
+    int8_gemm_tma_kernel(const __grid_constant__ Int8TmaProblem<OutT> pr) {
+  ws::run<int8_t, BN>(pr);
+}
 }  // namespace sm90
 
 // quantize_per_sample for K % 8 == 0 (and the quantize pass of int8_linear on the
 // wgmma path): eight elements per thread, one 16- or 32-byte load and one 8-byte
 // store, one division of the index per eight elements.
 template <typename T>
-__global__ void quantize_rows_kernel(const T* x, int8_t* q, const float* act_scales,
-                                     const int64_t* t, int64_t rows_per_sample, int64_t K,
-                                     int64_t chunks) {
+__global__ void quantize_rows_kernel(const T* x, int8_t* q, const int8::RowScales scales,
+                                     int64_t K, int64_t chunks) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = c * 8 / K;
-    const float s = act_scales[t[row / rows_per_sample]];
+    const float s = scales(c * 8 / K);
     float v[8];
     load8<T>(x + c * 8, v);
     uint32_t packed[2] = {0u, 0u};
@@ -339,19 +390,39 @@ void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
   DK_LAUNCH(kernel, grid, sm90::kThreads, smem, stream)(p);
 }
 
+// The warp-specialized TMA kernel: A [M, K] int8 with row stride p.lda, W [N, K];
+// at most one CTA per SM, each walking its share of the output tiles.
+template <typename OutT, int BN>
+void launch_tma(const Int8GemmParams& p, cudaStream_t stream) {
+  auto kernel = sm90::int8_gemm_tma_kernel<OutT, BN>;
+  constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sm90::Int8TmaProblem<OutT> pr;
+  const auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  pr.a = tma::make_tensor_map_2d(p.a, u8, 1, p.M, p.K, p.lda, ws::kBM, sm90::kBK);
+  pr.b = tma::make_tensor_map_2d(p.w, u8, 1, p.N, p.K, p.K, BN, sm90::kBK);
+  pr.p = p;
+  pr.m = p.M;
+  pr.n = p.N;
+  pr.k_tiles = (p.K + sm90::kBK - 1) / sm90::kBK;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  DK_LAUNCH(kernel, ws::grid_size(p.M, p.N, BN, sms), ws::kThreads, smem, stream)(pr);
+}
+
 template <typename OutT>
 void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool use_tma = tma::use_tma_gemm();
   switch (wgmma::pick_tile_n(p.M, p.N, sm90::kBM, sms)) {
-    case 256: launch_wgmma<OutT, 256>(p, stream); break;
-    case 192: launch_wgmma<OutT, 192>(p, stream); break;
-    default: launch_wgmma<OutT, 128>(p, stream); break;
+    case 256: use_tma ? launch_tma<OutT, 256>(p, stream) : launch_wgmma<OutT, 256>(p, stream); break;
+    case 192: use_tma ? launch_tma<OutT, 192>(p, stream) : launch_wgmma<OutT, 192>(p, stream); break;
+    default: use_tma ? launch_tma<OutT, 128>(p, stream) : launch_wgmma<OutT, 128>(p, stream); break;
   }
 }
 
 // x [M, K] (K % 8 == 0, rows contiguous) quantized with the per-sample scales.
-at::Tensor quantize_rows(const at::Tensor& x2d, const at::Tensor& act_scales, const at::Tensor& t,
-                         int64_t rows_per_sample, cudaStream_t stream) {
+at::Tensor quantize_rows(const at::Tensor& x2d, const int8::RowScales& scales,
+                         cudaStream_t stream) {
   at::Tensor xc = aligned_rows(x2d.contiguous());
   at::Tensor q = at::empty({x2d.size(0), x2d.size(1)}, x2d.options().dtype(at::kChar));
   const int64_t chunks = x2d.numel() / 8;
@@ -360,8 +431,7 @@ at::Tensor quantize_rows(const at::Tensor& x2d, const at::Tensor& act_scales, co
   DK_DISPATCH_CUDA_FLOATS(x2d.scalar_type(), "int8_linear", [&] {
     auto kernel = quantize_rows_kernel<scalar_t>;
     DK_LAUNCH(kernel, blocks, 256, 0, stream)(xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
-                                              act_scales.data_ptr<float>(), t.data_ptr<int64_t>(),
-                                              rows_per_sample, x2d.size(1), chunks);
+                                              scales, x2d.size(1), chunks);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q;
@@ -378,7 +448,7 @@ void launch(const Int8GemmParams& p, cudaStream_t stream) {
 
 at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
                     const at::Tensor& w_q, const at::Tensor& w_scale,
-                    const at::Tensor& act_scales, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& bias,
                     at::ScalarType out_dtype, bool quantize_a) {
   check_cuda_shapes(op, r, w_q);
   const c10::cuda::CUDAGuard guard(a_in.device());
@@ -391,18 +461,15 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   at::Tensor a = aligned_rows(r.x2d);
   at::Tensor w = aligned_rows(w_q.contiguous());
   at::Tensor ws = w_scale.contiguous();
-  at::Tensor scales = act_scales.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   Int8GemmParams p;
   p.a = a.data_ptr();
   p.w = w.data_ptr<int8_t>();
   p.w_scale = ws.data_ptr<float>();
-  p.act_scales = scales.data_ptr<float>();
-  p.t = r.t.data_ptr<int64_t>();
+  p.scales = int8::row_scales(r);
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.lda = a.stride(0);
-  p.rows_per_sample = r.rows_per_sample;
   p.M = static_cast<int>(r.M);
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(r.K);
@@ -410,7 +477,7 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
   if (wgmma::use_wgmma()) {
     at::Tensor a_q;
     if (quantize_a) {
-      a_q = quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream);
+      a_q = quantize_rows(r.x2d, p.scales, stream);
       p.a = a_q.data_ptr();
       p.lda = a_q.stride(0);
     }
@@ -437,8 +504,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
                             const std::optional<at::Tensor>& bias) {
   const char* op = "int8_linear";
   check_float(op, x);
-  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type());
-  return run_gemm(op, x, r, w_q, w_scale, act_scales, bias, x.scalar_type(), true)
+  auto r = int8::check_gemm(op, x, "x", w_q, w_scale, act_scales, t, bias, x.scalar_type(),
+                            int8::cuda_value_checks());
+  return run_gemm(op, x, r, w_q, w_scale, bias, x.scalar_type(), true)
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
@@ -448,18 +516,18 @@ at::Tensor int8_gemm_dequant_cuda(const at::Tensor& x_q, const at::Tensor& w_q,
                                   at::ScalarType out_dtype) {
   const char* op = "int8_gemm_dequant";
   int8::check_int8_input(op, x_q);
-  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype);
-  return run_gemm(op, x_q, r, w_q, w_scale, act_scales, bias, out_dtype, false)
+  auto r = int8::check_gemm(op, x_q, "x_q", w_q, w_scale, act_scales, t, bias, out_dtype,
+                            int8::cuda_value_checks());
+  return run_gemm(op, x_q, r, w_q, w_scale, bias, out_dtype, false)
       .view(int8::out_shape(r, w_q.size(0)));
 }
 
 template <typename T>
-__global__ void quantize_kernel(const T* x, int8_t* q, const float* act_scales, const int64_t* t,
-                                int64_t rows_per_sample, int64_t K, int64_t total) {
+__global__ void quantize_kernel(const T* x, int8_t* q, const int8::RowScales scales, int64_t K,
+                                int64_t total) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / K;
-    q[i] = quantize_value(static_cast<float>(x[i]), act_scales[t[row / rows_per_sample]]);
+    q[i] = quantize_value(static_cast<float>(x[i]), scales(i / K));
   }
 }
 
@@ -467,12 +535,12 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
                                     const at::Tensor& t) {
   const char* op = "quantize_per_sample";
   check_float(op, x);
-  auto r = int8::check_rows(op, x, "x", act_scales, t);
+  auto r = int8::check_rows(op, x, "x", act_scales, t, int8::cuda_value_checks());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor scales = act_scales.contiguous();
+  const int8::RowScales scales = int8::row_scales(r);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (r.K % 8 == 0) {
-    return quantize_rows(r.x2d, scales, r.t, r.rows_per_sample, stream).view(x.sizes());
+    return quantize_rows(r.x2d, scales, stream).view(x.sizes());
   }
   at::Tensor xc = r.x2d.contiguous();
   at::Tensor q = at::empty({r.M, r.K}, x.options().dtype(at::kChar));
@@ -482,8 +550,7 @@ at::Tensor quantize_per_sample_cuda(const at::Tensor& x, const at::Tensor& act_s
   DK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
     auto kernel = quantize_kernel<scalar_t>;
     DK_LAUNCH(kernel, blocks, 256, 0, stream)(
-        xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
-        r.t.data_ptr<int64_t>(), r.rows_per_sample, r.K, total);
+        xc.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales, r.K, total);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q.view(x.sizes());
@@ -498,10 +565,9 @@ at::Tensor ln_modulate_int8_cuda(const at::Tensor& x, const std::optional<at::Te
                                  const at::Tensor& act_scales, const at::Tensor& t) {
   const char* op = "ln_modulate_int8";
   TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", shape_str(x));
-  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t);
-  const at::Tensor scales = act_scales.contiguous();
-  return adaln_forward_int8(kCudaAdaLN, op, x, shift, scale, weight, bias, eps, scales, r.t,
-                            r.rows_per_sample);
+  const int8::Rows r = int8::check_rows(op, x, "x", act_scales, t, int8::cuda_value_checks());
+  return adaln_forward_int8(kCudaAdaLN, op, x, shift, scale, weight, bias, eps, r.act_scales,
+                            r.t, r.rows_per_sample);
 }
 
 }  // namespace

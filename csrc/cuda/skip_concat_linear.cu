@@ -13,10 +13,13 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
+#include "ditkernels/cuda_tma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
+#include "ditkernels/wgmma_ws.cuh"
 #include "ditkernels/dispatch.h"
 #include "ditkernels/library.h"
 #include "ditkernels/skip_concat_linear.h"
@@ -239,6 +242,85 @@ __global__ void __launch_bounds__(kThreads, 1) skip_gemm_wgmma_kernel(const Skip
   }
 }
 
+// The warp-specialized persistent kernel (ws::run, wgmma_ws.cuh), the default on
+// Hopper; DITKERNELS_DISABLE_TMA=1 selects the one above. Four tensor maps walked as
+// one K loop: k-tiles 0 .. kx - 1 read x and W[:, :D], the next kx read skip and
+// W[:, D:] (kx = ceil(D / 64); TMA's zero fill past D makes a tile that straddles D
+// add nothing for the columns beyond it). The epilogue adds the bias, rounds, and
+// stores column pairs straight to global memory.
+template <typename T>
+struct SkipTmaProblem {
+  CUtensorMap x, skip, w1, w2;
+  const T* bias;
+  T* y;
+  int m, n, k_tiles, kx;
+
+  __device__ __forceinline__ void load(int kt, int m0, int n0, unsigned char* sa,
+                                       unsigned char* sb, uint64_t* full) const {
+    const bool in_x = kt < kx;
+    const int k0 = (in_x ? kt : kt - kx) * kBK;
+    tma::load_2d(sa, in_x ? &x : &skip, full, k0, m0);
+    tma::load_2d(sb, in_x ? &w1 : &w2, full, k0, n0);
+  }
+
+  template <int kAcc>
+  __device__ __forceinline__ void epilogue(const float (&acc)[kAcc], int row0, int n0,
+                                           int t) const {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = ws::acc_row(row0, t, half);
+      if (row >= m) continue;
+      T* out = y + static_cast<int64_t>(row) * n;
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j) {
+        const int col = ws::acc_col(n0, t, j);
+        if (col >= n) continue;
+        float v[2] = {acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]};
+        const bool both = col + 1 < n;
+        if (bias != nullptr) {
+          v[0] += static_cast<float>(bias[col]);
+          if (both) v[1] += static_cast<float>(bias[col + 1]);
+        }
+        if (both && n % 2 == 0) {  // 4-byte aligned pairs
+          ws::store_pair<T>(out + col, static_cast<T>(v[0]), static_cast<T>(v[1]));
+        } else {
+          out[col] = static_cast<T>(v[0]);
+          if (both) out[col + 1] = static_cast<T>(v[1]);
+        }
+      }
+    }
+  }
+};
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(ws::kThreads, 1)
+    skip_gemm_tma_kernel(const __grid_constant__ SkipTmaProblem<T> pr) {
+  ws::run<T, BN>(pr);
+}
+
+template <typename T, int BN>
+void launch_tma(const SkipGemmParams& p, cudaStream_t stream) {
+  auto kernel = skip_gemm_tma_kernel<T, BN>;
+  constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const auto type = std::is_same_v<T, c10::BFloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const T* w = static_cast<const T*>(p.weight);
+  SkipTmaProblem<T> pr;
+  pr.x = tma::make_tensor_map_2d(p.x, type, 2, p.M, p.D, p.ld_x, ws::kBM, kBK);
+  pr.skip = tma::make_tensor_map_2d(p.skip, type, 2, p.M, p.D, p.ld_skip, ws::kBM, kBK);
+  pr.w1 = tma::make_tensor_map_2d(w, type, 2, p.N, p.D, 2 * int64_t{p.D}, BN, kBK);
+  pr.w2 = tma::make_tensor_map_2d(w + p.D, type, 2, p.N, p.D, 2 * int64_t{p.D}, BN, kBK);
+  pr.bias = static_cast<const T*>(p.bias);
+  pr.y = static_cast<T*>(p.y);
+  pr.m = p.M;
+  pr.n = p.N;
+  pr.kx = (p.D + kBK - 1) / kBK;
+  pr.k_tiles = 2 * pr.kx;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  DK_LAUNCH(kernel, ws::grid_size(p.M, p.N, BN, sms), ws::kThreads, smem, stream)(pr);
+}
+
 template <typename T, int BN>
 void launch(const SkipGemmParams& p, int64_t m_tiles, cudaStream_t stream) {
   auto kernel = skip_gemm_wgmma_kernel<T, BN>;
@@ -352,10 +434,20 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
     DK_DISPATCH_CUDA_HALFS(x.scalar_type(), op, [&] {
       if (wgmma::use_wgmma()) {
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const bool use_tma = tma::use_tma_gemm();
         switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
-          case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
-          case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
-          default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;
+          case 256:
+            use_tma ? sm90::launch_tma<scalar_t, 256>(p, stream)
+                : sm90::launch<scalar_t, 256>(p, m_tiles, stream);
+            break;
+          case 192:
+            use_tma ? sm90::launch_tma<scalar_t, 192>(p, stream)
+                : sm90::launch<scalar_t, 192>(p, m_tiles, stream);
+            break;
+          default:
+            use_tma ? sm90::launch_tma<scalar_t, 128>(p, stream)
+                : sm90::launch<scalar_t, 128>(p, m_tiles, stream);
+            break;
         }
       } else {
         auto kernel = skip_gemm_tc_kernel<scalar_t>;

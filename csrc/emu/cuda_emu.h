@@ -54,6 +54,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 // One copy per host thread, shared by the fibers (CUDA threads) of the block it runs.
 #define __shared__ static thread_local
@@ -137,6 +138,10 @@ void wgmma_mma(WgmmaType type, int n, uint64_t desc_a, uint64_t desc_b, void* ac
                const uint32_t* a_frag = nullptr);
 void wgmma_commit();
 void wgmma_wait(int pending_groups);
+
+// A kernel's DK_DEVICE_CHECK failed: reported as the launch's error (the thread
+// goes on, as the kernels clamp what they checked).
+void device_check_failed(const char* msg);
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,

@@ -2,6 +2,7 @@
 // collectives, deferred cp.async, proxy fences, device profiles, launch checks.
 
 #include "emu/cuda_emu.h"
+#include "emu/tma_emu.h"
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -147,6 +148,7 @@ struct Fiber {
   bool done = false;
   const unsigned* wait_on = nullptr;  // runnable again once *wait_on != wait_value
   unsigned wait_value = 0;
+  bool in_mbarrier_wait = false;      // the wait is an mbarrier's
   std::vector<PendingCopy> open_group;
   std::deque<std::vector<PendingCopy>> groups;
 };
@@ -216,6 +218,24 @@ struct ProxyView {
   std::vector<unsigned char> seen;   // the bytes it read then (at first: the 0xff fill)
 };
 
+// An mbarrier, kept beside its 8 bytes of shared memory (keyed by their offset).
+struct MBarrier {
+  uint32_t expected = 0, pending = 0;
+  int64_t tx = 0;          // transaction bytes still expected (may dip below 0)
+  uint32_t phase = 0;      // phases completed so far; the current one's parity is phase & 1
+  unsigned version = 0;    // bumped at every change, so that waiters re-check
+};
+
+// One cp.async.bulk.tensor in flight: its 16-byte chunks as read at issue, where
+// they land (swizzled), and the barrier that counts them.
+struct PendingTma {
+  uint32_t bar = 0;
+  int issuer = 0;
+  int countdown = 0;  // DITKERNELS_EMU_CPASYNC=early, as for cp.async
+  std::vector<uint32_t> offsets;
+  std::vector<unsigned char> bytes;
+};
+
 struct LaunchState {
   const char* name;
   dim3 grid, block;
@@ -236,6 +256,8 @@ struct Worker {
   std::vector<Warp> warps;
   std::vector<Warpgroup> warpgroups;
   ProxyView proxy;
+  std::unordered_map<uint32_t, MBarrier> barriers;
+  std::deque<PendingTma> tma;
   int alive = 0, arrived = 0;
   unsigned gen = 0;
   Fiber* current = nullptr;
@@ -309,8 +331,13 @@ void land_due(Fiber& f) {
   tick(f.open_group);
 }
 
+void land_tma_due(Fiber& f);
+
 void to_scheduler(Fiber& f) {
-  if (w().launch->early_cp_async && !f.done) land_due(f);
+  if (w().launch->early_cp_async && !f.done) {
+    land_due(f);
+    land_tma_due(f);
+  }
   tsan::switch_to(w().tsan_scheduler);
   switch_context(f.ctx, w().scheduler);
 }
@@ -395,6 +422,8 @@ void run_block(Worker& k, const dim3& block_idx, int64_t linear_idx) {
   k.alive = n;
   k.arrived = 0;
   k.gen = 0;
+  k.barriers.clear();
+  k.tma.clear();
   if (k.smem_bytes > 0) std::memset(k.smem, 0xff, k.smem_bytes);
   const size_t chunks = k.smem_bytes / 16;
   k.proxy.clock = k.proxy.last_fence = 0;
@@ -432,11 +461,15 @@ void run_block(Worker& k, const dim3& block_idx, int64_t linear_idx) {
       progressed = true;
     }
     if (!progressed) {
-      int at_block = 0;
-      for (const Fiber& f : k.fibers) at_block += !f.done && f.wait_on == &k.gen;
-      report("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
-                 std::to_string(k.alive - at_block) +
-                 " at warp collectives that can never complete");
+      int at_block = 0, at_mbarrier = 0;
+      for (const Fiber& f : k.fibers) {
+        at_block += !f.done && f.wait_on == &k.gen;
+        at_mbarrier += !f.done && f.in_mbarrier_wait;
+      }
+      report("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads, " +
+             std::to_string(at_mbarrier) + " on mbarrier phases and " +
+             std::to_string(k.alive - at_block - at_mbarrier) +
+             " at warp collectives that can never complete");
       // The abandoned fibers never reach their end: release on their behalf, so that
       // the host reusing what they read is no race to ThreadSanitizer.
       for (Fiber& f : k.fibers) {
@@ -447,6 +480,10 @@ void run_block(Worker& k, const dim3& block_idx, int64_t linear_idx) {
       tsan::switch_to(k.tsan_scheduler);
       break;
     }
+  }
+  if (!k.tma.empty()) {
+    report("the block ended with " + std::to_string(k.tma.size()) +
+           " TMA loads in flight (no wait on their mbarrier)");
   }
   tsan::acquire(&k.block_end);
   for (Fiber& f : k.fibers) tsan::destroy(f.tsan_fiber);
@@ -909,6 +946,281 @@ void wgmma_wait(int pending_groups) {
   });
 }
 
+void device_check_failed(const char* msg) { report(std::string("device-side check failed: ") + msg); }
+
+// ---- mbarrier and TMA (tma_emu.h) ----
+
+namespace {
+
+// The driver's tensor map, in the emulator's own layout inside the 128 opaque bytes.
+struct EncodedMap {
+  uint32_t magic;
+  uint8_t rank, type, interleave, swizzle, oob_fill, elem_bytes;
+  uint64_t address;
+  uint64_t dims[5];
+  uint64_t strides[4];
+  uint32_t box[5];
+  uint8_t elem_strides[5];
+};
+static_assert(sizeof(EncodedMap) <= sizeof(CUtensorMap));
+constexpr uint32_t kMapMagic = 0x544d4150;  // "TMAP"
+
+int element_bytes(int type) {
+  static const int kBytes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};
+  return type >= 0 && type < static_cast<int>(std::size(kBytes)) ? kBytes[type] : 0;
+}
+
+// cuTensorMapEncodeTiled's documented argument rules (cuda.h).
+CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* address,
+                      const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                      const cuuint32_t* elem_strides, CUtensorMapInterleave interleave,
+                      CUtensorMapSwizzle swizzle, CUtensorMapL2promotion l2,
+                      CUtensorMapFloatOOBfill oob_fill) {
+  const int esize = element_bytes(type);
+  const auto addr = reinterpret_cast<uintptr_t>(address);
+  const bool i32 = interleave == CU_TENSOR_MAP_INTERLEAVE_32B;
+  bool ok = map != nullptr && esize > 0 && rank >= 1 && rank <= 5 && dims != nullptr &&
+            box != nullptr && elem_strides != nullptr && (rank == 1 || strides != nullptr) &&
+            interleave >= CU_TENSOR_MAP_INTERLEAVE_NONE && interleave <= CU_TENSOR_MAP_INTERLEAVE_32B &&
+            swizzle >= CU_TENSOR_MAP_SWIZZLE_NONE && swizzle <= CU_TENSOR_MAP_SWIZZLE_128B &&
+            l2 >= CU_TENSOR_MAP_L2_PROMOTION_NONE && l2 <= CU_TENSOR_MAP_L2_PROMOTION_L2_256B &&
+            (interleave == CU_TENSOR_MAP_INTERLEAVE_NONE || rank >= 3) &&
+            addr % (i32 ? 32 : 16) == 0 && (!i32 || swizzle == CU_TENSOR_MAP_SWIZZLE_32B);
+  const bool is_float = type >= CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  ok = ok && (oob_fill == CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE ||
+              (oob_fill == CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA && is_float));
+  for (cuuint32_t i = 0; ok && i < rank; ++i) {
+    ok = dims[i] >= 1 && dims[i] <= (uint64_t{1} << 32) && box[i] >= 1 && box[i] <= 256 &&
+         elem_strides[i] >= 1 && elem_strides[i] <= 8;
+    if (ok && i + 1 < rank) {
+      ok = strides[i] % (i32 ? 32 : 16) == 0 && strides[i] < (uint64_t{1} << 40);
+    }
+  }
+  if (ok && interleave == CU_TENSOR_MAP_INTERLEAVE_NONE) {
+    const uint64_t inner = uint64_t{box[0]} * esize;
+    ok = inner % 16 == 0 && (swizzle == CU_TENSOR_MAP_SWIZZLE_NONE || inner <= (16u << swizzle));
+  }
+  if (!ok) return CUDA_ERROR_INVALID_VALUE;
+  EncodedMap m{};
+  m.magic = kMapMagic;
+  m.rank = static_cast<uint8_t>(rank);
+  m.type = static_cast<uint8_t>(type);
+  m.interleave = static_cast<uint8_t>(interleave);
+  m.swizzle = static_cast<uint8_t>(swizzle);
+  m.oob_fill = static_cast<uint8_t>(oob_fill);
+  m.elem_bytes = static_cast<uint8_t>(esize);
+  m.address = addr;
+  for (cuuint32_t i = 0; i < rank; ++i) {
+    m.dims[i] = dims[i];
+    m.box[i] = box[i];
+    m.elem_strides[i] = static_cast<uint8_t>(elem_strides[i]);
+    if (i + 1 < rank) m.strides[i] = strides[i];
+  }
+  std::memset(map, 0, sizeof(CUtensorMap));
+  std::memcpy(map, &m, sizeof(m));
+  return CUDA_SUCCESS;
+}
+
+cudaError_t driver_entry_point(const char* symbol, void** func,
+                               cudaDriverEntryPointQueryResult* status) {
+  const bool known = symbol != nullptr && std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  if (func != nullptr) *func = known ? reinterpret_cast<void*>(&encode_tiled) : nullptr;
+  if (status != nullptr) {
+    *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  }
+  return func == nullptr ? cudaErrorInvalidValue : cudaSuccess;
+}
+
+const EncodedMap* decode_map(const CUtensorMap* map, const char* what) {
+  const auto* m = reinterpret_cast<const EncodedMap*>(map);
+  if (map == nullptr || reinterpret_cast<uintptr_t>(map) % 64 != 0 || m->magic != kMapMagic) {
+    report(std::string(what) + ": not a 64-byte aligned tensor map made by cuTensorMapEncodeTiled");
+    return nullptr;
+  }
+  return m;
+}
+
+// The barrier at `bar`, or null (reported) if none was initialised there.
+MBarrier* find_barrier(const uint64_t* bar, const char* what) {
+  if (!check_smem(bar, 8, 8, what)) return nullptr;
+  Worker& k = w();
+  auto it = k.barriers.find(static_cast<uint32_t>(reinterpret_cast<const unsigned char*>(bar) - k.smem));
+  if (it == k.barriers.end()) {
+    report(std::string(what) + " on shared memory that holds no initialised mbarrier");
+    return nullptr;
+  }
+  return &it->second;
+}
+
+// Completes the phase once nothing is pending; wakes the waiters either way.
+void settle(MBarrier& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.expected;
+  }
+  ++b.version;
+  tsan::release(&b);
+}
+
+void land_tma(PendingTma& op) {
+  Worker& k = w();
+  ProxyView& v = k.proxy;
+  for (size_t i = 0; i < op.offsets.size(); ++i) {
+    unsigned char* dst = k.smem + op.offsets[i];
+    tsan::writes(dst, 16);
+    std::memcpy(dst, &op.bytes[16 * i], 16);
+    // An async-proxy write: what the async proxy (wgmma) now sees, no fence needed.
+    const size_t c = op.offsets[i] / 16;
+    v.writer[c] = -1;
+    std::memcpy(&v.seen[op.offsets[i]], dst, 16);
+    v.seen_at[c] = ++v.clock;
+  }
+  MBarrier& b = k.barriers[op.bar];
+  b.tx -= static_cast<int64_t>(op.bytes.size());
+  settle(b);
+}
+
+// Lands, in issue order, the loads in flight for which due(load) holds.
+template <typename Due>
+void land_tma_if(Due&& due) {
+  auto& q = w().tma;
+  for (size_t i = 0; i < q.size();) {
+    if (due(q[i])) {
+      tsan::acquire(q[i].bytes.data());
+      PendingTma op = std::move(q[i]);
+      q.erase(q.begin() + static_cast<std::ptrdiff_t>(i));
+      land_tma(op);
+    } else {
+      ++i;
+    }
+  }
+}
+
+// The loads counted by the barrier at shared offset `bar`.
+void land_tma_on(uint32_t bar) {
+  land_tma_if([bar](const PendingTma& op) { return op.bar == bar; });
+}
+
+uint32_t smem_offset(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - w().smem);
+}
+
+}  // namespace
+
+namespace {
+// DITKERNELS_EMU_CPASYNC=early: f's loads whose countdown ran out.
+void land_tma_due(Fiber& f) {
+  land_tma_if([&f](PendingTma& op) { return op.issuer == f.index && op.countdown-- <= 0; });
+}
+}  // namespace
+
+void mbarrier_init(uint64_t* bar, uint32_t count) {
+  if (!check_smem(bar, 8, 8, "mbarrier.init")) return;
+  if (count < 1 || count > (1u << 20) - 1) {
+    report("mbarrier.init: arrival count " + std::to_string(count) + " outside [1, 2^20 - 1]");
+    return;
+  }
+  MBarrier& b = w().barriers[smem_offset(bar)];
+  b = MBarrier{};
+  b.expected = b.pending = count;
+  tsan::writes(bar, 8);
+  std::memset(bar, 0, 8);  // the hardware's state word; nothing should read it
+}
+
+void mbarrier_arrive(uint64_t* bar, uint32_t tx_bytes) {
+  MBarrier* b = find_barrier(bar, tx_bytes > 0 ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive");
+  if (b == nullptr) return;
+  b->tx += tx_bytes;
+  if (b->tx > (int64_t{1} << 20) - 1) {
+    report("mbarrier.arrive.expect_tx: transaction count " + std::to_string(b->tx) +
+           " exceeds 2^20 - 1");
+    return;
+  }
+  --b->pending;
+  settle(*b);
+}
+
+bool mbarrier_test_parity(uint64_t* bar, uint32_t parity) {
+  MBarrier* b = find_barrier(bar, "mbarrier.try_wait.parity");
+  if (b == nullptr) return true;
+  land_tma_on(smem_offset(bar));
+  const bool done = (b->phase & 1u) != (parity & 1u);
+  if (done) tsan::acquire(b);
+  return done;
+}
+
+void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  MBarrier* b = find_barrier(bar, "mbarrier.try_wait.parity");
+  if (b == nullptr) return;
+  Fiber& f = me();
+  while (!mbarrier_test_parity(bar, parity)) {
+    f.in_mbarrier_wait = true;
+    wait_until_changed(&b->version);
+    f.in_mbarrier_wait = false;
+  }
+}
+
+void tma_check_map(const CUtensorMap* map) { decode_map(map, "prefetch.tensormap"); }
+
+void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
+  const char* what = "cp.async.bulk.tensor.2d";
+  const DeviceProperties& device = *w().launch->device;
+  if (device.major < 9) {
+    report(std::string(what) + " on an emulated " + device.name + ": TMA needs sm_90");
+    return;
+  }
+  const EncodedMap* m = decode_map(map, what);
+  if (m == nullptr) return;
+  const bool sw128 = m->swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
+  const uint32_t row_bytes = m->box[0] * m->elem_bytes;
+  if (m->rank != 2 || m->interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
+      (m->swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && !(sw128 && row_bytes == 128)) ||
+      m->elem_strides[1] != 1) {
+    report(std::string(what) + ": only rank-2 tiled maps with unit element strides and no "
+           "swizzle, or the 128-byte swizzle on 128-byte box rows, are emulated");
+    return;
+  }
+  const uint32_t bytes = row_bytes * m->box[1];
+  if (!check_smem(dst, bytes, 128, what) || find_barrier(bar, what) == nullptr) return;
+  Worker& k = w();
+  PendingTma op;
+  op.bar = smem_offset(bar);
+  op.issuer = me().index;
+  if (k.launch->early_cp_async) op.countdown = __builtin_ctzll(splitmix64(me().rng) | (1ull << 7));
+  op.bytes.assign(bytes, 0);
+  const uint32_t window = shared_window_address(dst);
+  const auto* base = reinterpret_cast<const unsigned char*>(m->address);
+  const int64_t ebytes = m->elem_bytes, per_chunk = 16 / ebytes;
+  for (uint32_t r = 0; r < m->box[1]; ++r) {
+    const int64_t gy = int64_t{y} + r;
+    for (uint32_t c = 0; c < row_bytes / 16; ++c) {
+      const uint32_t logical = r * row_bytes + c * 16;
+      for (int64_t e = 0; e < per_chunk; ++e) {
+        const int64_t gx = int64_t{x} + c * per_chunk + e;
+        unsigned char* out = &op.bytes[16 * (op.offsets.size()) + e * ebytes];
+        if (gx >= 0 && gy >= 0 && static_cast<uint64_t>(gx) < m->dims[0] &&
+            static_cast<uint64_t>(gy) < m->dims[1]) {
+          const unsigned char* src = base + gy * m->strides[0] + gx * ebytes;
+          tsan::reads(src, ebytes);
+          std::memcpy(out, src, ebytes);
+        } else if (m->oob_fill == CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA) {
+          std::memset(out, 0xff, ebytes);
+        }
+      }
+      uint32_t addr = window + logical;
+      if (sw128) addr ^= ((addr >> 7) & 7) << 4;  // CuTe's Swizzle<3, 4, 3> on the address
+      op.offsets.push_back(addr - kSharedWindowBase);
+    }
+  }
+  k.tma.push_back(std::move(op));
+  // The emulator's own record of the load, allocated here and freed by the thread that
+  // lands it: ordered for ThreadSanitizer (an edge from the issue to the landing, which
+  // the kernels' own arrive.expect_tx before the load gives them anyway).
+  tsan::release(k.tma.back().bytes.data());
+  MBarrier& b = k.barriers[k.tma.back().bar];
+  ++b.version;  // a waiter re-checks, landing this load
+}
+
 const DeviceProperties& device_properties() {
   const char* env = std::getenv("DITKERNELS_EMU_DEVICE");
   const std::string name = env != nullptr && env[0] != '\0' ? env : "h100";
@@ -1025,3 +1337,14 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
 
 }  // namespace emu
 }  // namespace ditkernels
+
+cudaError_t cudaGetDriverEntryPoint(const char* symbol, void** func, unsigned long long,
+                                    cudaDriverEntryPointQueryResult* status) {
+  return ditkernels::emu::driver_entry_point(symbol, func, status);
+}
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** func, unsigned int,
+                                             unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  return ditkernels::emu::driver_entry_point(symbol, func, status);
+}

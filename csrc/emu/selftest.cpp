@@ -6,7 +6,8 @@
 // b [128, k] through one m64n128 wgmma (bf16 k = 16, or int8 k = 32 for
 // "wgmma_s8"; "wgmma_twice" gives 3 A B^T); for "cp_async_*", out[i][l] = a[i][l][0]
 // of float a [iters + 1, 32, 4]; the layout cases take and return raw fragments and
-// tile images (see their kernels); the other fault cases ignore a and b.
+// tile images (see their kernels); the TMA and mbarrier cases are described at
+// tma_selftest; the other fault cases ignore a and b.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 
 #include "ditkernels/cuda_mma.cuh"
 #include "ditkernels/cuda_runtime.cuh"
+#include "ditkernels/cuda_tma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
 
 namespace ditkernels {
@@ -122,7 +124,226 @@ __global__ void wgmma_tile_kernel(const T* a, const T* b, float* c, WgmmaFault f
   }
 }
 
+// ---- TMA and mbarrier ----
+
+// acc = the four k16 bf16 wgmma of a 64-wide k-tile: A's 64 rows at sa, B's 128 at sb.
+void k_tile_product(float (&acc)[64], const unsigned char* sa, const unsigned char* sb) {
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  wgmma::fence();
+  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
+  wgmma::commit();
+  wgmma::wait<0>();
+}
+
+// Thread 0 initialises the barrier; the block waits for it.
+void init_barrier(uint64_t* bar, uint32_t count) {
+  if (threadIdx.x == 0) {
+    tma::mbarrier_init(bar, count);
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+}
+
+// A box of `rows` 128-byte rows at (x, y) of a uint8 matrix, through one TMA load into
+// an atom-aligned tile: out is the tile's raw image. read_before_wait reads it before
+// the wait on the barrier (then waits, so that no load is in flight at the end);
+// skip_wait never waits.
+enum class TmaFault { kNone, kReadBeforeWait, kSkipWait };
+
+__global__ void tma_tile_kernel(const __grid_constant__ CUtensorMap map, int x, int y, int rows,
+                                unsigned char* out, TmaFault fault) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* tile = wgmma::align_to_atom(smem_raw);
+  auto* bar = reinterpret_cast<uint64_t*>(tile + rows * 128);
+  const int tid = threadIdx.x;
+  init_barrier(bar, 1);
+  if (tid == 0) {
+    tma::prefetch_map(&map);
+    tma::mbarrier_arrive_expect_tx(bar, rows * 128);
+    tma::load_2d(tile, &map, bar, x, y);
+  }
+  if (fault == TmaFault::kNone) tma::mbarrier_wait(bar, 0);
+  for (int i = tid; i < rows * 128; i += blockDim.x) out[i] = tile[i];
+  if (fault == TmaFault::kReadBeforeWait) {
+    __syncthreads();  // every thread has read before the first waits
+    tma::mbarrier_wait(bar, 0);
+  }
+}
+
+// The phases of one barrier of arrival count 2 (threads 0 and 32 arrive), probed by
+// thread 0 with try_wait.parity at each step; the last phase also waits for the
+// 1024 bytes of a TMA load. out[i] is probe i (1: that parity's phase completed).
+__global__ void mbarrier_phases_kernel(const __grid_constant__ CUtensorMap map, int* out) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* tile = wgmma::align_to_atom(smem_raw);
+  auto* bar = reinterpret_cast<uint64_t*>(tile + 1024);
+  const int tid = threadIdx.x;
+  int n = 0;
+  auto probe = [&](uint32_t parity) {
+    if (tid == 0) out[n++] = tma::mbarrier_try_wait(bar, parity) ? 1 : 0;
+  };
+  init_barrier(bar, 2);
+  probe(0);  // phase 0 running
+  probe(1);  // "phase -1" counts as complete
+  __syncthreads();
+  if (tid == 0) tma::mbarrier_arrive(bar);
+  __syncthreads();
+  probe(0);  // one of two arrivals
+  if (tid == 32) tma::mbarrier_arrive(bar);
+  __syncthreads();
+  probe(0);  // phase 0 complete, phase 1 running
+  probe(1);
+  if (tid == 0) tma::mbarrier_arrive_expect_tx(bar, 1024);
+  __syncthreads();
+  if (tid == 32) tma::mbarrier_arrive(bar);
+  __syncthreads();
+  probe(1);  // arrivals done, 1024 transaction bytes outstanding
+  if (tid == 0) tma::load_2d(tile, &map, bar, 0, 0);
+  __syncthreads();
+  probe(1);  // the load's bytes completed phase 1
+  probe(0);  // phase 2 running
+  tma::mbarrier_wait(bar, 1);
+}
+
+// Every thread waits for phase 0 of a barrier that only thread 0 arrives on.
+__global__ void mbarrier_deadlock_kernel(int* out) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  auto* bar = reinterpret_cast<uint64_t*>(smem_raw);
+  if (threadIdx.x == 0) tma::mbarrier_init(bar, 2);
+  __syncthreads();
+  if (threadIdx.x == 0) tma::mbarrier_arrive(bar);
+  tma::mbarrier_wait(bar, 0);
+  out[threadIdx.x] = 1;
+}
+
+// C[64 x 128] = A[64 x 64] B[128 x 64]^T (bf16) through TMA loads into swizzled tiles
+// and the four k16 wgmma of the k-tile, with no fence.proxy.async (TMA writes through
+// the async proxy that wgmma reads through).
+__global__ void wgmma_tma_kernel(const __grid_constant__ CUtensorMap map_a,
+                                 const __grid_constant__ CUtensorMap map_b, float* c) {
+  DK_DYNAMIC_SMEM(16, smem_raw);
+  unsigned char* sa = wgmma::align_to_atom(smem_raw);
+  unsigned char* sb = sa + 64 * wgmma::kRowBytes;
+  auto* bar = reinterpret_cast<uint64_t*>(sb + 128 * wgmma::kRowBytes);
+  const int tid = threadIdx.x;
+  init_barrier(bar, 1);
+  if (tid == 0) {
+    tma::mbarrier_arrive_expect_tx(bar, (64 + 128) * wgmma::kRowBytes);
+    tma::load_2d(sa, &map_a, bar, 0, 0);
+    tma::load_2d(sb, &map_b, bar, 0, 0);
+  }
+  tma::mbarrier_wait(bar, 0);
+  float acc[64];
+  k_tile_product(acc, sa, sb);
+  const int warp = tid / 32, lane = tid % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * warp + lane / 4 + ((i % 4) >= 2 ? 8 : 0);
+    const int col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+    c[row * 128 + col] = acc[i];
+  }
+}
+
+// cuTensorMapEncodeTiled, reached as the kernels reach it, on the argument cases of
+// emulator_selftest("tma_encode"): one CUresult per case.
+at::Tensor tma_encode_cases() {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status{};
+  TORCH_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status) ==
+                      cudaSuccess &&
+                  status == cudaDriverEntryPointSuccess,
+              "no cuTensorMapEncodeTiled");
+  const auto encode = reinterpret_cast<tma::EncodeTiled>(fn);
+  alignas(16) static unsigned char data[64 * 1024];
+  struct Case {
+    CUtensorMapDataType type;
+    cuuint32_t rank;
+    size_t offset;
+    cuuint64_t dims[2], strides[1];
+    cuuint32_t box[2], elem_strides[2];
+    CUtensorMapSwizzle swizzle;
+    CUtensorMapFloatOOBfill fill;
+  };
+  const auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, bf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const auto sw = CU_TENSOR_MAP_SWIZZLE_128B, none = CU_TENSOR_MAP_SWIZZLE_NONE;
+  const auto zero = CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE, nan = CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA;
+  const Case cases[] = {
+      {u8, 2, 0, {160, 21}, {160}, {128, 16}, {1, 1}, sw, zero},     // valid
+      {bf16, 2, 0, {64, 8}, {128}, {64, 8}, {1, 1}, sw, nan},        // valid: NaN fill of floats
+      {u8, 2, 8, {160, 21}, {160}, {128, 16}, {1, 1}, sw, zero},     // address not 16-byte aligned
+      {u8, 2, 0, {160, 21}, {168}, {128, 16}, {1, 1}, sw, zero},     // stride not a multiple of 16
+      {u8, 2, 0, {160, 21}, {160}, {128, 257}, {1, 1}, none, zero},  // box beyond 256
+      {bf16, 2, 0, {160, 21}, {320}, {128, 16}, {1, 1}, sw, zero},   // 256-byte box rows, 128B swizzle
+      {u8, 2, 0, {160, 21}, {160}, {24, 16}, {1, 1}, none, zero},    // box rows not 16-byte multiples
+      {u8, 0, 0, {160, 21}, {160}, {128, 16}, {1, 1}, sw, zero},     // rank 0
+      {u8, 2, 0, {160, 21}, {160}, {128, 16}, {1, 9}, sw, zero},     // element stride 9
+      {u8, 2, 0, {160, 21}, {160}, {128, 16}, {1, 1}, sw, nan},      // NaN fill of integers
+      {u8, 2, 0, {0, 21}, {160}, {128, 16}, {1, 1}, sw, zero},       // empty dimension
+  };
+  at::Tensor out = at::empty({static_cast<int64_t>(std::size(cases))}, at::kLong);
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    const Case& c = cases[i];
+    CUtensorMap map;
+    out[i] = static_cast<int64_t>(encode(&map, c.type, c.rank, data + c.offset, c.dims, c.strides,
+                                         c.box, c.elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                         c.swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE, c.fill));
+  }
+  return out;
+}
+
+// The TMA and mbarrier cases of emulator_selftest:
+//  "tma_tile" / "tma_read_before_wait" / "tma_without_wait": a uint8 [R, C], b int64
+//    (x, y, rows): the raw image of the TMA tile of `rows` x 128 bytes at (x, y);
+//  "tma_encode": cuTensorMapEncodeTiled's results on tma_encode_cases;
+//  "mbarrier_phases": a uint8 [>= 8, 128]: the probes of mbarrier_phases_kernel;
+//  "mbarrier_deadlock": the fault;
+//  "wgmma_tma" is in wgmma_selftest.
+at::Tensor tma_selftest(const std::string& name, const at::Tensor& a_in, const at::Tensor& b_in) {
+  if (name == "tma_encode") return tma_encode_cases();
+  if (name == "mbarrier_deadlock") {
+    at::Tensor out = at::zeros({64}, at::kInt);
+    DK_LAUNCH(mbarrier_deadlock_kernel, 1, 64, 16, nullptr)(out.data_ptr<int>());
+    return out;
+  }
+  TORCH_CHECK(a_in.dim() == 2 && a_in.scalar_type() == at::kByte && a_in.size(1) % 16 == 0,
+              "emulator_selftest: ", name, " needs a uint8 matrix a [R, C], C % 16 == 0");
+  const at::Tensor a = a_in.contiguous();
+  if (name == "mbarrier_phases") {
+    const CUtensorMap map = tma::make_tensor_map_2d(a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
+                                                    a.size(0), a.size(1), a.size(1), 8, 128);
+    at::Tensor out = at::full({8}, -1, at::kInt);
+    DK_LAUNCH(mbarrier_phases_kernel, 1, 64, 3 * 1024, nullptr)(map, out.data_ptr<int>());
+    return out;
+  }
+  TORCH_CHECK(b_in.sizes() == at::IntArrayRef({3}) && b_in.scalar_type() == at::kLong,
+              "emulator_selftest: ", name, " needs b = int64 (x, y, rows)");
+  const int x = static_cast<int>(b_in[0].item<int64_t>()), y = static_cast<int>(b_in[1].item<int64_t>());
+  const int rows = static_cast<int>(b_in[2].item<int64_t>());
+  const TmaFault fault = name == "tma_read_before_wait" ? TmaFault::kReadBeforeWait
+                         : name == "tma_without_wait"   ? TmaFault::kSkipWait
+                                                        : TmaFault::kNone;
+  TORCH_CHECK(name == "tma_tile" || fault != TmaFault::kNone, "emulator_selftest: unknown case '",
+              name, "'");
+  const CUtensorMap map = tma::make_tensor_map_2d(a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
+                                                  a.size(0), a.size(1), a.size(1), rows, 128);
+  at::Tensor out = at::empty({rows, 128}, at::kByte);
+  DK_LAUNCH(tma_tile_kernel, 1, 64, static_cast<size_t>(rows * 128 + 16 + wgmma::kAtomBytes), nullptr)(
+      map, x, y, rows, out.data_ptr<uint8_t>(), fault);
+  return out;
+}
+
 at::Tensor wgmma_selftest(const std::string& name, const at::Tensor& a_in, const at::Tensor& b_in) {
+  if (name == "wgmma_tma") {
+    TORCH_CHECK(a_in.sizes() == at::IntArrayRef({64, 64}) && b_in.sizes() == at::IntArrayRef({128, 64}),
+                "emulator_selftest: wgmma_tma needs a [64, 64] and b [128, 64]");
+    const at::Tensor a = a_in.to(at::kBFloat16).contiguous(), b = b_in.to(at::kBFloat16).contiguous();
+    const auto bf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const CUtensorMap map_a = tma::make_tensor_map_2d(a.data_ptr(), bf16, 2, 64, 64, 64, 64, 64);
+    const CUtensorMap map_b = tma::make_tensor_map_2d(b.data_ptr(), bf16, 2, 128, 64, 64, 128, 64);
+    at::Tensor c = at::empty({64, 128}, at::kFloat);
+    const int smem = 192 * wgmma::kRowBytes + 16 + wgmma::kAtomBytes;
+    DK_LAUNCH(wgmma_tma_kernel, 1, 128, smem, nullptr)(map_a, map_b, c.data_ptr<float>());
+    return c;
+  }
   const bool s8 = name == "wgmma_s8";
   const int64_t k = s8 ? 32 : 16;
   TORCH_CHECK(a_in.sizes() == at::IntArrayRef({64, k}) && b_in.sizes() == at::IntArrayRef({128, k}),
@@ -184,11 +405,7 @@ __global__ void wgmma_images_kernel(const unsigned char* a, const unsigned char*
   wgmma::fence_proxy_async();
   __syncthreads();
   float acc[64];
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  wgmma::fence();
-  wgmma::mma_k_tile<c10::BFloat16, 128>(acc, sa, sb);
-  wgmma::commit();
-  wgmma::wait<0>();
+  k_tile_product(acc, sa, sb);
   for (int i = 0; i < 64; ++i) d[64 * tid + i] = acc[i];
 }
 
@@ -294,6 +511,9 @@ at::Tensor emulator_selftest(c10::string_view name_view, const at::Tensor& a_in,
     return c;
   }
   if (name.rfind("wgmma", 0) == 0) return wgmma_selftest(name, a_in, b_in);
+  if (name.rfind("tma", 0) == 0 || name.rfind("mbarrier", 0) == 0) {
+    return tma_selftest(name, a_in, b_in);
+  }
   if (name == "mma_fragments") {
     TORCH_CHECK(a_in.sizes() == at::IntArrayRef({32, 4}) && b_in.sizes() == at::IntArrayRef({32, 2}) &&
                     a_in.scalar_type() == at::kInt && b_in.scalar_type() == at::kInt,

@@ -1,9 +1,11 @@
 """One small interface between the samplers/losses and any denoising model.
 
-A denoiser is called as ``denoiser(x_t, t, y)``: x_t [B, C, H, W], t int64 [B] holding
-the original timesteps (0..999 even after respacing), y int64 [B] labels or None for
-an unconditional model. It returns eps [B, C, H, W], or [eps | v] with 2C channels
-when it learns the variance (learn_sigma). The adapter also says whether the model is
+A denoiser is called as ``denoiser(x_t, t, y)``: x_t [B, C, H, W], t [B] holding
+the original timesteps (int64 0..999 even after respacing; float and fractional from
+the continuous-time samplers: DPM-Solver's N t - 1, flow matching's 1000 t), y int64
+[B] labels or None for an unconditional model. It returns eps [B, C, H, W] (the
+velocity under flow matching), or [eps | v] with 2C channels when it learns the
+variance (learn_sigma). The adapter also says whether the model is
 class-conditional and which label index is its null class for classifier-free
 guidance.
 

@@ -72,26 +72,45 @@ def _progress(steps: Iterable[int], enabled: bool, total: int, desc: str) -> Ite
     return tqdm(steps, total=total, desc=desc, leave=False)
 
 
+def _initial_state(name: str, shape: Optional[Sequence[int]], noise: Optional[Tensor],
+                   y: Optional[Tensor], seed: Optional[int], device, dtype: torch.dtype):
+    """(x_T, generator): x_T is ``noise`` or drawn with ``seed``; the generator (None
+    without a seed) is seeded once, so a sampler that draws more noise continues it."""
+    if noise is None and shape is None:
+        raise ValueError(f"{name}: pass the sample shape or the starting noise x_T")
+    if noise is not None and shape is not None and tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"{name}: noise has shape {tuple(noise.shape)}, shape says "
+                         f"{tuple(shape)}")
+    if device is None:
+        device = noise.device if noise is not None else (y.device if y is not None else "cpu")
+    device = torch.device(device)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    if noise is None:
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype), \
+            generator
+    return noise.to(device), generator
+
+
+def _cond_grad(cond_fn: CondFn, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+    """cond_fn's scaled grad log p(y | x_t), with autograd on and its shape checked."""
+    with torch.enable_grad():
+        grad = cond_fn(x.detach(), t, y).detach()
+    if grad.shape != x.shape:
+        raise ValueError(f"cond_fn returned shape {tuple(grad.shape)}, expected "
+                         f"{tuple(x.shape)}")
+    return grad
+
+
 @torch.no_grad()
 def _sample_loop(step: Callable, stochastic: bool, desc: str, diffusion: GaussianDiffusion,
                  model, shape: Optional[Sequence[int]], *, y: Optional[Tensor],
                  cfg_scale: float, cfg_channels: Optional[int], cond_fn: Optional[CondFn],
                  noise: Optional[Tensor], seed: Optional[int], device, dtype: torch.dtype,
                  progress: bool) -> Tensor:
-    if noise is None and shape is None:
-        raise ValueError("pass the sample shape or the starting noise x_T")
-    if noise is not None and shape is not None and tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, shape says {tuple(shape)}")
     if cond_fn is not None and y is None:
         raise ValueError("classifier guidance (cond_fn) needs target labels y")
-    if device is None:
-        device = noise.device if noise is not None else (y.device if y is not None else "cpu")
-    device = torch.device(device)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    if noise is None:
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    else:
-        x = noise.to(device)
+    x, generator = _initial_state(f"{desc}_sample", shape, noise, y, seed, device, dtype)
+    device = x.device
     batch = x.shape[0]
     model_fn = guided_model_fn(as_denoiser(model), y, batch, cfg_scale, cfg_channels,
                                classifier_guided=cond_fn is not None)
@@ -101,13 +120,7 @@ def _sample_loop(step: Callable, stochastic: bool, desc: str, diffusion: Gaussia
         t = torch.full((batch,), i, dtype=torch.int64, device=device)
         t_model = diffusion.model_timesteps(t)
         model_output = model_fn(x, t_model)
-        cond_grad = None
-        if cond_fn is not None:
-            with torch.enable_grad():
-                cond_grad = cond_fn(x.detach(), t_model, y).detach()
-            if cond_grad.shape != x.shape:
-                raise ValueError(f"cond_fn returned shape {tuple(cond_grad.shape)}, expected "
-                                 f"{tuple(x.shape)}")
+        cond_grad = None if cond_fn is None else _cond_grad(cond_fn, x, t_model, y)
         z = (torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
              if stochastic else None)
         x = step(diffusion, model_output, x, t, z, cond_grad=cond_grad)

@@ -2,13 +2,23 @@
 
     python -m ditkernels.examples.digits --out runs/digits
     python -m ditkernels.examples.digits --out runs/digits --sample-only   # reuse the checkpoint
+    python -m ditkernels.examples.digits --out runs/digits --sample-only \
+        --sampler ddim dpm++ --steps 10 20 50          # accuracy per sampler and step count
+    python -m ditkernels.examples.digits --out runs/flow --objective flow --sampler euler heun \
+        --steps 10 20                                  # a flow-matching (rectified-flow) DiT
 
-Trains DiT (learned sigma, IDDPM hybrid loss, label dropout for classifier-free
-guidance) on the training split upsampled to 16x16, samples every class with DDIM +
-classifier-free guidance, writes a PNG grid (one row per class) and scores the samples
-with a small CNN trained on the same training split: the class-conditional accuracy
-of the generated digits. The checkpoint holds the EMA DiT, the classifier and every
-config needed to rebuild them (load_checkpoint).
+A thin user of the entry points: the training split, upsampled to 16x16, goes into a
+latents npz (OUT/train/digits_latents.npz) that ``ditkernels.train`` trains a DiT on
+(learned sigma, IDDPM hybrid loss, label dropout for classifier-free guidance);
+``ditkernels.sample`` samples every class equally often with DDIM, DDPM or
+DPM-Solver++(2M) + classifier-free guidance into ADM npz files
+(OUT/samples_SAMPLER_STEPS.npz, which ``ditkernels.evaluate`` can score). This example
+adds the rest: a small CNN trained on the same training split scores the samples (the
+class-conditional accuracy of the generated digits, per sampler and step count), and a
+PNG grid shows them (one row per class). With --objective flow the DiT learns the
+rectified-flow velocity instead (logit-normal t) and samples with Euler or Heun steps.
+The checkpoint holds the EMA DiT with its ditkernels.train config, and the classifier
+(load_checkpoint; ``python -m ditkernels.sample --ckpt`` reads it too).
 
 The defaults (DiT with 4x4 patches over 16x16, hidden 128, depth 4; 2000 AdamW steps of
 batch 64) train in about 4-5 minutes on a 2-core CPU.
@@ -17,29 +27,36 @@ Needs scikit-learn (the data) and Pillow (the PNG): pip install scikit-learn pil
 """
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion, as_denoiser, create_diffusion, ddim_sample
+from .. import sample as sample_lib
+from .. import train as train_lib
+from ..diffusion import GaussianDiffusion, RectifiedFlow
+from ..diffusion.dpm_solver import SKIP_TYPES
+from ..diffusion.flow import T_SAMPLINGS
 from ..models import DiT
 
 NUM_CLASSES = 10
-CHECKPOINT_FORMAT = "ditkernels.examples.digits/1"
+# 2: a ditkernels.train config and EMA weights, which ditkernels.sample reads.
+CHECKPOINT_FORMAT = "ditkernels.examples.digits/2"
+
+# The samplers each training objective supports; the first is the default.
+SAMPLERS = {"eps": ("ddim", "ddpm", "dpm++"), "flow": ("euler", "heun")}
 
 # Flags that --smoke changes: a model and run small enough for a unit test.
 SMOKE_DEFAULTS = dict(image_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                      train_steps=4, batch_size=16, classifier_steps=4, sampling_steps=3,
+                      train_steps=4, batch_size=16, classifier_steps=4, sampling_steps=[3],
                       samples_per_class=2, grid_columns=2)
 
 
@@ -134,57 +151,36 @@ def classify(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# diffusion training
+# diffusion training: ditkernels.train on the digits as a latents npz
 # ---------------------------------------------------------------------------
 
 
-def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of base: short runs end at a low lr."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def write_latents(path, x: Tensor, y: Tensor) -> None:
+    """The training split as ``python -m ditkernels.train --latents`` reads it."""
+    np.savez(path, latents=x.numpy(), labels=y.numpy())
 
 
-def train_diffusion(model: DiT, diffusion: GaussianDiffusion, x: Tensor, y: Tensor, *,
-                    steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
-                    log_every: int = 100) -> DiT:
-    """Train ``model`` on (x, y) with the diffusion's training loss; returns the EMA copy.
-
-    Label dropout for classifier-free guidance happens inside DiT (train mode).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
-    warmup = max(1, min(100, steps // 10))
-    model.train()
-    running, start = 0.0, time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        idx = torch.randint(0, len(x), (batch_size,), generator=generator)
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
-        x0 = x[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        loss = diffusion.training_losses(model, x0, t, y[idx], noise)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # EMA warm-up: early on the average would otherwise be dominated by the init.
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        running += loss.item()
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            n = (step % log_every) + 1
-            print(f"step {step + 1}/{steps}  loss {running / n:.4f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
-            running = 0.0
-    model.eval()
-    return ema
+def train_argv(args: argparse.Namespace, latents, results_dir) -> List[str]:
+    """The ditkernels.train command line of this example's recipe: AdamW with a linear
+    warmup over min(100, steps / 10) steps then a cosine decay to 10% of --lr (short runs
+    end at a low lr), an EMA with warmup, label dropout 0.1 for classifier-free
+    guidance, on the CPU."""
+    size = args.patch_size if args.patch_size in (2, 4, 8) else 2
+    overrides = dict(patch_size=args.patch_size, hidden_size=args.hidden_size,
+                     depth=args.depth, num_heads=args.num_heads)
+    argv = ["--model", f"DiT-S/{size}", "--model-kwargs", json.dumps(overrides),
+            "--latents", latents, "--results-dir", results_dir, "--device", "cpu",
+            "--objective", args.objective, "--t-sampling", args.t_sampling,
+            "--class-dropout-prob", 0.1, "--global-batch-size", args.batch_size,
+            "--max-steps", args.train_steps, "--lr", args.lr,
+            "--warmup-steps", max(1, min(100, args.train_steps // 10)),
+            "--lr-schedule", "cosine", "--final-lr-fraction", 0.1,
+            "--ema-decay", args.ema_decay, "--ema-warmup", "--seed", args.seed,
+            "--log-every", args.train_steps if args.no_progress else 100,
+            "--ckpt-every", args.train_steps]
+    if args.objective == "eps" and not args.learn_sigma:
+        argv.append("--no-learn-sigma")
+    return [str(a) for a in argv]
 
 
 # ---------------------------------------------------------------------------
@@ -194,26 +190,28 @@ def train_diffusion(model: DiT, diffusion: GaussianDiffusion, x: Tensor, y: Tens
 
 @dataclasses.dataclass
 class DigitsCheckpoint:
-    """What load_checkpoint returns: the EMA DiT (eval mode), the base (unrespaced)
-    diffusion and its config, the scoring classifier, and the run's metadata."""
+    """What load_checkpoint returns: the EMA DiT (eval mode) and its ditkernels.train
+    config, the base (unrespaced) diffusion or the flow and the kwargs that make it
+    (create_diffusion's or RectifiedFlow's), the scoring classifier, the run's metadata
+    and the training objective ("eps" or "flow")."""
 
     model: DiT
     model_config: Dict
-    diffusion: GaussianDiffusion
+    diffusion: Union[GaussianDiffusion, RectifiedFlow]
     diffusion_config: Dict
     classifier: Optional[DigitClassifier]
     metadata: Dict
+    objective: str = "eps"
 
 
-def save_checkpoint(path, model: DiT, model_config: Dict, diffusion_config: Dict,
+def save_checkpoint(path, model: DiT, model_config: Dict,
                     classifier: Optional[DigitClassifier] = None,
                     metadata: Optional[Dict] = None) -> None:
-    """torch.save the model's state_dict and config (the DiT constructor kwargs), the
-    diffusion config (the kwargs of create_diffusion) and optionally the classifier:
-    plain tensors and builtins, so torch.load(weights_only=True) reads it."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dict(model_config),
-            "model_state_dict": model.state_dict(), "diffusion_config": dict(diffusion_config),
-            "metadata": dict(metadata or {})}
+    """torch.save the (EMA) model's weights under "ema" with its ditkernels.train
+    ``model_config`` (so ``python -m ditkernels.sample --ckpt`` reads the file), and
+    optionally the classifier: plain tensors and builtins, for weights_only loading."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "config": dict(model_config),
+            "ema": model.state_dict(), "metadata": dict(metadata or {})}
     if classifier is not None:
         ckpt["classifier_config"] = {"width": classifier.net[0].out_channels}
         ckpt["classifier_state_dict"] = classifier.state_dict()
@@ -226,39 +224,53 @@ def load_checkpoint(path, map_location="cpu") -> DigitsCheckpoint:
     """Rebuild what save_checkpoint stored; the DiT loads with strict=True."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a digits checkpoint (format {ckpt.get('format')!r})")
-    model = DiT(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model_state_dict"], strict=True)
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format "
+                         f"{ckpt.get('format')!r}); train it again with this example")
+    config = ckpt["config"]
+    model = train_lib.build_model(config)
+    model.load_state_dict(ckpt["ema"], strict=True)
     classifier = None
     if "classifier_state_dict" in ckpt:
         classifier = DigitClassifier(**ckpt["classifier_config"])
         classifier.load_state_dict(ckpt["classifier_state_dict"], strict=True)
         classifier.eval()
-    return DigitsCheckpoint(model=model.eval(), model_config=ckpt["model_config"],
-                            diffusion=create_diffusion(**ckpt["diffusion_config"]),
-                            diffusion_config=ckpt["diffusion_config"], classifier=classifier,
-                            metadata=ckpt["metadata"])
+    objective = train_lib.objective_of(config)
+    diffusion_config = (dict(t_sampling=config["t_sampling"]) if objective == "flow"
+                        else dict(learn_sigma=config["learn_sigma"]))
+    return DigitsCheckpoint(model=model.eval(), model_config=config,
+                            diffusion=train_lib.training_process(config),
+                            diffusion_config=diffusion_config, classifier=classifier,
+                            metadata=ckpt["metadata"], objective=objective)
 
 
 # ---------------------------------------------------------------------------
-# sampling and output
+# sampling (ditkernels.sample) and output
 # ---------------------------------------------------------------------------
 
 
-def sample_digits(model: DiT, diffusion_config: Dict, labels: Tensor, *, sampling_steps: int,
-                  cfg_scale: float, eta: float = 0.0, seed: int = 0, batch_size: int = 250,
-                  progress: bool = True) -> Tensor:
-    """DDIM samples [len(labels), C, S, S] in [-1, 1] for the given class labels."""
-    diffusion = create_diffusion(f"ddim{sampling_steps}", **diffusion_config)
-    denoiser = as_denoiser(model)
-    size = model.input_size
-    out = []
-    for i, start in enumerate(range(0, len(labels), batch_size)):
-        y = labels[start:start + batch_size]
-        out.append(ddim_sample(diffusion, denoiser, (len(y), model.in_channels, size, size),
-                               y=y, cfg_scale=cfg_scale, eta=eta, clip_denoised=True,
-                               seed=seed + i, progress=progress))
-    return torch.cat(out)
+def sample_digits(checkpoint, out, *, num_samples: int, sampling_steps: int, cfg_scale: float,
+                  sampler: str = "ddim", eta: float = 0.0, skip_type: str = "logSNR",
+                  seed: int = 0, batch_size: int = 250) -> Tuple[Tensor, Tensor]:
+    """(samples [N, 1, S, S] in [-1, 1], labels [N]), class-major (every class
+    N / NUM_CLASSES times), from ``python -m ditkernels.sample`` with balanced labels,
+    which also leaves its ADM npz at ``out``.
+
+    sampler: "ddim" (eta), "ddpm" (ancestral, respaced to sampling_steps) or "dpm++"
+    (DPM-Solver++(2M), steps placed by skip_type) for an eps checkpoint; "euler" or
+    "heun" for a flow one. Predicted x_0 are clipped to [-1, 1].
+    """
+    steps = f"ddim{sampling_steps}" if sampler == "ddim" else str(sampling_steps)
+    sample_lib.main([str(a) for a in (
+        "--ckpt", checkpoint, "--out", out, "--num-samples", num_samples,
+        "--batch-size", batch_size, "--sampler", sampler, "--steps", steps, "--eta", eta,
+        "--skip-type", skip_type, "--cfg-scale", cfg_scale, "--clip-denoised",
+        "--labels", "balanced", "--seed", seed, "--device", "cpu")])
+    with np.load(out) as f:
+        images, labels = torch.from_numpy(f["arr_0"][..., :1]), torch.from_numpy(f["arr_1"])
+    # uint8 u holds the pixels in [(u - 128) / 127.5, (u - 127) / 127.5): take the middle.
+    samples = (images.permute(0, 3, 1, 2).float() - 127.5) / 127.5
+    order = torch.argsort(labels, stable=True)
+    return samples[order], labels[order]
 
 
 def save_grid(images: Tensor, rows: int, path) -> None:
@@ -300,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default). On a CPU shared with "
                         "other work, 1 can be much faster: a second thread stalls on barriers")
-    p.add_argument("--no-progress", action="store_true", help="no sampling progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="a quiet training log: only its last step")
     g = p.add_argument_group("model")
     g.add_argument("--image-size", type=int, default=16, help="digits upsampled to SxS")
     g.add_argument("--patch-size", type=int, default=4)
@@ -308,7 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                   help="learned-range variance with the hybrid loss (DiT's default)")
+                   help="learned-range variance with the hybrid loss (DiT's default; eps "
+                        "objective only)")
+    g.add_argument("--objective", choices=sorted(SAMPLERS), default="eps",
+                   help="eps: Gaussian diffusion, eps prediction; flow: rectified flow, "
+                        "velocity prediction (with --sample-only the checkpoint decides)")
+    g.add_argument("--t-sampling", choices=T_SAMPLINGS, default="logit_normal",
+                   help="flow objective: how training draws t in (0, 1)")
     g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=64)
@@ -316,8 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.995)
     g.add_argument("--classifier-steps", type=int, default=300)
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--sampler", nargs="+", default=None,
+                   choices=[name for names in SAMPLERS.values() for name in names],
+                   help="one or more samplers: ddim, ddpm, dpm++ (DPM-Solver++(2M)) for the "
+                        "eps objective (default ddim), euler, heun for flow (default euler)")
+    g.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, nargs="+",
+                   default=[50], help="one or more step counts; every sampler runs each")
     g.add_argument("--cfg-scale", type=float, default=3.0)
+    g.add_argument("--skip-type", choices=SKIP_TYPES,
+                   default="logSNR", help="dpm++: where the steps lie (see dpm_solver_sample)")
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--samples-per-class", type=int, default=50, help="scored samples per class")
     g.add_argument("--grid-columns", type=int, default=10, help="samples per row in the PNG")
@@ -333,8 +359,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _samplers_for(objective: str, requested: Optional[Sequence[str]]) -> Sequence[str]:
+    if requested is None:
+        return SAMPLERS[objective][:1]
+    wrong = [name for name in requested if name not in SAMPLERS[objective]]
+    if wrong:
+        raise ValueError(f"sampler(s) {wrong} do not apply to a model trained with the "
+                         f"{objective!r} objective; choose from {list(SAMPLERS[objective])}")
+    return requested
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    """Run the example; returns the metrics it also writes to OUT/metrics.json."""
+    """Run the example; returns the metrics it also writes to OUT/metrics.json.
+
+    The top-level accuracy, per-class accuracy and grid are the first sampler's at the
+    first step count; "results" holds every (sampler, steps) pair.
+    """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -345,54 +385,65 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     if args.sample_only:
         loaded = load_checkpoint(ckpt_path)
-        model, diffusion_config, classifier = loaded.model, loaded.diffusion_config, \
-            loaded.classifier
-        image_size = model.input_size
+        classifier, objective = loaded.classifier, loaded.objective
+        samplers = _samplers_for(objective, args.sampler)
+        image_size = loaded.model.input_size
         if classifier is None:
             raise ValueError(f"{ckpt_path} holds no classifier to score samples with")
         _, _, x_test, y_test = load_digits_split(image_size, seed=loaded.metadata["data_seed"])
         metrics.update({k: loaded.metadata[k] for k in ("train_seconds", "train_steps")})
     else:
+        objective = args.objective
+        samplers = _samplers_for(objective, args.sampler)
         image_size = args.image_size
         x_train, y_train, x_test, y_test = load_digits_split(image_size, seed=args.seed)
         start = time.perf_counter()
         classifier = train_classifier(x_train, y_train, args.classifier_steps, seed=args.seed)
         metrics["classifier_train_seconds"] = time.perf_counter() - start
 
-        diffusion_config = dict(noise_schedule="linear", num_timesteps=1000,
-                                learn_sigma=args.learn_sigma)
-        model_config = dict(input_size=image_size, patch_size=args.patch_size, in_channels=1,
-                            hidden_size=args.hidden_size, depth=args.depth,
-                            num_heads=args.num_heads, class_dropout_prob=0.1,
-                            num_classes=NUM_CLASSES, learn_sigma=args.learn_sigma)
-        torch.manual_seed(args.seed)
-        model = DiT(**model_config)
-        print(f"DiT: {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{(image_size // args.patch_size) ** 2} tokens", flush=True)
+        results_dir = args.out / "train"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        latents = results_dir / "digits_latents.npz"
+        write_latents(latents, x_train, y_train)
         start = time.perf_counter()
-        model = train_diffusion(model, create_diffusion(**diffusion_config), x_train, y_train,
-                                steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
-                                ema_decay=args.ema_decay, seed=args.seed)
+        train_lib.main(train_argv(args, latents, results_dir))
         metrics["train_seconds"] = time.perf_counter() - start
         metrics["train_steps"] = args.train_steps
-        save_checkpoint(ckpt_path, model, model_config, diffusion_config, classifier,
+        trained = torch.load(train_lib.checkpoint_path(str(results_dir), args.train_steps),
+                             map_location="cpu", weights_only=True)
+        model = train_lib.build_model(trained["config"])
+        model.load_state_dict(trained["ema"], strict=True)
+        save_checkpoint(ckpt_path, model, trained["config"], classifier,
                         metadata={"data_seed": args.seed, "train_steps": args.train_steps,
                                   "train_seconds": metrics["train_seconds"]})
         print(f"saved {ckpt_path}", flush=True)
 
     test_correct = classify(classifier, x_test) == y_test
     metrics["classifier_test_accuracy"] = test_correct.float().mean().item()
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.samples_per_class)
-    start = time.perf_counter()
-    samples = sample_digits(model, diffusion_config, labels, sampling_steps=args.sampling_steps,
-                            cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
-                            progress=not args.no_progress)
-    metrics["sample_seconds"] = time.perf_counter() - start
-    correct = classify(classifier, samples) == labels
+    results, first = [], None
+    for sampler in samplers:
+        for steps in args.sampling_steps:
+            start = time.perf_counter()
+            samples, labels = sample_digits(
+                ckpt_path, args.out / f"samples_{sampler}_{steps}.npz",
+                num_samples=NUM_CLASSES * args.samples_per_class, sampling_steps=steps,
+                cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
+                skip_type=args.skip_type, seed=args.seed)
+            seconds = time.perf_counter() - start
+            correct = classify(classifier, samples) == labels
+            results.append(dict(sampler=sampler, steps=steps,
+                                accuracy=correct.float().mean().item(), seconds=seconds))
+            print(f"{sampler:>6} {steps:4d} steps: generated-digit accuracy "
+                  f"{results[-1]['accuracy']:.3f} ({seconds:.0f}s)", flush=True)
+            if first is None:
+                first = samples, correct, seconds
+    samples, correct, metrics["sample_seconds"] = first
     metrics["generated_accuracy"] = correct.float().mean().item()
     metrics["generated_accuracy_per_class"] = correct.view(NUM_CLASSES, -1).float().mean(1).tolist()
-    metrics.update(sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, eta=args.eta,
-                   samples=len(labels), image_size=image_size, checkpoint=str(ckpt_path))
+    metrics.update(objective=objective, sampler=samplers[0],
+                   sampling_steps=args.sampling_steps[0], cfg_scale=args.cfg_scale,
+                   eta=args.eta, samples=len(labels), image_size=image_size,
+                   checkpoint=str(ckpt_path), results=results)
 
     cols = min(args.grid_columns, args.samples_per_class)
     grid = samples.view(NUM_CLASSES, args.samples_per_class, *samples.shape[1:])[:, :cols]
@@ -400,8 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"classifier test accuracy {metrics['classifier_test_accuracy']:.3f}; "
           f"generated-digit accuracy {metrics['generated_accuracy']:.3f} "
-          f"({len(labels)} samples, DDIM {args.sampling_steps}, cfg {args.cfg_scale}); "
-          f"wrote {args.out / 'samples.png'}", flush=True)
+          f"({len(labels)} samples, {samplers[0]} {args.sampling_steps[0]}, "
+          f"cfg {args.cfg_scale}); wrote {args.out / 'samples.png'}", flush=True)
     return metrics
 
 

@@ -49,6 +49,7 @@ struct AdaLNParams {
   int8_t* y_q = nullptr;
   const float* act_scales = nullptr;
   const int64_t* t = nullptr;
+  int64_t num_scales = 0;  // act_scales.numel(), for the CUDA kernel's checks of t
   int64_t rows_per_sample = 1;
 
   // Backward.
@@ -207,6 +208,7 @@ inline at::Tensor adaln_forward_int8(const AdaLNBackend& be, const char* op, con
   p.y_q = q.data_ptr<int8_t>();
   p.act_scales = act_scales.data_ptr<float>();
   p.t = t.data_ptr<int64_t>();
+  p.num_scales = act_scales.numel();
   p.rows_per_sample = rows_per_sample;
   if (p.B * p.N > 0) be.forward(p, c.x.scalar_type());
   return q;

@@ -337,6 +337,24 @@ __device__ __forceinline__ void mma_k_tile(Acc (&acc)[N / 2], const unsigned cha
   }
 }
 
+// The descriptor of the same kind of tile `bytes` (a multiple of 16) further on: the
+// start address field (bits 0-13, in 16-byte units) cannot overflow, as the shared
+// window is below 256 KiB. Lets a main loop build its descriptors once.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
+}
+
+// mma_k_tile on descriptors of the k-tile's A and B (desc_sw128 at k_byte 0).
+template <typename T, int N, typename Acc>
+__device__ __forceinline__ void mma_k_tile_desc(Acc (&acc)[N / 2], uint64_t desc_a,
+                                                uint64_t desc_b) {
+  fence_operand(acc);
+#pragma unroll
+  for (int kk = 0; kk < kRowBytes / kStepBytes; ++kk) {
+    mma<T, N>(acc, desc_advance(desc_a, kk * kStepBytes), desc_advance(desc_b, kk * kStepBytes), 1);
+  }
+}
+
 // cp.async of a [kRows][128-byte] swizzled tile by kThreads threads: chunk (row, c)
 // comes from src(row, c), a global address, or null for zeros (tails; the copy then
 // reads nothing and names `base`, a valid global address, as its source).

@@ -17,6 +17,8 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -38,10 +40,26 @@ struct Rows {
   std::vector<int64_t> lead;  // leading dims of x
 };
 
-// Checks x against t and act_scales and flattens it to rows. Values of t, and the
-// scales they select, are checked on the host (one synchronisation on CUDA).
+// Where the values of t, and the scales they select, are checked.
+enum class ValueChecks {
+  kHost,    // here, with a clear message (CPU; on CUDA one synchronisation per call)
+  kDevice,  // by the kernels, as they read each scale (int8_scales.cuh): no synchronisation
+};
+
+// The CUDA ops' choice: on the device, unless DITKERNELS_HOST_CHECKS is set (and not
+// 0), the debug mode that reports a bad timestep or scale with a message naming it.
+// Read at every call, so that tests can switch it within one process.
+inline ValueChecks cuda_value_checks() {
+  const char* env = std::getenv("DITKERNELS_HOST_CHECKS");
+  const bool host = env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
+  return host ? ValueChecks::kHost : ValueChecks::kDevice;
+}
+
+// Checks x against t and act_scales and flattens it to rows; the values of t and of
+// the scales they select where `values` says.
 inline Rows check_rows(const char* op, const at::Tensor& x, const char* x_name,
-                       const at::Tensor& act_scales, const at::Tensor& t) {
+                       const at::Tensor& act_scales, const at::Tensor& t,
+                       ValueChecks values) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": ", x_name,
               " must have shape [M, K] or [B, L, K], got ", shape_str(x));
   check_same_device(op, act_scales, "act_scales", x, x_name);
@@ -71,7 +89,7 @@ inline Rows check_rows(const char* op, const at::Tensor& x, const char* x_name,
   }
   r.t = t.contiguous();
   r.act_scales = act_scales.contiguous();
-  if (t.numel() > 0) {
+  if (values == ValueChecks::kHost && t.numel() > 0) {
     const int64_t T = act_scales.numel();
     auto [lo, hi] = at::aminmax(r.t);
     // The scales t selects (t clamped so that the gather itself stays in bounds; an
@@ -123,8 +141,9 @@ inline void check_weights(const char* op, const Rows& r, const at::Tensor& x,
 inline Rows check_gemm(const char* op, const at::Tensor& a, const char* a_name,
                        const at::Tensor& w_q, const at::Tensor& w_scale,
                        const at::Tensor& act_scales, const at::Tensor& t,
-                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  Rows r = check_rows(op, a, a_name, act_scales, t);
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                       ValueChecks values) {
+  Rows r = check_rows(op, a, a_name, act_scales, t, values);
   check_weights(op, r, a, w_q, w_scale, bias, out_dtype);
   return r;
 }
