@@ -330,8 +330,9 @@ def _swizzled_image(matrix, swizzle):
     return image.reshape(-1, 128)
 
 
-def _wgmma_by_table(a, b, swizzle):
-    d = _selftest("swizzle_images", _swizzled_image(a, swizzle), _swizzled_image(b, swizzle))
+def _wgmma_d_as_matrix(d):
+    """The [64, 128] result of an m64n128 wgmma from its per-thread accumulators d[128, 64],
+    by the PTX ISA's D fragment table."""
     got = torch.empty(64, 128)
     for thread in range(128):
         w, g, t = thread // 32, thread % 32 // 4, thread % 4
@@ -339,6 +340,11 @@ def _wgmma_by_table(a, b, swizzle):
             got[16 * w + g + WGMMA_D_ROW_OFFSET[i % 4],
                 8 * (i // 4) + 2 * t + WGMMA_D_COL_OFFSET[i % 4]] = d[thread, i]
     return got
+
+
+def _wgmma_by_table(a, b, swizzle):
+    d = _selftest("swizzle_images", _swizzled_image(a, swizzle), _swizzled_image(b, swizzle))
+    return _wgmma_d_as_matrix(d)
 
 
 def test_emulated_wgmma_reads_the_cute_swizzle_and_writes_the_ptx_fragments(hopper):
@@ -359,13 +365,7 @@ def _wgmma_rs_mn_by_table(a, bt, swizzle):
     regs = torch.cat([_registers(a[16 * w:16 * w + 16], MMA_16816_A) for w in range(4)])
     image = torch.cat([_swizzled_image(bt[:, 64 * m:64 * m + 64], swizzle) for m in range(2)])
     d = _selftest("rs_mn_images", regs, image)
-    got = torch.empty(64, 128)
-    for thread in range(128):
-        w, g, t = thread // 32, thread % 32 // 4, thread % 4
-        for i in range(64):
-            got[16 * w + g + WGMMA_D_ROW_OFFSET[i % 4],
-                8 * (i // 4) + 2 * t + WGMMA_D_COL_OFFSET[i % 4]] = d[thread, i]
-    return got
+    return _wgmma_d_as_matrix(d)
 
 
 def test_emulated_wgmma_register_a_and_transposed_b_follow_the_tables(hopper):

@@ -251,39 +251,6 @@ __device__ __forceinline__ float row_time_dot(const T* sq, const T* tk, int row0
   return sum + __shfl_xor_sync(0xffffffffu, sum, 16);
 }
 
-// C[16 x 64] = A[16 x kD] B[64 x kD]^T, A and B both row-major in shared memory with
-// row stride kS (Q K^T-shaped products); k16 steps plus a k8 tail for kD = 72.
-template <typename T, int kD, int kS>
-__device__ __forceinline__ void rows16_times_tile64_t(float (&c)[8][4], const T* a, const T* b,
-                                                      int lane) {
-  constexpr int kK16 = kD / 16;
-#pragma unroll
-  for (int ks = 0; ks < kK16; ++ks) {
-    uint32_t af[4];
-    mma::ldmatrix_x4(af, a + (lane & 15) * kS + ks * 16 + (lane >> 4) * 8);
-#pragma unroll
-    for (int pair = 0; pair < 4; ++pair) {
-      uint32_t r[4];
-      mma::ldmatrix_x4(r, b + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
-                              ((lane >> 3) & 1) * 8);
-      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      mma::mma_16816<T>(c[2 * pair], af, b0);
-      mma::mma_16816<T>(c[2 * pair + 1], af, b1);
-    }
-  }
-  if constexpr (kD % 16 == 8) {
-    uint32_t af[2];
-    mma::ldmatrix_x2(af, a + (lane & 15) * kS + kK16 * 16);
-#pragma unroll
-    for (int pair = 0; pair < 4; ++pair) {
-      uint32_t r[2];
-      mma::ldmatrix_x2(r, b + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
-      mma::mma_1688<T>(c[2 * pair], af, r[0]);
-      mma::mma_1688<T>(c[2 * pair + 1], af, r[1]);
-    }
-  }
-}
-
 // C[m][16 x kD] += A[m][16 x 16] B[16 x kD] for kM row tiles m: A as mma fragments,
 // B the 16 rows at b (row-major, stride kS) read transposed by ldmatrix once for all
 // kM (P V-shaped products).
