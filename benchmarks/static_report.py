@@ -679,6 +679,10 @@ def record_launch_configs(emu_lib):
     log = Path(tempfile.mkdtemp()) / "launches.tsv"
     os.environ["DITKERNELS_EMU_LAUNCH_LOG"] = str(log)
     env = dict(os.environ, DITKERNELS_EMU_LIB=str(emu_lib))
+    # With an in-place build the tests import this tree's package, not an older
+    # installed one whose ops may differ (which silently drops their launches).
+    if any((ROOT / "ditkernels").glob("_C*.so")):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     tests = ROOT / "python_tests" / "test_cuda_emulated.py"
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", str(tests), "-m", "racecheck",
                           "-p", "no:cacheprovider"], env=env, cwd=ROOT / "python_tests")
