@@ -76,19 +76,27 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(synchronize: bool = True) -> None:
+    """Tears the process group down; with synchronize, after every rank has got here, so
+    that none closes its connections while a peer still uses them (gloo then aborts the
+    peer at exit, "terminate called without an active exception", seen with torch 2.11)."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 def run_in_process_group(fn: Callable[[Any, DistContext], None], args: Any,
                          device: Optional[str] = None) -> None:
-    """fn(args, ctx) inside the process group, which is torn down however fn ends."""
+    """fn(args, ctx) inside the process group, which is torn down however fn ends (after
+    a barrier where fn returned: a rank that raised does not wait for the others)."""
     ctx = init_distributed(device)
+    finished = False
     try:
         fn(args, ctx)
+        finished = True
     finally:
-        cleanup_distributed()
+        cleanup_distributed(synchronize=finished)
 
 
 def all_gather_objects(obj: Any) -> List[Any]:
@@ -103,3 +111,17 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def exit_process(code: int = 0) -> None:
+    """Ends a finished command-line run (its process group already torn down) without
+    the interpreter's teardown: under torchrun with gloo, torch 2.11's teardown at times
+    aborts a rank after all its work is done and written ("terminate called without an
+    active exception"), which would fail a run that succeeded."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

@@ -308,3 +308,6 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    from .distributed import exit_process
+
+    exit_process(0)
