@@ -8,6 +8,7 @@ process makes a one-member group on a free local port. NCCL on a GPU, gloo on a 
 import dataclasses
 import os
 import socket
+import sys
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -118,9 +119,6 @@ def exit_process(code: int = 0) -> None:
     the interpreter's teardown: under torchrun with gloo, torch 2.11's teardown at times
     aborts a rank after all its work is done and written ("terminate called without an
     active exception"), which would fail a run that succeeded."""
-    import os
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
