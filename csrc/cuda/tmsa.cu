@@ -214,8 +214,10 @@ __device__ __forceinline__ void load_q_time_tile(T* sq, const T* q, int64_t s_n,
   struct alignas(16) Chunk {
     T v[8];
   };
-  // Not unrolled: the backward kernel's dK and dV accumulators are live here, and
-  // unrolling costs it registers (sm_90, kD = 64: 215 instead of 168).
+  // Not unrolled: chosen for the old backward kernel, whose dK and dV accumulators were
+  // live here (sm_90, kD = 64: 215 registers unrolled instead of 168). The backward now
+  // gets Q' from tmsa_bwd_prep_kernel; whether the forward's prologue gains from
+  // unrolling is unmeasured.
 #pragma unroll 1
   for (int idx = tid; idx < kRows * (kD / 8); idx += kThreads) {
     const int row = idx / (kD / 8), d0 = idx % (kD / 8) * 8, i = q0 + row;
