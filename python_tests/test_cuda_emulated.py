@@ -716,6 +716,87 @@ def test_skip_concat_linear_tma_kernel_walks_several_tiles_per_cta(kernel, ctas,
         test_skip_concat_linear.check_forward("cpu", dtype, (3, 90), 136, 97, False)
 
 
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n192", "tma-n256"])
+@pytest.mark.parametrize("splits,ctas", [(2, 132), (3, 2), (64, 5)])
+def test_int8_tma_split_k_is_bit_identical(kernel, splits, ctas, hopper, monkeypatch):
+    """Split-K on the persistent kernel (DITKERNELS_SPLIT_K forces the number of
+    k-ranges, capped at the k-tiles: 64 -> 9 for K = 1152): int32 sums added in order by
+    the reduce kernel, so the output keeps the CPU kernel's bits, with M and N tails,
+    a capped grid (units wrapping the stage ring) and both output paths."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_SPLIT_K", str(splits))
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", str(ctas))
+    for lead, K, N, one_t in [((1, 258), 1152, 144, False), ((3, 43), 384, 400, True)]:
+        test_int8.check_int8_linear("cpu", torch.bfloat16, lead, K, N, one_t, True)
+    test_int8.check_gemm_dequant_and_quantize("cpu", [torch.float32], (2, 130), 272, 48, False)
+
+
+@pytest.mark.parametrize("kernel", ["tma-n128", "tma-n256"])
+@pytest.mark.parametrize("splits", [2, 5])
+def test_skip_concat_linear_tma_split_k(kernel, splits, hopper, monkeypatch):
+    """The same for skip_concat_linear: the k-ranges cut across x's and skip's maps
+    (D = 200: 4 k-tiles of each, the last one straddling D), odd Dout (the workspace row
+    padded to even, scalar stores in the reduce kernel)."""
+    set_gemm_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DITKERNELS_SPLIT_K", str(splits))
+    monkeypatch.setenv("DITKERNELS_PERSISTENT_CTAS", "3")
+    for dtype in LOW_PRECISION:
+        test_skip_concat_linear.check_forward("cpu", dtype, (2, 75), 200, 97, True)
+        test_skip_concat_linear.check_forward("cpu", dtype, (1, 130), 72, 256, False)
+
+
+def _gemm_launches(tmp_path, monkeypatch, fn):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import static_report
+
+    log = tmp_path / "launches.tsv"
+    log.unlink(missing_ok=True)
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    fn()
+    monkeypatch.delenv("DITKERNELS_EMU_LAUNCH_LOG")
+    return sorted(k.split("<")[0].split("::")[-1]
+                  for k in static_report.read_launch_log(log.read_text(), _LIB))
+
+
+def test_gemm_plans_split_k_only_where_tiles_leave_sms_idle(tmp_path, hopper, monkeypatch):
+    """ws::plan on the emulated H100 (132 SMs): a 2 x 1 tile int8 GEMM with 32 k-tiles
+    splits (a reduce kernel follows the GEMM); one with a single k-tile, or with
+    DITKERNELS_SPLIT_K=1, does not; skip_concat_linear plans the same way."""
+    set_gemm_kernel(monkeypatch, "tma")
+    monkeypatch.delenv("DITKERNELS_SPLIT_K", raising=False)
+    torch.manual_seed(0)
+
+    def int8(K):
+        x = torch.randn(200, K)
+        w_q = torch.randint(-127, 128, (144, K), dtype=torch.int8)
+        torch.ops.ditkernels.int8_linear(x, w_q, torch.rand(144) + 0.1, torch.full((1,), 0.05),
+                                         torch.zeros(1, dtype=torch.long), None)
+
+    one = ["int8_gemm_tma_kernel", "quantize_rows_kernel"]
+    split = sorted(one + ["int8_split_reduce_kernel"])
+    assert _gemm_launches(tmp_path, monkeypatch, lambda: int8(4096)) == split
+    assert _gemm_launches(tmp_path, monkeypatch, lambda: int8(128)) == one
+    monkeypatch.setenv("DITKERNELS_SPLIT_K", "1")
+    assert _gemm_launches(tmp_path, monkeypatch, lambda: int8(4096)) == one
+    monkeypatch.delenv("DITKERNELS_SPLIT_K")
+
+    x, skip = torch.randn(2, 64, 1024, dtype=torch.bfloat16).unbind(0)
+    w = torch.randn(64, 2048, dtype=torch.bfloat16)
+    assert _gemm_launches(
+        tmp_path, monkeypatch, lambda: torch.ops.ditkernels.skip_concat_linear(x, skip, w, None)
+    ) == ["skip_gemm_split_reduce_kernel", "skip_gemm_tma_kernel"]
+
+
+def test_gemm_split_k_variable_is_checked(hopper, monkeypatch):
+    set_gemm_kernel(monkeypatch, "tma")
+    monkeypatch.setenv("DITKERNELS_SPLIT_K", "two")
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="DITKERNELS_SPLIT_K must be a positive integer"):
+        torch.ops.ditkernels.skip_concat_linear(x, x, torch.randn(16, 128, dtype=torch.bfloat16),
+                                                None)
+
+
 @pytest.mark.parametrize("lead,K,N,one_t", test_int8.CASES[:3])
 @pytest.mark.usefixtures("gemm_kernel")
 def test_int8_gemm_dequant_and_quantize(lead, K, N, one_t):

@@ -74,6 +74,27 @@ def test_innermost_loop_with_mma_only():
     assert loops[1]["local"] == 1
 
 
+def test_path_rejoining_a_hot_loop_from_after_it_is_no_loop():
+    """ptxas lays the retry of an mbarrier try_wait out after the function's body, with a
+    backward branch into the loop: that range crosses the loop and gets no row."""
+    text = listing("k", [
+        (0x00, "MOV R1, c[0x0][0x28]"),
+        (0x10, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2"),   # hot loop: the wait,
+        (0x20, "@!P0 BRA 0x80"),                                   # its retry out of line,
+        (0x30, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"),   # the MMA
+        (0x40, "@P1 BRA 0x10"),
+        (0x50, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24"),  # after the loop
+        (0x60, "EXIT"),
+        (0x70, "NOP"),
+        (0x80, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2"),   # the retry
+        (0x90, "@!P0 BRA 0x80"),
+        (0xa0, "BRA 0x30"),
+    ])
+    loops = sr.hot_loops(sr.parse_sass(text)["k"])
+    assert [(l["start"], l["end"]) for l in loops] == [("0x10", "0x40")]
+    assert loops[0]["units"] == 16 and loops[0]["bar"] == 1
+
+
 def test_no_mma_no_hot_loop():
     text = listing("k", [(0x00, "FADD R3, R3, 1"), (0x10, "@P1 BRA 0x0"), (0x20, "EXIT")])
     assert sr.hot_loops(sr.parse_sass(text)["k"]) == []

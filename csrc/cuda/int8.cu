@@ -313,6 +313,7 @@ struct Int8TmaProblem {
   CUtensorMap a, b;  // A [M, K] int8, W [N, K]
   Int8GemmParams p;
   int m, n, k_tiles;
+  ws::SplitK<int> split;
 
   __device__ __forceinline__ void load(int kt, int m0, int n0, unsigned char* sa,
                                        unsigned char* sb, uint64_t* full) const {
@@ -343,12 +344,27 @@ struct Int8TmaProblem {
       }
     }
   }
+
+  // The split-K epilogue: the int32 sums of all ranges, so the same bits as above.
+  __device__ __forceinline__ void finish_pair(int row, int col, int v0, int v1) const {
+    const OutT* bias = static_cast<const OutT*>(p.bias);
+    const float s = p.scales(row);
+    ws::store_pair<OutT>(static_cast<OutT*>(p.y) + static_cast<int64_t>(row) * p.N + col,
+                         dequantize<OutT>(v0, s, p.w_scale[col], bias, col),
+                         dequantize<OutT>(v1, s, p.w_scale[col + 1], bias, col + 1));
+  }
 };
 
 template <typename OutT, int BN>
 __global__ void __launch_bounds__(ws::kThreads, 1)
     int8_gemm_tma_kernel(const __grid_constant__ Int8TmaProblem<OutT> pr) {
   ws::run<int8_t, BN>(pr);
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(ws::kReduceThreads)
+    int8_split_reduce_kernel(const __grid_constant__ Int8TmaProblem<OutT> pr) {
+  ws::reduce_splits<int>(pr);
 }
 }  // namespace sm90
 
@@ -391,9 +407,12 @@ void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
 }
 
 // The warp-specialized TMA kernel: A [M, K] int8 with row stride p.lda, W [N, K];
-// at most one CTA per SM, each walking its share of the output tiles.
+// at most one CTA per SM, each walking its share of the work units (ws::plan: the
+// tile width, and a K split with its reduce kernel where the tiles would leave SMs
+// idle).
 template <typename OutT, int BN>
-void launch_tma(const Int8GemmParams& p, cudaStream_t stream) {
+void launch_tma(const Int8GemmParams& p, const ws::Plan& plan, const at::Tensor& like,
+                cudaStream_t stream) {
   auto kernel = sm90::int8_gemm_tma_kernel<OutT, BN>;
   constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -405,18 +424,33 @@ void launch_tma(const Int8GemmParams& p, cudaStream_t stream) {
   pr.m = p.M;
   pr.n = p.N;
   pr.k_tiles = (p.K + sm90::kBK - 1) / sm90::kBK;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  DK_LAUNCH(kernel, ws::grid_size(p.M, p.N, BN, sms), ws::kThreads, smem, stream)(pr);
+  at::Tensor workspace;
+  pr.split = ws::split_workspace<int>(plan, p.M, p.N, like, workspace);
+  DK_LAUNCH(kernel, plan.ctas, ws::kThreads, smem, stream)(pr);
+  if (plan.splits > 1) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    DK_LAUNCH(sm90::int8_split_reduce_kernel<OutT>, ws::reduce_blocks(p.M, p.N, sms),
+              ws::kReduceThreads, 0, stream)(pr);
+  }
 }
 
 template <typename OutT>
-void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
+void launch_wgmma(const Int8GemmParams& p, const at::Tensor& like, cudaStream_t stream) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool use_tma = tma::use_tma_gemm();
+  if (tma::use_tma_gemm()) {
+    const ws::Plan plan = ws::plan(p.M, p.N, (p.K + sm90::kBK - 1) / sm90::kBK, sms);
+    switch (plan.bn) {
+      case 256: launch_tma<OutT, 256>(p, plan, like, stream); break;
+      case 192: launch_tma<OutT, 192>(p, plan, like, stream); break;
+      default: launch_tma<OutT, 128>(p, plan, like, stream); break;
+    }
+    return;
+  }
   switch (wgmma::pick_tile_n(p.M, p.N, sm90::kBM, sms)) {
-    case 256: use_tma ? launch_tma<OutT, 256>(p, stream) : launch_wgmma<OutT, 256>(p, stream); break;
-    case 192: use_tma ? launch_tma<OutT, 192>(p, stream) : launch_wgmma<OutT, 192>(p, stream); break;
-    default: use_tma ? launch_tma<OutT, 128>(p, stream) : launch_wgmma<OutT, 128>(p, stream); break;
+    case 256: launch_wgmma<OutT, 256>(p, stream); break;
+    case 192: launch_wgmma<OutT, 192>(p, stream); break;
+    default: launch_wgmma<OutT, 128>(p, stream); break;
   }
 }
 
@@ -481,7 +515,7 @@ at::Tensor run_gemm(const char* op, const at::Tensor& a_in, const int8::Rows& r,
       p.a = a_q.data_ptr();
       p.lda = a_q.stride(0);
     }
-    DK_DISPATCH_CUDA_FLOATS(out_dtype, op, [&] { launch_wgmma<scalar_t>(p, stream); });
+    DK_DISPATCH_CUDA_FLOATS(out_dtype, op, [&] { launch_wgmma<scalar_t>(p, y, stream); });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
   }

@@ -254,6 +254,7 @@ struct SkipTmaProblem {
   const T* bias;
   T* y;
   int m, n, k_tiles, kx;
+  ws::SplitK<float> split;
 
   __device__ __forceinline__ void load(int kt, int m0, int n0, unsigned char* sa,
                                        unsigned char* sb, uint64_t* full) const {
@@ -263,6 +264,22 @@ struct SkipTmaProblem {
     tma::load_2d(sb, in_x ? &w1 : &w2, full, k0, n0);
   }
 
+  // Column pair (col, col + 1) of a row (col even, < n; col + 1 may be n).
+  __device__ __forceinline__ void finish_pair(int row, int col, float v0, float v1) const {
+    T* out = y + static_cast<int64_t>(row) * n;
+    const bool both = col + 1 < n;
+    if (bias != nullptr) {
+      v0 += static_cast<float>(bias[col]);
+      if (both) v1 += static_cast<float>(bias[col + 1]);
+    }
+    if (both && n % 2 == 0) {  // 4-byte aligned pairs
+      ws::store_pair<T>(out + col, static_cast<T>(v0), static_cast<T>(v1));
+    } else {
+      out[col] = static_cast<T>(v0);
+      if (both) out[col + 1] = static_cast<T>(v1);
+    }
+  }
+
   template <int kAcc>
   __device__ __forceinline__ void epilogue(const float (&acc)[kAcc], int row0, int n0,
                                            int t) const {
@@ -270,23 +287,10 @@ struct SkipTmaProblem {
     for (int half = 0; half < 2; ++half) {
       const int row = ws::acc_row(row0, t, half);
       if (row >= m) continue;
-      T* out = y + static_cast<int64_t>(row) * n;
 #pragma unroll
       for (int j = 0; j < kAcc / 4; ++j) {
         const int col = ws::acc_col(n0, t, j);
-        if (col >= n) continue;
-        float v[2] = {acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]};
-        const bool both = col + 1 < n;
-        if (bias != nullptr) {
-          v[0] += static_cast<float>(bias[col]);
-          if (both) v[1] += static_cast<float>(bias[col + 1]);
-        }
-        if (both && n % 2 == 0) {  // 4-byte aligned pairs
-          ws::store_pair<T>(out + col, static_cast<T>(v[0]), static_cast<T>(v[1]));
-        } else {
-          out[col] = static_cast<T>(v[0]);
-          if (both) out[col + 1] = static_cast<T>(v[1]);
-        }
+        if (col < n) finish_pair(row, col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
       }
     }
   }
@@ -298,8 +302,15 @@ __global__ void __launch_bounds__(ws::kThreads, 1)
   ws::run<T, BN>(pr);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(ws::kReduceThreads)
+    skip_gemm_split_reduce_kernel(const __grid_constant__ SkipTmaProblem<T> pr) {
+  ws::reduce_splits<float>(pr);
+}
+
 template <typename T, int BN>
-void launch_tma(const SkipGemmParams& p, cudaStream_t stream) {
+void launch_tma(const SkipGemmParams& p, const ws::Plan& plan, const at::Tensor& like,
+                cudaStream_t stream) {
   auto kernel = skip_gemm_tma_kernel<T, BN>;
   constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -317,8 +328,15 @@ void launch_tma(const SkipGemmParams& p, cudaStream_t stream) {
   pr.n = p.N;
   pr.kx = (p.D + kBK - 1) / kBK;
   pr.k_tiles = 2 * pr.kx;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  DK_LAUNCH(kernel, ws::grid_size(p.M, p.N, BN, sms), ws::kThreads, smem, stream)(pr);
+  at::Tensor workspace;
+  pr.split = ws::split_workspace<float>(plan, p.M, p.N, like, workspace);
+  DK_LAUNCH(kernel, plan.ctas, ws::kThreads, smem, stream)(pr);
+  if (plan.splits > 1) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    DK_LAUNCH(skip_gemm_split_reduce_kernel<T>, ws::reduce_blocks(p.M, p.N, sms),
+              ws::kReduceThreads, 0, stream)(pr);
+  }
 }
 
 template <typename T, int BN>
@@ -434,20 +452,21 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& skip, const at::T
     DK_DISPATCH_CUDA_HALFS(x.scalar_type(), op, [&] {
       if (wgmma::use_wgmma()) {
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        const bool use_tma = tma::use_tma_gemm();
-        switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
-          case 256:
-            use_tma ? sm90::launch_tma<scalar_t, 256>(p, stream)
-                : sm90::launch<scalar_t, 256>(p, m_tiles, stream);
-            break;
-          case 192:
-            use_tma ? sm90::launch_tma<scalar_t, 192>(p, stream)
-                : sm90::launch<scalar_t, 192>(p, m_tiles, stream);
-            break;
-          default:
-            use_tma ? sm90::launch_tma<scalar_t, 128>(p, stream)
-                : sm90::launch<scalar_t, 128>(p, m_tiles, stream);
-            break;
+        if (tma::use_tma_gemm()) {
+          // ws::plan: the tile width, and a K split where the tiles would leave SMs idle.
+          const int kx = (p.D + sm90::kBK - 1) / sm90::kBK;
+          const ws::Plan plan = ws::plan(p.M, p.N, 2 * kx, sms);
+          switch (plan.bn) {
+            case 256: sm90::launch_tma<scalar_t, 256>(p, plan, y, stream); break;
+            case 192: sm90::launch_tma<scalar_t, 192>(p, plan, y, stream); break;
+            default: sm90::launch_tma<scalar_t, 128>(p, plan, y, stream); break;
+          }
+        } else {
+          switch (wgmma::pick_tile_n(c.M, c.Dout, sm90::kBM, sms)) {
+            case 256: sm90::launch<scalar_t, 256>(p, m_tiles, stream); break;
+            case 192: sm90::launch<scalar_t, 192>(p, m_tiles, stream); break;
+            default: sm90::launch<scalar_t, 128>(p, m_tiles, stream); break;
+          }
         }
       } else {
         auto kernel = skip_gemm_tc_kernel<scalar_t>;
