@@ -86,7 +86,7 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
                 x_q, a["w_q"], a["w_scale"], a["act_scales"], a["t"], a["bias"], ctx.dtype),
         }
         # On Hopper: also the mma.sync kernels, whose int8_linear quantizes in its A load,
-        # and the GEMM at the narrowest wgmma tile.
+        # the GEMM at the narrowest wgmma tile, and the GEMM never split along K.
         env = {}
         if hopper_wgmma_build(ctx):
             for impl in ("ditkernels.int8_linear", "ditkernels.int8_gemm_dequant"):
@@ -95,6 +95,10 @@ def _gemm_rows(ctx: BenchContext) -> List[Dict]:
             narrow = "ditkernels.int8_gemm_dequant (wgmma n128)"
             impls[narrow] = impls["ditkernels.int8_gemm_dequant"]
             env[narrow] = {"DITKERNELS_WGMMA_TILE_N": "128"}
+            # The launch plan's K split against none (the plan's cost model is an estimate).
+            unsplit = "ditkernels.int8_gemm_dequant (no split-K)"
+            impls[unsplit] = impls["ditkernels.int8_gemm_dequant"]
+            env[unsplit] = {"DITKERNELS_SPLIT_K": "1"}
         int8_args = (a["x"], a["w_q"].t(), a["w_scale"], a["act_scales"], a["t"], a["bias"])
         try:
             eager_int8_linear(*int8_args)

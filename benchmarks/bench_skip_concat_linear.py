@@ -32,14 +32,17 @@ def run(ctx: BenchContext):
     impls = {"cat+linear": reference.skip_concat_linear,
              "ditkernels": ditkernels.skip_concat_linear,
              "2 GEMMs": two_gemms}
-    # On Hopper the op runs its wgmma kernel (tile width picked per Dout); the same run
-    # times the mma.sync kernel and the 128-wide wgmma tile, forward only.
+    # On Hopper the op runs its wgmma kernel (tile width and K split planned per shape);
+    # the same run times the mma.sync kernel, the 128-wide wgmma tile and the kernel
+    # never split along K, forward only.
     env = {}
     if hopper_wgmma_build(ctx):
         impls["ditkernels (mma.sync)"] = ditkernels.skip_concat_linear
         impls["ditkernels (wgmma n128)"] = ditkernels.skip_concat_linear
+        impls["ditkernels (no split-K)"] = ditkernels.skip_concat_linear
         env = {"ditkernels (mma.sync)": MMA_SYNC,
-               "ditkernels (wgmma n128)": {"DITKERNELS_WGMMA_TILE_N": "128"}}
+               "ditkernels (wgmma n128)": {"DITKERNELS_WGMMA_TILE_N": "128"},
+               "ditkernels (no split-K)": {"DITKERNELS_SPLIT_K": "1"}}
     compiled = maybe_compile(reference.skip_concat_linear, ctx)
     if compiled is not None:
         impls["torch.compile"] = compiled

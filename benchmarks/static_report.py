@@ -636,7 +636,8 @@ def representative_calls(emu_lib):
     partial-sum shared memory follow C, at the models' widths (DiT S/B/L/XL 384/768/1024/
     1152, U-ViT S 512) and at the narrow widths of its warp-team kernels, in each dtype;
     the int8 ops in each dtype with the mma.sync kernels (DITKERNELS_DISABLE_WGMMA=1)
-    and the wgmma ones, and quantize_per_sample's path for rows that are not 8-aligned."""
+    and the wgmma ones, quantize_per_sample's path for rows that are not 8-aligned, and
+    the Hopper GEMMs split along K (their reduce kernels)."""
     import torch
 
     torch.ops.load_library(str(emu_lib))
@@ -661,6 +662,16 @@ def representative_calls(emu_lib):
             ops.int8_linear(x, w_q, w_scale, act_scales, t, None)
             ops.quantize_per_sample(torch.randn(2, 8, 7, dtype=dtype), act_scales, t)  # K % 8: the scalar kernel
     os.environ.pop("DITKERNELS_DISABLE_WGMMA")
+    # The split-K reduce kernels (Hopper's persistent GEMMs split K where few tiles).
+    os.environ["DITKERNELS_SPLIT_K"] = "2"
+    w_q2 = torch.randint(-127, 128, (N, 4 * K), dtype=torch.int8)  # two k-tiles of int8
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(2, 8, K, dtype=dtype)
+        x_q = ops.quantize_per_sample(torch.randn(2, 8, 4 * K, dtype=dtype), act_scales, t)
+        ops.int8_gemm_dequant(x_q, w_q2, w_scale, act_scales, t, None, dtype)
+        if dtype != torch.float32:
+            ops.skip_concat_linear(x, x, torch.randn(N, 2 * K, dtype=dtype), None)
+    os.environ.pop("DITKERNELS_SPLIT_K")
 
 
 def read_launch_log(text, emu_lib):

@@ -258,7 +258,8 @@ struct Plan {
 };
 
 // The plan's cost model, in microseconds of an H100 SXM (the constants are estimates
-// from its data sheet, to be refit from benchmarks/bench_kernels.py on a GPU):
+// from its data sheet, to be refit on a GPU from benchmarks/bench_int8.py and
+// bench_skip_concat_linear.py, which time the plan against DITKERNELS_SPLIT_K=1):
 //  - a CTA's k-step (128 x bn x 128 bytes of wgmma) takes kStepUs x bn / 256 at the
 //    tensor cores' peak (bf16 989 TFLOP/s, int8 1979 TOP/s over 132 SMs), with narrower
 //    tiles a little less efficient (they read more from L2 per flop);
