@@ -629,12 +629,13 @@ def test_tmsa_backward_is_deterministic():
         test_tmsa.check_backward_is_deterministic("cpu", dtype)
 
 
-@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize("D", [64, 72, 128])
 def test_tmsa_backward_table_sums_in_global_memory(D, monkeypatch):
     """Where the table's int32 partial sums do not fit in shared memory, the kernel adds
-    the same integer terms straight to the global int64 sums: the same bits."""
-    args = test_tmsa.make_inputs(2, 3, D, (5, 7), 1, torch.bfloat16, "cpu")
-    grad = torch.randn(2, 36, 3, D).to(torch.bfloat16)
+    the same integer terms straight to the global int64 sums: the same bits (two query
+    tiles; at D = 128 the shared-memory variant keeps one dO stage, the other two)."""
+    args = test_tmsa.make_inputs(2, 3, D, (9, 8), 1, torch.bfloat16, "cpu")
+    grad = torch.randn(2, 73, 3, D).to(torch.bfloat16)
     shared = test_tmsa._grads(ditkernels.tmsa, args, grad)
     monkeypatch.setenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL", "1")
     in_global = test_tmsa._grads(ditkernels.tmsa, args, grad)

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_mma.cuh"
@@ -879,6 +880,12 @@ struct BwdTiles {
   static constexpr int kRowStep = kThreads / (kD / 8);
   static constexpr int kRounds = (kBr + kRowStep - 1) / kRowStep;
   static constexpr int kStageRows = kRounds * kRowStep;
+  // dO stages. At D = 128 with the table sums in shared memory one: the next tile's
+  // dO is copied during this tile's dQ products (which do not read dO) rather than
+  // during the whole tile, and the 17 KB saved let two CTAs share an H100 SM with a
+  // bias table of up to ~4400 entries (a 32 x 32 grid's 3969). (With the sums in
+  // global memory two CTAs fit anyway, and one stage would cost that kernel spills.)
+  static constexpr int kDoutStages(bool smem_table) { return kD >= 128 && smem_table ? 1 : 2; }
 };
 
 constexpr int kRowTile = kBwdQueries;  // rows per prep CTA and per row-statistics tile
@@ -960,13 +967,14 @@ struct TmsaBwdParams {
   int bias_span, bias_leading;
 };
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSmemTable>
 struct alignas(16) BwdSharedStorage {
   using Tiles = BwdTiles<kD>;
+  static constexpr int kDoutStages = Tiles::kDoutStages(kSmemTable);
   T k[Tiles::kBc][Tiles::kS];
   T v[Tiles::kBc][Tiles::kS];
-  T q[2][Tiles::kStageRows][Tiles::kS];     // two pipeline stages of Q' and dO
-  T dout[2][Tiles::kStageRows][Tiles::kS];
+  T q[2][Tiles::kStageRows][Tiles::kS];     // two pipeline stages of Q', and dO's
+  T dout[kDoutStages][Tiles::kStageRows][Tiles::kS];
   T ds[Tiles::kBc][Tiles::kDsS];            // dS^T, read transposed for dQ
   float lse[2][Tiles::kBr];
   float delta[2][Tiles::kBr];
@@ -977,13 +985,17 @@ struct alignas(16) BwdSharedStorage {
   // kSmemTable: int table_grad[table_size + 1] follows (the launcher adds its bytes).
 };
 
-// Q', dO, lse', delta' and the query bias bases of queries q0.. into one stage; rows
-// past N are zero-filled (lse' and delta' are zero there too: padded to n_pad; a
-// stage past the last tile reads nothing).
-template <typename T, int kD>
-__device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p, BwdSharedStorage<T, kD>& sm,
+// Q', lse', delta' and the query bias bases of queries q0.. into one stage, and dO
+// (kDout; at D = 128 load_bwd_dout copies it separately); rows past N are zero-filled
+// (lse' and delta' are zero there too: padded to n_pad; a stage past the last tile
+// reads nothing).
+template <typename T, int kD, bool kSmemTable, bool kQ = true,
+          bool kDout = BwdSharedStorage<T, kD, kSmemTable>::kDoutStages == 2>
+__device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p,
+                                               BwdSharedStorage<T, kD, kSmemTable>& sm,
                                                int stage, int q0) {
   using Tiles = BwdTiles<kD>;
+  constexpr int kDoutStages = BwdSharedStorage<T, kD, kSmemTable>::kDoutStages;
   constexpr int kChunks = kD / 8, kRowStep = Tiles::kRowStep;
   const int row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
   if (row < kRowStep) {
@@ -993,18 +1005,23 @@ __device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p, BwdShared
     const unsigned q_s_n = static_cast<unsigned>(p.q_s_n), dout_s_n = p.H * kD;
     unsigned q_off = (q0 + row) * q_s_n + chunk * 8, dout_off = (q0 + row) * dout_s_n + chunk * 8;
     T* q_dst = &sm.q[stage][row][chunk * 8];
-    T* dout_dst = &sm.dout[stage][row][chunk * 8];
+    T* dout_dst = &sm.dout[kDoutStages == 2 ? stage : 0][row][chunk * 8];
 #pragma unroll
     for (int r = 0; r < Tiles::kRounds; ++r) {
       const bool valid = q0 + row + r * kRowStep < p.N;
-      mma::cp_async_16(q_dst + r * kRowStep * Tiles::kS, q_base + (valid ? q_off : 0),
-                       valid ? 16 : 0);
-      mma::cp_async_16(dout_dst + r * kRowStep * Tiles::kS, dout_base + (valid ? dout_off : 0),
-                       valid ? 16 : 0);
+      if constexpr (kQ) {
+        mma::cp_async_16(q_dst + r * kRowStep * Tiles::kS, q_base + (valid ? q_off : 0),
+                         valid ? 16 : 0);
+      }
+      if constexpr (kDout) {
+        mma::cp_async_16(dout_dst + r * kRowStep * Tiles::kS, dout_base + (valid ? dout_off : 0),
+                         valid ? 16 : 0);
+      }
       q_off += kRowStep * q_s_n;
       dout_off += kRowStep * dout_s_n;
     }
   }
+  if constexpr (!kQ) return;
   const int tid = threadIdx.x;
   const bool in_pad = q0 < p.n_pad;
   if (tid < 2 * (Tiles::kBr / 4)) {  // 16-byte chunks of lse' (16) and delta' (16)
@@ -1058,8 +1075,9 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
   constexpr int kS = Tiles::kS, kDTiles = Tiles::kDTiles;
   constexpr int kBr = Tiles::kBr, kSlice = Tiles::kSlice, kSliceTiles = Tiles::kSliceTiles;
   DK_DYNAMIC_SMEM(16, smem_raw);
-  auto& sm = *reinterpret_cast<BwdSharedStorage<T, kD>*>(smem_raw);
-  int* const table_grad = reinterpret_cast<int*>(smem_raw + sizeof(BwdSharedStorage<T, kD>));
+  using Storage = BwdSharedStorage<T, kD, kSmemTable>;
+  auto& sm = *reinterpret_cast<Storage*>(smem_raw);
+  int* const table_grad = reinterpret_cast<int*>(smem_raw + sizeof(Storage));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -1101,7 +1119,8 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
     sm.bases[5] = head_table_acc();
   }
   __syncthreads();
-  load_bwd_stage<T, kD>(p, sm, 0, 0);
+  load_bwd_stage<T, kD, kSmemTable>(p, sm, 0, 0);
+  if constexpr (Storage::kDoutStages == 1) load_bwd_stage<T, kD, kSmemTable, false, true>(p, sm, 0, 0);
   mma::cp_async_commit();
   if (kSmemTable && has_table) {
     for (int i = tid; i <= p.table_size; i += kThreads) table_grad[i] = 0;
@@ -1123,24 +1142,25 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  const int n_tiles = (p.N + kBr - 1) / kBr;
   unsigned long long* dq_rows =
       p.dq_acc + (static_cast<int64_t>(bh) * p.n_pad + warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
-  for (int it = 0; it < n_tiles; ++it, dq_rows += kBr * kD) {
-    const int stage = it & 1;
+  // The loop runs on the tile's first query, compared with p.N as the kernel parameter
+  // it is: a tile count would be one more register to hold (the D = 128 kernel spilled it).
+  for (int q0 = 0; q0 < p.N; q0 += kBr, dq_rows += kBr * kD) {
+    const int stage = (q0 / kBr) & 1;
     // One barrier here: this tile's copies are visible, and every warp is done with
     // the other stage and with dS^T. The next tile goes into the other stage (past
     // the last tile: zeros nobody reads).
     mma::cp_async_wait<0>();
     __syncthreads();
-    load_bwd_stage<T, kD>(p, sm, stage ^ 1, (it + 1) * kBr);
+    load_bwd_stage<T, kD, kSmemTable>(p, sm, stage ^ 1, q0 + kBr);
     mma::cp_async_commit();
 
 #pragma unroll
     for (int sl = 0; sl < Tiles::kSlices; ++sl) {
       const int c0 = sl * kSlice;  // the slice's first query in the tile
       const T* sq = &sm.q[stage][c0][0];
-      const T* sdo = &sm.dout[stage][c0][0];
+      const T* sdo = &sm.dout[Storage::kDoutStages == 2 ? stage : 0][c0][0];
       // Per query column of this thread (8 t + 2 (lane % 4) + e), read where used (held
       // across the products they would cost registers): bias base, lse', delta'.
       const int col0 = c0 + (lane & 3) * 2;
@@ -1218,6 +1238,12 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
       }
     }
     __syncthreads();
+    if constexpr (Storage::kDoutStages == 1) {
+      // Every warp is done with this tile's dO: the next tile's goes in its place, while
+      // the dQ products below run (the next tile's first barrier waits for it).
+      load_bwd_stage<T, kD, kSmemTable, false, true>(p, sm, 0, q0 + kBr);
+      mma::cp_async_commit();
+    }
 
     // dQ for this warp's 16 queries: dS (the dS^T tile read transposed) K, added to
     // the int64 sums (rows padded to n_pad: no bounds check); in kDqParts column
@@ -1649,12 +1675,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const NoAutocast no_autocast;
 
   const at::Tensor packed = aligned_qkv(a);
-  // The fused kernel's shared memory (plus the table's int32 partial sums where they
-  // fit): past the device's limit (D = 128 on 99 KiB parts), the blocked path.
+  // The fused kernel's shared memory: the variant with the table's int32 partial sums
+  // in shared memory where they fit (and without a table), else the one adding them to
+  // global memory (DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks it by hand: the same integer
+  // terms, so the same bits); past the device's limit, the blocked path.
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  size_t bytes = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
-    return sizeof(BwdSharedStorage<c10::Half, kD>);
+  const auto [smem_variant_bytes, global_variant_bytes] = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+    return std::pair<size_t, size_t>(sizeof(BwdSharedStorage<c10::Half, kD, true>),
+                                      sizeof(BwdSharedStorage<c10::Half, kD, false>));
   });
+  const size_t table_bytes = a.rel_table ? sizeof(int) * (a.rel_table->size(0) + 1) : 0;
+  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
+  const bool smem_variant = smem_variant_bytes + table_bytes <= limit &&
+                            !(force_global != nullptr && std::string(force_global) == "1");
+  const size_t bytes = smem_variant ? smem_variant_bytes + table_bytes : global_variant_bytes;
   // The kernel addresses Q' and dO rows of one sample with 32-bit offsets.
   const bool offsets_fit = (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) <
                            (int64_t{1} << 32);
@@ -1743,19 +1777,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   p.n_pad = x.n_pad;
   p.n_tiles = x.n_tiles;
 
-  // DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks the global-memory table sums by hand (the
-  // same integer terms, so the same bits).
-  const size_t table_bytes = sizeof(int) * (p.table_size + 1);
-  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
-  const bool table_in_smem = table_acc.defined() && bytes + table_bytes <= limit &&
-                             !(force_global != nullptr && std::string(force_global) == "1");
-  if (table_in_smem) bytes += table_bytes;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
     launch_backward_aux<scalar_t>(x, false, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
-      if (table_in_smem) {
+      if (smem_variant) {
         launch_backward<scalar_t, kD, true>(p, bytes, stream);
       } else {
         launch_backward<scalar_t, kD, false>(p, bytes, stream);
