@@ -634,6 +634,9 @@ def test_tmsa_backward_table_sums_in_global_memory(D, monkeypatch):
     """Where the table's int32 partial sums do not fit in shared memory, the kernel adds
     the same integer terms straight to the global int64 sums: the same bits (two query
     tiles; at D = 128 the shared-memory variant keeps one dO stage, the other two)."""
+    if D == 128 and EMULATED_DEVICE == "sm89":
+        pytest.skip("the global-table variant at D = 128 (113 KiB) exceeds the 99 KiB of "
+                    "shared memory: that device runs the blocked path instead")
     args = test_tmsa.make_inputs(2, 3, D, (9, 8), 1, torch.bfloat16, "cpu")
     grad = torch.randn(2, 73, 3, D).to(torch.bfloat16)
     shared = test_tmsa._grads(ditkernels.tmsa, args, grad)

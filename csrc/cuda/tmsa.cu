@@ -1089,8 +1089,10 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
   const auto head_table_acc = [&p] {
     return p.table_acc + static_cast<int64_t>(blockIdx.y) * (p.table_size + 1);
   };
-  unsigned long long* const global_table_acc =
-      !kSmemTable && has_table ? head_table_acc() : nullptr;
+  // kGlobal: this head's first sum, an offset from p.table_acc (32 bits: the launcher
+  // checks B H (T + 1) fits; a pointer would be one more register across the loop).
+  const unsigned head_table_offset =
+      static_cast<unsigned>(blockIdx.y) * static_cast<unsigned>(p.table_size + 1);
   // Fixed-point scales of this (sample, head): dQ's includes the softmax scale.
   const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
                                         p.n_tiles, p.scale, sm.scratch);
@@ -1202,7 +1204,21 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
       rows16_times_tile_t<T, kD, kS, kSliceTiles>(dp, &sm.v[warp * 16][0], sdo, lane);
 
       // dS^T = P^T (dP^T - delta'), into dp; to shared memory for dQ; the table
-      // gradient, in fixed point (see above).
+      // gradient, in fixed point (see above): terms of column tile t.
+      const auto table_terms = [&](int t) {
+        const uint2 qb = bias_base(t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const unsigned idx = min(key_off[e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
+          const int v = __float2int_rn(dp[t][e] * table_unit);
+          if constexpr (kSmemTable) {
+            atomicAdd(table_grad + idx, v);
+          } else {
+            atomicAdd(p.table_acc + (head_table_offset + idx),
+                      static_cast<unsigned long long>(static_cast<long long>(v)));
+          }
+        }
+      };
 #pragma unroll
       for (int t = 0; t < kSliceTiles; ++t) {
         const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[stage][col0 + t * 8]);
@@ -1213,20 +1229,13 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
         const int row = warp * 16 + (lane >> 2), col = col0 + t * 8;
         *reinterpret_cast<uint32_t*>(&sm.ds[row][col]) = mma::pack2<T>(dp[t][0], dp[t][1]);
         *reinterpret_cast<uint32_t*>(&sm.ds[row + 8][col]) = mma::pack2<T>(dp[t][2], dp[t][3]);
-        if (has_table) {
-          const uint2 qb = bias_base(t);
+        // The global sums' terms as each tile is done (held for a later branch, they
+        // would cost that variant spills on sm_80).
+        if (!kSmemTable && has_table) table_terms(t);
+      }
+      if (kSmemTable && has_table) {  // one uniform branch a slice
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const unsigned idx = min(key_off[e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
-            const int v = __float2int_rn(dp[t][e] * table_unit);
-            if constexpr (kSmemTable) {
-              atomicAdd(table_grad + idx, v);
-            } else {
-              atomicAdd(global_table_acc + idx,
-                        static_cast<unsigned long long>(static_cast<long long>(v)));
-            }
-          }
-        }
+        for (int t = 0; t < kSliceTiles; ++t) table_terms(t);
       }
 
       // dK += dS^T Q' (k = queries).
@@ -1689,9 +1698,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const bool smem_variant = smem_variant_bytes + table_bytes <= limit &&
                             !(force_global != nullptr && std::string(force_global) == "1");
   const size_t bytes = smem_variant ? smem_variant_bytes + table_bytes : global_variant_bytes;
-  // The kernel addresses Q' and dO rows of one sample with 32-bit offsets.
-  const bool offsets_fit = (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) <
-                           (int64_t{1} << 32);
+  // The kernel addresses Q' and dO rows of one sample, and (global variant) the table
+  // sums of all heads, with 32-bit offsets.
+  const bool offsets_fit =
+      (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) < (int64_t{1} << 32) &&
+      a.B * a.H * static_cast<int64_t>(table_bytes / sizeof(int) + 1) < (int64_t{1} << 32);
   if (!fused_forward_supports(a, packed) || !offsets_fit || bytes > limit) {
     return tmsa::backward_blocked(a, grad_out, out, lse);
   }
