@@ -613,7 +613,8 @@ def test_tmsa_forward_runs_the_chosen_kernel(tmsa_kernel, tmp_path, monkeypatch)
         ditkernels.tmsa(**test_tmsa.make_inputs(1, 2, D, (3, 5), 1, torch.bfloat16, "cpu"))
     kernels = static_report.read_launch_log(log.read_text(), _LIB)
     name = "sm90::tmsa_fwd_wgmma_kernel" if tmsa_kernel == "wgmma" else "tmsa_fwd_kernel"
-    assert set(kernels) == {f"{name}<c10::BFloat16, {D}>" for D in CUDA_HEAD_DIMS}, kernels
+    assert set(kernels) == {f"{name}<c10::BFloat16, {D}>" for D in CUDA_HEAD_DIMS} | {
+        "tmsa_fwd_table_kernel<c10::BFloat16>"}, kernels
 
 
 @pytest.mark.parametrize("grid,leading", [((2, 3), 1), racecheck((8, 8), 2), ((9, 11), 0)])
@@ -830,6 +831,30 @@ def test_int8_bad_timesteps_and_scales_fail_on_the_device(monkeypatch):
 def test_ln_modulate_int8():
     for dtype in CUDA_DTYPES:
         test_int8.check_ln_modulate_int8("cpu", dtype)
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_tmsa_forward_is_two_launches(table, tmp_path, monkeypatch):
+    """The forward is the padded bias table's kernel and the attention kernel, with no
+    ATen computation (allocations and views only)."""
+    args = test_tmsa.make_inputs(2, 3, 64, (5, 7), 1, torch.bfloat16, "cpu")
+    rel = args["rel_table"] if table else None
+    log = tmp_path / "launches.tsv"
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.ditkernels.tmsa(args["qkv"], args["time_qkv"], rel, 5, 7, 1, 0.125)
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import static_report
+
+    assert len(log.read_text().splitlines()) == 2
+    kernels = {k.split("<")[0].split("::")[-1]
+               for k in static_report.read_launch_log(log.read_text(), _LIB)}
+    assert kernels in ({"tmsa_fwd_table_kernel", "tmsa_fwd_kernel"},
+                       {"tmsa_fwd_table_kernel", "tmsa_fwd_wgmma_kernel"}), kernels
+    aten = {e.name for e in prof.events() if e.name.startswith("aten::")}
+    assert aten <= {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::select",
+                    "aten::as_strided", "aten::contiguous", "aten::view"}, aten
 
 
 def test_tmsa_backward_is_three_launches(tmp_path, monkeypatch):

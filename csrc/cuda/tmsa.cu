@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cfloat>
@@ -1317,6 +1318,30 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
 // far below any score that its exponential is 0.
 constexpr float kMaskedScore = -1e30f;
 
+// Entry e of head h of that table (rel: the [T, H] table, or null for the shared row),
+// as the forward's tmsa_fwd_table_kernel and the backward's prep kernel both write it:
+// the same bits in both passes.
+template <typename T>
+__device__ __forceinline__ float padded_table_entry(const T* rel, int H, int table_size, int h,
+                                                    int e, float scale) {
+  const int t1 = rel != nullptr ? table_size : 1;
+  float v = e < 2 * t1 + 1 ? 0.f : kMaskedScore;
+  if (rel != nullptr && e < table_size) v = static_cast<float>(rel[static_cast<int64_t>(e) * H + h]) / scale;
+  return v;
+}
+
+// The forward's padded table, [H, 3T + 2] (or [1, 5]), in one launch.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    tmsa_fwd_table_kernel(const T* rel, float* table, int H, int table_size, int width,
+                          int64_t total, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int h = static_cast<int>(i / width), e = static_cast<int>(i % width);
+    table[i] = padded_table_entry(rel, H, table_size, h, e, scale);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The backward's two other launches. tmsa_bwd_prep_kernel reads each query row once
 // and writes what the main kernel reads: Q' = q + tq (rounded as the forward pass
@@ -1437,11 +1462,9 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_prep_kernel(const TmsaBwdAu
     if (p.rel_table == nullptr && h != 0) return;
     const int per = (width + p.n_tiles - 1) / p.n_tiles;
     const T* rel = static_cast<const T*>(p.rel_table);
-    const int T1 = p.rel_table != nullptr ? T_ : 1;
     for (int e = tile * per + threadIdx.x; e < min((tile + 1) * per, width); e += kThreads) {
-      float v = e < 2 * T1 + 1 ? 0.f : kMaskedScore;
-      if (rel != nullptr && e < T_) v = static_cast<float>(rel[static_cast<int64_t>(e) * p.H + h]) / p.scale;
-      p.bias_table[static_cast<int64_t>(h) * width + e] = v;
+      p.bias_table[static_cast<int64_t>(h) * width + e] =
+          padded_table_entry(rel, p.H, T_, h, e, p.scale);
     }
   }
 }
@@ -1578,12 +1601,18 @@ tmsa::Args check_cuda(const char* op, const at::Tensor& qkv,
 
 // The forward's bias table (see kMaskedScore).
 
-at::Tensor fwd_bias_table(const tmsa::Args& a) {
-  const auto opts = a.qkv.options().dtype(at::kFloat);
-  const int64_t T = a.rel_table ? a.rel_table->size(0) : 1;
-  at::Tensor t = at::zeros({a.rel_table ? a.H : 1, 3 * T + 2}, opts);
-  if (a.rel_table) t.narrow(1, 0, T).copy_(a.rel_table->t()).div_(a.scale);
-  t.narrow(1, 2 * T + 1, T + 1).fill_(kMaskedScore);
+at::Tensor fwd_bias_table(const tmsa::Args& a, cudaStream_t stream) {
+  const int64_t T = a.rel_table ? a.rel_table->size(0) : 1, width = 3 * T + 2;
+  at::Tensor t = at::empty({a.rel_table ? a.H : 1, width}, a.qkv.options().dtype(at::kFloat));
+  const int64_t total = t.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1024));
+  DK_DISPATCH_CUDA_HALFS(a.qkv.scalar_type(), "tmsa", [&] {
+    DK_LAUNCH(tmsa_fwd_table_kernel<scalar_t>, blocks, kThreads, 0, stream)(
+        a.rel_table ? a.rel_table->data_ptr<scalar_t>() : nullptr, t.data_ptr<float>(),
+        static_cast<int>(a.H), a.rel_table ? static_cast<int>(T) : 0, static_cast<int>(width),
+        total, static_cast<float>(a.scale));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return t;
 }
 
@@ -1623,7 +1652,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   at::Tensor out = at::empty({a.B, a.N, a.H, a.D}, qkv.options());
   at::Tensor lse = at::empty({a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
   if (a.B * a.N == 0) return {out, lse};
-  const at::Tensor table = fwd_bias_table(a);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor table = fwd_bias_table(a, stream);
 
   TmsaFwdParams p;
   fill_layout(p, a, packed, table);
@@ -1633,7 +1663,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   p.key_step_x = kFwdKeyTile % p.grid_w;
   p.key_step_lin = kFwdKeyTile / p.grid_w * (2 * p.grid_w - 1) + p.key_step_x;
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool hopper = wgmma::use_wgmma();  // sm90::tmsa_fwd_wgmma_kernel on 9.x devices
   DK_DISPATCH_CUDA_HALFS(qkv.scalar_type(), op, [&] {
     DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
