@@ -15,14 +15,17 @@ projection [B, 3, H, D] and the bias table [(2G-1)^2, H] of a G x G token grid:
   ditkernels (mma.sync)  on Hopper with an sm_90a build, the forward of the mma.sync
                kernel every other GPU runs (DITKERNELS_DISABLE_WGMMA=1), in the same run
                as the wgmma one that `ditkernels` runs there
+  ditkernels (64-key backward)  on Hopper, the forward+backward with the backward's
+               64-key CTAs (DITKERNELS_TMSA_BWD_KEYS=64), the A100's choice, against
+               the 128-key ones `ditkernels` runs there at these head dims
 Attention FLOPs: 4 * B * H * N^2 * D forward (QK^T and PV), 2.5x that forward+backward.
 speedup_vs_sdpa_mask: sdpa_mask time / time; ratio_vs_sdpa_nobias: time / sdpa_nobias
 time.
 
 CUDA cases: N = 256, 1024, 4096 (16x16, 32x32, 64x64 grids), head dims 64 and 72 (as
 DiffiT-XL/2), H = 16 and the smallest power-of-two B that fills an H100 with query
-tiles: B * H * ceil(N / 64) >= 4 * 132 CTAs (a forward CTA owns 64 queries, a backward
-CTA 64 keys). Fewer would time a partly idle GPU.
+tiles: B * H * ceil(N / 128) >= 4 * 132 CTAs (at these head dims a forward CTA owns up
+to 128 queries, a backward CTA up to 128 keys). Fewer would time a partly idle GPU.
 """
 
 import functools
@@ -38,9 +41,13 @@ from benchmarks.common import (MMA_SYNC, BenchContext, Timing, compare, hopper_w
                                maybe_compile, speedups, timing_columns)
 
 HEADS = 16
-TILE = 64                 # queries per forward CTA, keys per backward CTA
+TILE = 128                # the most queries per forward CTA or keys per backward CTA
 MIN_CTAS = 4 * 132        # four waves' worth on an H100's 132 SMs
 BASELINE, BOUND = "sdpa_mask", "sdpa_nobias"
+# Variants of ditkernels timed under an environment, and the one pass each is for.
+MMA_SYNC_IMPL, NARROW_BWD_IMPL = "ditkernels (mma.sync)", "ditkernels (64-key backward)"
+VARIANTS = {MMA_SYNC_IMPL: (MMA_SYNC, "fwd"),
+            NARROW_BWD_IMPL: ({"DITKERNELS_TMSA_BWD_KEYS": "64"}, "fwd+bwd")}
 
 
 def cases(ctx: BenchContext):
@@ -84,7 +91,8 @@ def implementations(ctx: BenchContext, grid: int) -> Dict[str, Callable]:
 
     impls = {"ditkernels": fused, "eager": eager, BASELINE: sdpa_mask, BOUND: sdpa_nobias}
     if hopper_wgmma_build(ctx):
-        impls["ditkernels (mma.sync)"] = fused
+        impls[MMA_SYNC_IMPL] = fused
+        impls[NARROW_BWD_IMPL] = fused
     flex = _flex(ctx, grid)
     if flex is not None:
         impls["flex"] = flex
@@ -125,14 +133,15 @@ def run(ctx: BenchContext) -> List[Dict]:
         # Static shapes per case: compile's best case, not a dynamic kernel.
         torch._dynamo.reset()
         impls = implementations(ctx, grid)
-        env = {"ditkernels (mma.sync)": MMA_SYNC}
+        env = {impl: variables for impl, (variables, _) in VARIANTS.items()}
         for pass_name in ("fwd", "fwd+bwd"):
             flops = 4 * B * H * N * N * D * (2.5 if pass_name == "fwd+bwd" else 1.0)
             times = compare(
                 {impl: functools.partial(pass_fn, fn,
                                          (qkv,) if impl == BOUND else (qkv, time_qkv, table),
                                          pass_name)
-                 for impl, fn in impls.items() if impl not in env or pass_name == "fwd"},
+                 for impl, fn in impls.items()
+                 if impl not in VARIANTS or VARIANTS[impl][1] == pass_name},
                 ctx, env, may_fail=["flex"])
             for impl, result in times.items():
                 row = {"family": "tmsa", "op": "tmsa", "shape": f"B{B} H{H} N{N} D{D}",

@@ -638,6 +638,9 @@ def test_tmsa_backward_table_sums_in_global_memory(D, monkeypatch):
     if D == 128 and EMULATED_DEVICE == "sm89":
         pytest.skip("the global-table variant at D = 128 (113 KiB) exceeds the 99 KiB of "
                     "shared memory: that device runs the blocked path instead")
+    # The global variant has 64 keys a CTA; so has the shared one compared (the table
+    # sums' fixed-point scale follows the CTA's key count).
+    monkeypatch.setenv("DITKERNELS_TMSA_BWD_KEYS", "64")
     args = test_tmsa.make_inputs(2, 3, D, (9, 8), 1, torch.bfloat16, "cpu")
     grad = torch.randn(2, 73, 3, D).to(torch.bfloat16)
     shared = test_tmsa._grads(ditkernels.tmsa, args, grad)
@@ -646,6 +649,72 @@ def test_tmsa_backward_table_sums_in_global_memory(D, monkeypatch):
     for k in shared:
         assert torch.equal(shared[k], in_global[k]), k
     assert shared["rel_table"].abs().sum() > 0
+
+
+def _bwd_kernels(args, grad, log, monkeypatch):
+    """The gradients, and the names of the kernels the backward launched."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import static_report
+
+    monkeypatch.setenv("DITKERNELS_EMU_LAUNCH_LOG", str(log))
+    grads = test_tmsa._grads(ditkernels.tmsa, args, grad)
+    monkeypatch.delenv("DITKERNELS_EMU_LAUNCH_LOG")
+    names = set(static_report.read_launch_log(log.read_text(), _LIB))
+    log.unlink()
+    return grads, {n for n in names if n.startswith("tmsa_bwd_kernel")}
+
+
+@pytest.mark.parametrize("D", [32, 64, 72])
+def test_tmsa_backward_128_key_ctas(D, hopper, tmp_path, monkeypatch):
+    """Up to D = 72 an H100 takes 128-key CTAs (two key tiles a warp); forced to 64 keys
+    it takes the other kernel. Each matches the reference on a sequence of several key
+    CTAs and query tiles. dK and dV agree bit for bit (each key's products in the same
+    order); dQ and the table gradient need not: a CTA's fp32 dQ terms are sums over its
+    keys, rounded to fixed point once per CTA, and the table sums' fixed-point scale
+    follows the CTA's key count (a 128-key CTA adds up to 128 terms to an entry)."""
+    grid, leading = (13, 11), 2  # 145 tokens: 2 CTAs of 128 keys, 3 of 64, 3 query tiles
+    for dtype in LOW_PRECISION:
+        test_tmsa.check_backward("cpu", dtype, D, grid, leading)  # the default: 128 keys
+    args = test_tmsa.make_inputs(2, 3, D, grid, leading, torch.bfloat16, "cpu")
+    grad = torch.randn(2, 145, 3, D).to(torch.bfloat16)
+    log = tmp_path / "launches.tsv"
+    wide, wide_kernels = _bwd_kernels(args, grad, log, monkeypatch)
+    assert wide_kernels == {f"tmsa_bwd_kernel<c10::BFloat16, {D}, true, 2>"}, wide_kernels
+    monkeypatch.setenv("DITKERNELS_TMSA_BWD_KEYS", "64")
+    for dtype in LOW_PRECISION:
+        test_tmsa.check_backward("cpu", dtype, D, grid, leading)
+    narrow, narrow_kernels = _bwd_kernels(args, grad, log, monkeypatch)
+    assert narrow_kernels == {f"tmsa_bwd_kernel<c10::BFloat16, {D}, true, 1>"}, narrow_kernels
+    assert torch.equal(wide["qkv"][:, :, 1:], narrow["qkv"][:, :, 1:])
+
+
+@pytest.mark.parametrize("device,D,keys", [
+    ("h100", 64, 128), ("h200", 72, 128), ("h100", 32, 128), ("h100", 96, 64),
+    ("h100", 128, 64), ("a100", 64, 64), ("sm89", 32, 64)])
+def test_tmsa_backward_key_count_choice(device, D, keys, tmp_path, monkeypatch):
+    """128-key CTAs where the head dim allows them and two fit in an SM's shared memory
+    (Hopper's 228 KB; not the A100's 164 KB or sm_89's 100 KB), else 64-key ones."""
+    monkeypatch.setenv("DITKERNELS_EMU_DEVICE", device)
+    args = test_tmsa.make_inputs(1, 1, D, (5, 7), 1, torch.bfloat16, "cpu")
+    _, kernels = _bwd_kernels(args, torch.randn(1, 36, 1, D), tmp_path / "log.tsv", monkeypatch)
+    assert kernels == {f"tmsa_bwd_kernel<c10::BFloat16, {D}, true, {keys // 64}>"}, kernels
+
+
+def test_tmsa_backward_key_count_by_hand_errors(monkeypatch):
+    """DITKERNELS_TMSA_BWD_KEYS takes 64 or 128, and 128 only where that kernel exists."""
+    args = test_tmsa.make_inputs(1, 1, 96, (3, 3), 1, torch.bfloat16, "cpu")
+    grad = torch.randn(1, 10, 1, 96)
+    monkeypatch.setenv("DITKERNELS_TMSA_BWD_KEYS", "96")
+    with pytest.raises(RuntimeError, match="tmsa_backward: DITKERNELS_TMSA_BWD_KEYS must be 64 or 128, got '96'"):
+        test_tmsa._grads(ditkernels.tmsa, args, grad)
+    monkeypatch.setenv("DITKERNELS_TMSA_BWD_KEYS", "128")
+    with pytest.raises(RuntimeError, match="needs a head dim of at most 72.*head dim 96"):
+        test_tmsa._grads(ditkernels.tmsa, args, grad)
+    monkeypatch.setenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL", "1")
+    args = test_tmsa.make_inputs(1, 1, 64, (3, 3), 1, torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError, match="needs the table sums in shared memory"):
+        test_tmsa._grads(ditkernels.tmsa, args, torch.randn(1, 10, 1, 64))
 
 
 # ---------------------------------------------------------------------------

@@ -829,9 +829,9 @@ void launch(const TmsaFwdParams& p, cudaStream_t stream) {
 }  // namespace sm90
 
 // ---------------------------------------------------------------------------
-// Backward (fp16/bf16): a CTA owns 64 keys of one (sample, head), each warp 16 of
-// them, and walks all query tiles (64 queries, Q' and dO double-buffered through
-// cp.async), recomputing P from the saved log-sum-exp:
+// Backward (fp16/bf16): a CTA owns 128 or 64 keys of one (sample, head), each warp
+// 32 or 16 of them (BwdTiles), and walks all query tiles (64 queries, Q' and dO
+// double-buffered through cp.async), recomputing P from the saved log-sum-exp:
 //   S^T = K Q'^T (+ bias), P^T = exp(S^T - lse'), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta'), dK += dS^T Q', dQ += dS K, dtable[rel] += dS.
 // With the time term folded as in the forward pass, raw K and V suffice:
@@ -848,28 +848,40 @@ void launch(const TmsaFwdParams& p, cudaStream_t stream) {
 // they cannot overflow:
 //   dQ: int64 in global memory (native 64-bit reductions), one per element and tile;
 //   the table gradient: int32 in shared memory (native 32-bit shared atomics) over
-//   the CTA's 64 keys, then added once per CTA to the int64 [H, T] sums. A table
-//   entry is one relative offset, and each key meets that offset in at most one
-//   query, so a CTA adds at most 64 terms |dS| <= 2 max|dO| max|v| to an entry: the
-//   scale keeps 64 such terms below 2^30. Pairs without a table entry (leading
+//   the CTA's keys, then added once per CTA to the int64 [H, T] sums. A table entry
+//   is one relative offset, and each key meets that offset in at most one query, so
+//   a CTA of kBc keys adds at most kBc terms |dS| <= 2 max|dO| max|v| to an entry:
+//   the scale keeps kBc such terms below 2^30. Pairs without a table entry (leading
 //   tokens, keys past N) go to a spare slot past the table that nobody reads.
 //   Where the table does not fit in shared memory (kSmemTable false) the same
 //   int32 terms go straight to the int64 sums.
 // ---------------------------------------------------------------------------
 
-constexpr int kBwdKeys = 64;     // keys per CTA (16 a warp)
 constexpr int kBwdQueries = 64;  // queries per pipeline stage
 
+// Keys per CTA: each warp owns kKeyTiles 16-key row tiles. Two (128-key CTAs) halve
+// the dQ atomics (each CTA adds one term per dQ element and query tile) and let each
+// Q' and dO fragment a warp reads from shared memory feed two mmas; the launcher
+// takes them where the accumulators fit in registers (D <= 72: dK and dV are 4 D
+// registers a thread) and two such CTAs fit in an SM's shared memory (Hopper's
+// 228 KB; not the A100's 164 KB, where 64-key CTAs keep two CTAs an SM).
+constexpr int kMaxWideHeadDim = 72;
 template <int kD>
+constexpr int kMaxKeyTiles = kD <= kMaxWideHeadDim ? 2 : 1;
+
+template <int kD, int kKeyTiles>
 struct BwdTiles {
-  static constexpr int kBc = kBwdKeys, kBr = kBwdQueries;
+  static_assert(kKeyTiles >= 1 && kKeyTiles <= kMaxKeyTiles<kD>, "32 keys a warp up to D = 72");
+  static constexpr int kWarpKeys = 16 * kKeyTiles;
+  static constexpr int kBc = kWarps * kWarpKeys, kBr = kBwdQueries;
   static constexpr int kS = smem_stride<kD>();
   static constexpr int kDsS = kBr + 8;  // dS^T row stride: an odd number of 16-byte chunks
   static constexpr int kDTiles = kD / 8;
   // The scores are formed kSlice queries at a time: at D = 128 the dK and dV
-  // accumulators take 128 registers (96 at D = 96), and a 64-query slice of S^T and
-  // dP^T 64 more.
-  static constexpr int kSlice = kD >= 96 ? 32 : 64;
+  // accumulators take 128 registers (96 at D = 96; 4 D with two key tiles), and a
+  // 64-query slice of S^T and dP^T 64 more (128 with two key tiles; at D = 72 a
+  // 32-query slice of two key tiles spills).
+  static constexpr int kSlice = kD >= 96 ? 32 : kKeyTiles == 1 ? 64 : kD > 64 ? 16 : 32;
   static constexpr int kSliceTiles = kSlice / 8;
   static constexpr int kSlices = kBr / kSlice;
   static constexpr int kDqParts = kD >= 96 ? 2 : 1;  // dQ column blocks (registers)
@@ -907,8 +919,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // Power-of-two exponents e with bound * 2^e <= 2^target, computed the same way by
 // every kernel that needs them. |dS_ij| and sum_j |dS_ij| are at most 2 |dO_i| max_j
 // |v_j|, so a dQ element is at most scale max|k| times that (an int64 sum below 2^62),
-// and a CTA's partial sum of one table entry at most kBwdKeys times that (int32 below
-// 2^30). Rows of grad_out holding an Inf or NaN are left out of the bound: their
+// and a CTA's partial sum of one table entry at most cta_keys (the main kernel's
+// kBc) times that (int32 below 2^30). Rows of grad_out holding an Inf or NaN are left out of the bound: their
 // (sample, head) comes out NaN anyway, and an infinite bound would coarsen the rest.
 struct BwdExponents {
   int dq, table;
@@ -923,7 +935,7 @@ __device__ __forceinline__ int fixed_point_exponent(double bound, double target)
 // The exponents of one (sample, head) from its row statistics, reduced by the whole
 // block (kThreads threads; scratch: kWarps * 4 floats of shared memory).
 __device__ BwdExponents bwd_exponents(const float* stats, int n_tiles, float scale,
-                                      float* scratch) {
+                                      int cta_keys, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float m[4] = {0.f, 0.f, 0.f, 0.f};
   for (int t = threadIdx.x; t < n_tiles; t += kThreads) {
@@ -944,7 +956,7 @@ __device__ BwdExponents bwd_exponents(const float* stats, int n_tiles, float sca
   __syncthreads();  // scratch is free again
   const double ds = 2.0 * m[0] * m[1];
   return {fixed_point_exponent(ds * m[2] * scale, 62.0),
-          fixed_point_exponent(ds * kBwdKeys, 30.0), m[3] > 0.f};
+          fixed_point_exponent(ds * cta_keys, 30.0), m[3] > 0.f};
 }
 
 struct TmsaBwdParams {
@@ -968,9 +980,9 @@ struct TmsaBwdParams {
   int bias_span, bias_leading;
 };
 
-template <typename T, int kD, bool kSmemTable>
+template <typename T, int kD, bool kSmemTable, int kKeyTiles>
 struct alignas(16) BwdSharedStorage {
-  using Tiles = BwdTiles<kD>;
+  using Tiles = BwdTiles<kD, kKeyTiles>;
   static constexpr int kDoutStages = Tiles::kDoutStages(kSmemTable);
   T k[Tiles::kBc][Tiles::kS];
   T v[Tiles::kBc][Tiles::kS];
@@ -990,13 +1002,13 @@ struct alignas(16) BwdSharedStorage {
 // (kDout; at D = 128 load_bwd_dout copies it separately); rows past N are zero-filled
 // (lse' and delta' are zero there too: padded to n_pad; a stage past the last tile
 // reads nothing).
-template <typename T, int kD, bool kSmemTable, bool kQ = true,
-          bool kDout = BwdSharedStorage<T, kD, kSmemTable>::kDoutStages == 2>
+template <typename T, int kD, bool kSmemTable, int kKT, bool kQ = true,
+          bool kDout = BwdSharedStorage<T, kD, kSmemTable, kKT>::kDoutStages == 2>
 __device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p,
-                                               BwdSharedStorage<T, kD, kSmemTable>& sm,
+                                               BwdSharedStorage<T, kD, kSmemTable, kKT>& sm,
                                                int stage, int q0) {
-  using Tiles = BwdTiles<kD>;
-  constexpr int kDoutStages = BwdSharedStorage<T, kD, kSmemTable>::kDoutStages;
+  using Tiles = BwdTiles<kD, kKT>;
+  constexpr int kDoutStages = BwdSharedStorage<T, kD, kSmemTable, kKT>::kDoutStages;
   constexpr int kChunks = kD / 8, kRowStep = Tiles::kRowStep;
   const int row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
   if (row < kRowStep) {
@@ -1037,46 +1049,59 @@ __device__ __forceinline__ void load_bwd_stage(const TmsaBwdParams& p,
   }
 }
 
-// C[16 x 8 kNTiles] = A[16 x kD] B[8 kNTiles x kD]^T with A and B row-major in shared
-// memory (stride kS): K Q'^T- and V dO^T-shaped products, added to c.
-template <typename T, int kD, int kS, int kNTiles>
-__device__ __forceinline__ void rows16_times_tile_t(float (&c)[kNTiles][4], const T* a,
-                                                    const T* b, int lane) {
+// C[m][16 x 8 kNTiles] = A[m][16 x kD] B[8 kNTiles x kD]^T for the kM 16-row tiles of
+// A at a (consecutive rows), A and B row-major in shared memory (stride kS): K Q'^T-
+// and V dO^T-shaped products, added to c; each B fragment read once for all kM.
+template <typename T, int kD, int kS, int kM, int kNTiles>
+__device__ __forceinline__ void rows_times_tile_t(float (&c)[kM][kNTiles][4], const T* a,
+                                                  const T* b, int lane) {
   constexpr int kK16 = kD / 16;
 #pragma unroll
   for (int ks = 0; ks < kK16; ++ks) {
-    uint32_t af[4];
-    mma::ldmatrix_x4(af, a + (lane & 15) * kS + ks * 16 + (lane >> 4) * 8);
+    uint32_t af[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      mma::ldmatrix_x4(af[m], a + (m * 16 + (lane & 15)) * kS + ks * 16 + (lane >> 4) * 8);
+    }
 #pragma unroll
     for (int pair = 0; pair < kNTiles / 2; ++pair) {
       uint32_t r[4];
       mma::ldmatrix_x4(r, b + (pair * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS + ks * 16 +
                               ((lane >> 3) & 1) * 8);
       const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      mma::mma_16816<T>(c[2 * pair], af, b0);
-      mma::mma_16816<T>(c[2 * pair + 1], af, b1);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma::mma_16816<T>(c[m][2 * pair], af[m], b0);
+        mma::mma_16816<T>(c[m][2 * pair + 1], af[m], b1);
+      }
     }
   }
   if constexpr (kD % 16 == 8) {
-    uint32_t af[2];
-    mma::ldmatrix_x2(af, a + (lane & 15) * kS + kK16 * 16);
+    uint32_t af[kM][2];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) mma::ldmatrix_x2(af[m], a + (m * 16 + (lane & 15)) * kS + kK16 * 16);
 #pragma unroll
     for (int pair = 0; pair < kNTiles / 2; ++pair) {
       uint32_t r[2];
       mma::ldmatrix_x2(r, b + (pair * 16 + (lane & 15)) * kS + kK16 * 16);
-      mma::mma_1688<T>(c[2 * pair], af, r[0]);
-      mma::mma_1688<T>(c[2 * pair + 1], af, r[1]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma::mma_1688<T>(c[m][2 * pair], af[m], r[0]);
+        mma::mma_1688<T>(c[m][2 * pair + 1], af[m], r[1]);
+      }
     }
   }
 }
 
-template <typename T, int kD, bool kSmemTable>
-__global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_kernel(const TmsaBwdParams p) {
-  using Tiles = BwdTiles<kD>;
-  constexpr int kS = Tiles::kS, kDTiles = Tiles::kDTiles;
+template <typename T, int kD, bool kSmemTable, int kKT>
+__global__ void __launch_bounds__(kThreads, BwdTiles<kD, kKT>::kMinBlocks)
+    tmsa_bwd_kernel(const TmsaBwdParams p) {
+  using Tiles = BwdTiles<kD, kKT>;
+  constexpr int kS = Tiles::kS, kDTiles = Tiles::kDTiles, kWarpKeys = Tiles::kWarpKeys;
   constexpr int kBr = Tiles::kBr, kSlice = Tiles::kSlice, kSliceTiles = Tiles::kSliceTiles;
   DK_DYNAMIC_SMEM(16, smem_raw);
-  using Storage = BwdSharedStorage<T, kD, kSmemTable>;
+  using Storage = BwdSharedStorage<T, kD, kSmemTable, kKT>;
+  static_assert(kKT == 1 || kSmemTable, "the 128-key kernel keeps its table sums in shared memory");
   auto& sm = *reinterpret_cast<Storage*>(smem_raw);
   int* const table_grad = reinterpret_cast<int*>(smem_raw + sizeof(Storage));
 
@@ -1096,7 +1121,7 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
       static_cast<unsigned>(blockIdx.y) * static_cast<unsigned>(p.table_size + 1);
   // Fixed-point scales of this (sample, head): dQ's includes the softmax scale.
   const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
-                                        p.n_tiles, p.scale, sm.scratch);
+                                        p.n_tiles, p.scale, Tiles::kBc, sm.scratch);
   const float dq_unit = ldexpf(p.scale, ex.dq);
   const float table_unit = ldexpf(1.f, ex.table);
 
@@ -1122,28 +1147,35 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
     sm.bases[5] = head_table_acc();
   }
   __syncthreads();
-  load_bwd_stage<T, kD, kSmemTable>(p, sm, 0, 0);
-  if constexpr (Storage::kDoutStages == 1) load_bwd_stage<T, kD, kSmemTable, false, true>(p, sm, 0, 0);
+  load_bwd_stage<T, kD, kSmemTable, kKT>(p, sm, 0, 0);
+  if constexpr (Storage::kDoutStages == 1) {
+    load_bwd_stage<T, kD, kSmemTable, kKT, false, true>(p, sm, 0, 0);
+  }
   mma::cp_async_commit();
   if (kSmemTable && has_table) {
     for (int i = tid; i <= p.table_size; i += kThreads) table_grad[i] = 0;
   }
 
-  // This thread's two keys (rows of S^T): their offsets into the padded bias table
-  // (and into the gradient's table, where past the table means the spare slot).
+  // This thread's 2 kKT keys (rows of S^T: rows lane / 4 and lane / 4 + 8 of each of
+  // the warp's key tiles): their offsets into the padded bias table (and into the
+  // gradient's table, where past the table means the spare slot).
   const float* head_table = mma::opaque(p.table + h * p.table_stride);
-  unsigned key_off[2];
+  unsigned key_off[kKT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    key_off[r] = KeyCursor(p, k0 + warp * 16 + (lane >> 2) + 8 * r).offset(p);
-  }
+  for (int m = 0; m < kKT; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      key_off[m][r] = KeyCursor(p, k0 + warp * kWarpKeys + m * 16 + (lane >> 2) + 8 * r).offset(p);
+    }
   const unsigned spare = static_cast<unsigned>(p.table_size);
 
-  float dk[kDTiles][4], dv[kDTiles][4];
+  float dk[kKT][kDTiles][4], dv[kKT][kDTiles][4];
 #pragma unroll
-  for (int t = 0; t < kDTiles; ++t)
+  for (int m = 0; m < kKT; ++m)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+    for (int t = 0; t < kDTiles; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[m][t][e] = dv[m][t][e] = 0.f;
 
   unsigned long long* dq_rows =
       p.dq_acc + (static_cast<int64_t>(bh) * p.n_pad + warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
@@ -1156,7 +1188,7 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
     // the last tile: zeros nobody reads).
     mma::cp_async_wait<0>();
     __syncthreads();
-    load_bwd_stage<T, kD, kSmemTable>(p, sm, stage ^ 1, q0 + kBr);
+    load_bwd_stage<T, kD, kSmemTable, kKT>(p, sm, stage ^ 1, q0 + kBr);
     mma::cp_async_commit();
 
 #pragma unroll
@@ -1171,47 +1203,56 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
         return *reinterpret_cast<const uint2*>(&sm.query_bias[stage][col0 + t * 8]);
       };
 
-      // S^T for this warp's 16 keys, seeded with the bias (divided by the scale).
-      float s[kSliceTiles][4];
+      // S^T for this warp's keys, seeded with the bias (divided by the scale).
+      float s[kKT][kSliceTiles][4];
 #pragma unroll
       for (int t = 0; t < kSliceTiles; ++t) {
         const uint2 qb = bias_base(t);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] = __ldg(head_table + (key_off[e >> 1] + ((e & 1) ? qb.y : qb.x)));
+        for (int m = 0; m < kKT; ++m)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[m][t][e] = __ldg(head_table + (key_off[m][e >> 1] + ((e & 1) ? qb.y : qb.x)));
+          }
       }
-      rows16_times_tile_t<T, kD, kS, kSliceTiles>(s, &sm.k[warp * 16][0], sq, lane);
+      rows_times_tile_t<T, kD, kS, kKT, kSliceTiles>(s, &sm.k[warp * kWarpKeys][0], sq, lane);
       // P^T = exp2(scale log2 e S^T - lse').
 #pragma unroll
       for (int t = 0; t < kSliceTiles; ++t) {
         const float2 lse = *reinterpret_cast<const float2*>(&sm.lse[stage][col0 + t * 8]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[t][e] = mma::ex2_approx(fmaf(s[t][e], p.scale_log2, -((e & 1) ? lse.y : lse.x)));
-        }
+        for (int m = 0; m < kKT; ++m)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[m][t][e] = mma::ex2_approx(fmaf(s[m][t][e], p.scale_log2, -((e & 1) ? lse.y : lse.x)));
+          }
       }
 
       // dV += P^T dO (k = queries), and dP^T = V dO^T.
 #pragma unroll
       for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
-        uint32_t pa[4];
-        tiles_as_fragment<T>(pa, s[2 * kb], s[2 * kb + 1]);
-        frag_times_rows16<T, kD, kS>(dv, pa, sdo + kb * 16 * kS, lane);
+        uint32_t pa[kKT][4];
+#pragma unroll
+        for (int m = 0; m < kKT; ++m) tiles_as_fragment<T>(pa[m], s[m][2 * kb], s[m][2 * kb + 1]);
+        frags_times_rows16<T, kD, kS, kKT>(dv, pa, sdo + kb * 16 * kS, lane);
       }
-      float dp[kSliceTiles][4];
+      float dp[kKT][kSliceTiles][4];
 #pragma unroll
-      for (int t = 0; t < kSliceTiles; ++t)
+      for (int m = 0; m < kKT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[t][e] = 0.f;
-      rows16_times_tile_t<T, kD, kS, kSliceTiles>(dp, &sm.v[warp * 16][0], sdo, lane);
+        for (int t = 0; t < kSliceTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[m][t][e] = 0.f;
+      rows_times_tile_t<T, kD, kS, kKT, kSliceTiles>(dp, &sm.v[warp * kWarpKeys][0], sdo, lane);
 
       // dS^T = P^T (dP^T - delta'), into dp; to shared memory for dQ; the table
       // gradient, in fixed point (see above): terms of column tile t.
-      const auto table_terms = [&](int t) {
+      const auto table_terms = [&](int m, int t) {
         const uint2 qb = bias_base(t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const unsigned idx = min(key_off[e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
-          const int v = __float2int_rn(dp[t][e] * table_unit);
+          const unsigned idx = min(key_off[m][e >> 1] + ((e & 1) ? qb.y : qb.x), spare);
+          const int v = __float2int_rn(dp[m][t][e] * table_unit);
           if constexpr (kSmemTable) {
             atomicAdd(table_grad + idx, v);
           } else {
@@ -1224,34 +1265,40 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
       for (int t = 0; t < kSliceTiles; ++t) {
         const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[stage][col0 + t * 8]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dp[t][e] = s[t][e] * (dp[t][e] - ((e & 1) ? delta.y : delta.x));
+        for (int m = 0; m < kKT; ++m) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dp[m][t][e] = s[m][t][e] * (dp[m][t][e] - ((e & 1) ? delta.y : delta.x));
+          }
+          const int row = warp * kWarpKeys + m * 16 + (lane >> 2), col = col0 + t * 8;
+          *reinterpret_cast<uint32_t*>(&sm.ds[row][col]) = mma::pack2<T>(dp[m][t][0], dp[m][t][1]);
+          *reinterpret_cast<uint32_t*>(&sm.ds[row + 8][col]) = mma::pack2<T>(dp[m][t][2], dp[m][t][3]);
+          // The global sums' terms as each tile is done (held for a later branch, they
+          // would cost that variant spills on sm_80).
+          if (!kSmemTable && has_table) table_terms(m, t);
         }
-        const int row = warp * 16 + (lane >> 2), col = col0 + t * 8;
-        *reinterpret_cast<uint32_t*>(&sm.ds[row][col]) = mma::pack2<T>(dp[t][0], dp[t][1]);
-        *reinterpret_cast<uint32_t*>(&sm.ds[row + 8][col]) = mma::pack2<T>(dp[t][2], dp[t][3]);
-        // The global sums' terms as each tile is done (held for a later branch, they
-        // would cost that variant spills on sm_80).
-        if (!kSmemTable && has_table) table_terms(t);
       }
       if (kSmemTable && has_table) {  // one uniform branch a slice
 #pragma unroll
-        for (int t = 0; t < kSliceTiles; ++t) table_terms(t);
+        for (int t = 0; t < kSliceTiles; ++t)
+#pragma unroll
+          for (int m = 0; m < kKT; ++m) table_terms(m, t);
       }
 
       // dK += dS^T Q' (k = queries).
 #pragma unroll
       for (int kb = 0; kb < kSliceTiles / 2; ++kb) {
-        uint32_t da[4];
-        tiles_as_fragment<T>(da, dp[2 * kb], dp[2 * kb + 1]);
-        frag_times_rows16<T, kD, kS>(dk, da, sq + kb * 16 * kS, lane);
+        uint32_t da[kKT][4];
+#pragma unroll
+        for (int m = 0; m < kKT; ++m) tiles_as_fragment<T>(da[m], dp[m][2 * kb], dp[m][2 * kb + 1]);
+        frags_times_rows16<T, kD, kS, kKT>(dk, da, sq + kb * 16 * kS, lane);
       }
     }
     __syncthreads();
     if constexpr (Storage::kDoutStages == 1) {
       // Every warp is done with this tile's dO: the next tile's goes in its place, while
       // the dQ products below run (the next tile's first barrier waits for it).
-      load_bwd_stage<T, kD, kSmemTable, false, true>(p, sm, 0, q0 + kBr);
+      load_bwd_stage<T, kD, kSmemTable, kKT, false, true>(p, sm, 0, q0 + kBr);
       mma::cp_async_commit();
     }
 
@@ -1287,20 +1334,22 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD>::kMinBlocks) tmsa_bwd_k
   // dK (scaled) and dV of this warp's keys into slots 1 and 2 of grad_qkv.
   T* gq = static_cast<T*>(const_cast<void*>(sm.bases[4]));
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = blockIdx.x * Tiles::kBc + warp * 16 + (lane >> 2) + 8 * r;
-    if (j >= p.N) continue;
-    T* row = gq + static_cast<int64_t>(j) * 3 * p.H * kD;
+  for (int m = 0; m < kKT; ++m)
 #pragma unroll
-    for (int t = 0; t < kDTiles; ++t) {
+    for (int r = 0; r < 2; ++r) {
+      const int j = blockIdx.x * Tiles::kBc + warp * kWarpKeys + m * 16 + (lane >> 2) + 8 * r;
+      if (j >= p.N) continue;
+      T* row = gq + static_cast<int64_t>(j) * 3 * p.H * kD;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + (lane & 3) * 2 + e;
-        row[p.H * kD + d] = static_cast<T>(dk[t][r * 2 + e] * p.scale);
-        row[2 * p.H * kD + d] = static_cast<T>(dv[t][r * 2 + e]);
+      for (int t = 0; t < kDTiles; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = t * 8 + (lane & 3) * 2 + e;
+          row[p.H * kD + d] = static_cast<T>(dk[m][t][r * 2 + e] * p.scale);
+          row[2 * p.H * kD + d] = static_cast<T>(dv[m][t][r * 2 + e]);
+        }
       }
     }
-  }
   if (kSmemTable && has_table) {
     __syncthreads();
     auto* table_acc = static_cast<unsigned long long*>(const_cast<void*>(sm.bases[5]));
@@ -1376,6 +1425,7 @@ struct TmsaBwdAuxParams {
   void* grad_time;         // [B, 3, H, D] (finalize), or null
   void* grad_table;        // [T, H] (finalize), or null
   int B, N, H, D, n_pad, n_tiles, table_size, table_chunks;
+  int cta_keys;            // the main kernel's keys per CTA (its table sums' bound)
   float scale;
 };
 
@@ -1483,7 +1533,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_finalize_kernel(const TmsaB
     __shared__ float partial[3][kThreads];
     const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
     const BwdExponents ex = bwd_exponents(p.row_stats + static_cast<int64_t>(bh) * p.n_tiles * 4,
-                                          p.n_tiles, p.scale, scratch);
+                                          p.n_tiles, p.scale, p.cta_keys, scratch);
     const double unit = ldexp(1.0, -ex.dq);
     const int rows = kThreads / p.D, d = threadIdx.x % p.D, r0 = threadIdx.x / p.D;
     const int64_t slot_stride = static_cast<int64_t>(p.H) * p.D;
@@ -1528,7 +1578,7 @@ __global__ void __launch_bounds__(kThreads) tmsa_bwd_finalize_kernel(const TmsaB
     for (int b = b0; b < min(b0 + kThreads, p.B); ++b) {
       const BwdExponents ex = bwd_exponents(
           p.row_stats + (static_cast<int64_t>(b) * p.H + h) * p.n_tiles * 4, p.n_tiles, p.scale,
-          scratch);
+          p.cta_keys, scratch);
       if (threadIdx.x == 0) {
         table_units[b - b0] = static_cast<float>(ldexp(1.0, -ex.table));
         table_bad[b - b0] = ex.nonfinite;
@@ -1677,15 +1727,80 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv,
   return {out, lse};
 }
 
-template <typename T, int kD, bool kSmemTable>
+template <typename T, int kD, bool kSmemTable, int kKT>
 void launch_backward(const TmsaBwdParams& p, size_t bytes, cudaStream_t stream) {
-  auto kernel = tmsa_bwd_kernel<T, kD, kSmemTable>;
+  auto kernel = tmsa_bwd_kernel<T, kD, kSmemTable, kKT>;
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
-  const dim3 grid((p.N + kBwdKeys - 1) / kBwdKeys, p.B * p.H);
+  constexpr int kBc = BwdTiles<kD, kKT>::kBc;
+  const dim3 grid((p.N + kBc - 1) / kBc, p.B * p.H);
   DK_LAUNCH(kernel, grid, kThreads, bytes, stream)(p);
+}
+
+// The main backward kernel's configuration: key tiles a warp (BwdTiles), where the
+// table sums go, and its dynamic shared memory.
+struct BwdConfig {
+  int key_tiles;
+  bool smem_table;
+  size_t bytes;
+};
+
+// DITKERNELS_TMSA_BWD_KEYS: 64 or 128 keys per backward CTA by hand (tests and
+// benchmarks run both); 0 where unset. Read at every call.
+int bwd_keys_override(const char* op) {
+  const char* env = std::getenv("DITKERNELS_TMSA_BWD_KEYS");
+  if (env == nullptr || env[0] == '\0') return 0;
+  const std::string v(env);
+  TORCH_CHECK(v == "64" || v == "128", op, ": DITKERNELS_TMSA_BWD_KEYS must be 64 or 128, got '",
+              v, "'");
+  return std::stoi(v);
+}
+
+// 128-key CTAs (two key tiles a warp: half the dQ atomics) where the head dim allows
+// them, the table's int32 partial sums fit in shared memory beside them (or there is
+// no table) and two such CTAs fit in an SM; else 64-key ones, with the table sums in
+// shared memory where they fit, else added to global memory
+// (DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks that by hand: the same integer terms, so the
+// same bits). The 128-key kernel has no global-sums variant: at D = 64 it would spill,
+// and only tables of tens of thousands of entries need one.
+BwdConfig pick_backward_config(const char* op, const tmsa::Args& a) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t limit = prop->sharedMemPerBlockOptin;
+  const size_t table_bytes = a.rel_table ? sizeof(int) * (a.rel_table->size(0) + 1) : 0;
+  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
+  const bool global_by_hand = force_global != nullptr && std::string(force_global) == "1";
+  const auto config = [&](int key_tiles) {
+    const auto [smem_bytes, global_bytes] = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
+      constexpr int kWide = kMaxKeyTiles<kD>;
+      return key_tiles == 2
+                 ? std::pair<size_t, size_t>(sizeof(BwdSharedStorage<c10::Half, kD, true, kWide>),
+                                             sizeof(BwdSharedStorage<c10::Half, kD, false, kWide>))
+                 : std::pair<size_t, size_t>(sizeof(BwdSharedStorage<c10::Half, kD, true, 1>),
+                                             sizeof(BwdSharedStorage<c10::Half, kD, false, 1>));
+    });
+    const bool smem_table = smem_bytes + table_bytes <= limit && !global_by_hand;
+    return BwdConfig{key_tiles, smem_table, smem_table ? smem_bytes + table_bytes : global_bytes};
+  };
+  const int keys = bwd_keys_override(op);
+  const bool wide_head = DK_HEAD_DIM_SWITCH(a.D, kD, [] { return kMaxKeyTiles<kD> == 2; });
+  if (wide_head && keys != 64) {
+    const BwdConfig wide = config(2);
+    const size_t per_cta = wide.bytes + prop->reservedSharedMemPerBlock;
+    if (keys == 128) {
+      TORCH_CHECK(wide.smem_table, op, ": DITKERNELS_TMSA_BWD_KEYS=128 needs the table sums in "
+                  "shared memory, but DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 is set or a table of ",
+                  (a.rel_table ? a.rel_table->size(0) : 0), " entries does not fit beside the "
+                  "128-key tiles in the device's ", limit, " bytes");
+      return wide;
+    }
+    if (wide.smem_table && 2 * per_cta <= prop->sharedMemPerMultiprocessor) return wide;
+  }
+  TORCH_CHECK(keys != 128 || wide_head, op, ": DITKERNELS_TMSA_BWD_KEYS=128 needs a head dim of "
+              "at most ", kMaxWideHeadDim, " (the dK and dV accumulators of 32 keys a warp); qkv "
+              "has head dim ", a.D);
+  return config(1);
 }
 
 template <typename T>
@@ -1713,26 +1828,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const NoAutocast no_autocast;
 
   const at::Tensor packed = aligned_qkv(a);
-  // The fused kernel's shared memory: the variant with the table's int32 partial sums
-  // in shared memory where they fit (and without a table), else the one adding them to
-  // global memory (DITKERNELS_TMSA_TABLE_IN_GLOBAL=1 picks it by hand: the same integer
-  // terms, so the same bits); past the device's limit, the blocked path.
+  // Past the device's shared-memory limit, the blocked path.
+  const BwdConfig cfg = pick_backward_config(op, a);
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const auto [smem_variant_bytes, global_variant_bytes] = DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
-    return std::pair<size_t, size_t>(sizeof(BwdSharedStorage<c10::Half, kD, true>),
-                                      sizeof(BwdSharedStorage<c10::Half, kD, false>));
-  });
-  const size_t table_bytes = a.rel_table ? sizeof(int) * (a.rel_table->size(0) + 1) : 0;
-  const char* force_global = std::getenv("DITKERNELS_TMSA_TABLE_IN_GLOBAL");
-  const bool smem_variant = smem_variant_bytes + table_bytes <= limit &&
-                            !(force_global != nullptr && std::string(force_global) == "1");
-  const size_t bytes = smem_variant ? smem_variant_bytes + table_bytes : global_variant_bytes;
   // The kernel addresses Q' and dO rows of one sample, and (global variant) the table
   // sums of all heads, with 32-bit offsets.
+  const int64_t table_sums = a.rel_table ? a.rel_table->size(0) + 1 : 1;
   const bool offsets_fit =
       (a.N + kBwdQueries) * std::max<int64_t>(packed.stride(1), a.H * a.D) < (int64_t{1} << 32) &&
-      a.B * a.H * static_cast<int64_t>(table_bytes / sizeof(int) + 1) < (int64_t{1} << 32);
-  if (!fused_forward_supports(a, packed) || !offsets_fit || bytes > limit) {
+      a.B * a.H * table_sums < (int64_t{1} << 32);
+  if (!fused_forward_supports(a, packed) || !offsets_fit || cfg.bytes > limit) {
     return tmsa::backward_blocked(a, grad_out, out, lse);
   }
   const auto opts = qkv.options();
@@ -1798,6 +1903,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   x.n_tiles = static_cast<int>(n_tiles);
   x.table_size = static_cast<int>(T);
   x.table_chunks = static_cast<int>((T + kThreads - 1) / kThreads);
+  x.cta_keys = BwdTiles<64, 1>::kBc * cfg.key_tiles;
   x.scale = static_cast<float>(a.scale);
 
   TmsaBwdParams p;
@@ -1822,10 +1928,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     launch_backward_aux<scalar_t>(x, false, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     DK_HEAD_DIM_SWITCH(a.D, kD, [&] {
-      if (smem_variant) {
-        launch_backward<scalar_t, kD, true>(p, bytes, stream);
+      if (cfg.key_tiles == 2) {
+        launch_backward<scalar_t, kD, true, kMaxKeyTiles<kD>>(p, cfg.bytes, stream);
+      } else if (cfg.smem_table) {
+        launch_backward<scalar_t, kD, true, 1>(p, cfg.bytes, stream);
       } else {
-        launch_backward<scalar_t, kD, false>(p, bytes, stream);
+        launch_backward<scalar_t, kD, false, 1>(p, cfg.bytes, stream);
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

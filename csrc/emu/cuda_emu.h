@@ -153,6 +153,8 @@ struct DeviceProperties {
   int major, minor;
   int multiProcessorCount;
   size_t sharedMemPerBlockOptin;
+  size_t sharedMemPerMultiprocessor;
+  size_t reservedSharedMemPerBlock;
 };
 // The profile DITKERNELS_EMU_DEVICE names, read at every call so that tests can
 // switch devices within one process.

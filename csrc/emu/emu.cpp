@@ -125,10 +125,10 @@ constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 // cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on Hopper, 163 KiB on the A100
 // (1 KiB of its 164 KiB per SM is reserved), 99 KiB on sm_89 (L40S, RTX 4090).
 constexpr DeviceProperties kDeviceProfiles[] = {
-    {"h100", 9, 0, 132, 227 * 1024},
-    {"h200", 9, 0, 132, 227 * 1024},
-    {"a100", 8, 0, 108, 163 * 1024},
-    {"sm89", 8, 9, 142, 99 * 1024},
+    {"h100", 9, 0, 132, 227 * 1024, 228 * 1024, 1024},
+    {"h200", 9, 0, 132, 227 * 1024, 228 * 1024, 1024},
+    {"a100", 8, 0, 108, 163 * 1024, 164 * 1024, 1024},
+    {"sm89", 8, 9, 142, 99 * 1024, 100 * 1024, 1024},
 };
 
 struct PendingCopy {
