@@ -321,6 +321,15 @@ struct Int8TmaProblem {
     tma::load_2d(sb, &b, full, kt * kBK, n0);
   }
 
+  // Row `row` (activation scale s), columns col and col + 1, dequantized into y (p.y;
+  // y and bias passed in, as the epilogue's loops hold them).
+  __device__ __forceinline__ void store_dequantized(OutT* y, const OutT* bias, int row, float s,
+                                                    int col, int v0, int v1) const {
+    ws::store_pair<OutT>(y + static_cast<int64_t>(row) * p.N + col,
+                         dequantize<OutT>(v0, s, p.w_scale[col], bias, col),
+                         dequantize<OutT>(v1, s, p.w_scale[col + 1], bias, col + 1));
+  }
+
   // kAcc = BN / 2 accumulators; N % 16 == 0: a column pair is in bounds whole or not
   // at all.
   template <int kAcc>
@@ -337,21 +346,15 @@ struct Int8TmaProblem {
       for (int j = 0; j < kAcc / 4; ++j) {
         const int col = ws::acc_col(n0, t, j);
         if (col >= p.N) continue;
-        ws::store_pair<OutT>(
-            y + static_cast<int64_t>(row) * p.N + col,
-            dequantize<OutT>(acc[4 * j + 2 * half], s, p.w_scale[col], bias, col),
-            dequantize<OutT>(acc[4 * j + 2 * half + 1], s, p.w_scale[col + 1], bias, col + 1));
+        store_dequantized(y, bias, row, s, col, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
       }
     }
   }
 
   // The split-K epilogue: the int32 sums of all ranges, so the same bits as above.
   __device__ __forceinline__ void finish_pair(int row, int col, int v0, int v1) const {
-    const OutT* bias = static_cast<const OutT*>(p.bias);
-    const float s = p.scales(row);
-    ws::store_pair<OutT>(static_cast<OutT*>(p.y) + static_cast<int64_t>(row) * p.N + col,
-                         dequantize<OutT>(v0, s, p.w_scale[col], bias, col),
-                         dequantize<OutT>(v1, s, p.w_scale[col + 1], bias, col + 1));
+    store_dequantized(static_cast<OutT*>(p.y), static_cast<const OutT*>(p.bias), row,
+                      p.scales(row), col, v0, v1);
   }
 };
 
@@ -413,9 +416,6 @@ void launch_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
 template <typename OutT, int BN>
 void launch_tma(const Int8GemmParams& p, const ws::Plan& plan, const at::Tensor& like,
                 cudaStream_t stream) {
-  auto kernel = sm90::int8_gemm_tma_kernel<OutT, BN>;
-  constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   sm90::Int8TmaProblem<OutT> pr;
   const auto u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8;
   pr.a = tma::make_tensor_map_2d(p.a, u8, 1, p.M, p.K, p.lda, ws::kBM, sm90::kBK);
@@ -424,15 +424,8 @@ void launch_tma(const Int8GemmParams& p, const ws::Plan& plan, const at::Tensor&
   pr.m = p.M;
   pr.n = p.N;
   pr.k_tiles = (p.K + sm90::kBK - 1) / sm90::kBK;
-  at::Tensor workspace;
-  pr.split = ws::split_workspace<int>(plan, p.M, p.N, like, workspace);
-  DK_LAUNCH(kernel, plan.ctas, ws::kThreads, smem, stream)(pr);
-  if (plan.splits > 1) {
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    DK_LAUNCH(sm90::int8_split_reduce_kernel<OutT>, ws::reduce_blocks(p.M, p.N, sms),
-              ws::kReduceThreads, 0, stream)(pr);
-  }
+  ws::launch<int, BN>(sm90::int8_gemm_tma_kernel<OutT, BN>, sm90::int8_split_reduce_kernel<OutT>,
+                      pr, plan, like, stream);
 }
 
 template <typename OutT>

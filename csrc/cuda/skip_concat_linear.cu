@@ -311,9 +311,6 @@ __global__ void __launch_bounds__(ws::kReduceThreads)
 template <typename T, int BN>
 void launch_tma(const SkipGemmParams& p, const ws::Plan& plan, const at::Tensor& like,
                 cudaStream_t stream) {
-  auto kernel = skip_gemm_tma_kernel<T, BN>;
-  constexpr int smem = ws::Pipeline<BN>::kSmemBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const auto type = std::is_same_v<T, c10::BFloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const T* w = static_cast<const T*>(p.weight);
@@ -328,15 +325,8 @@ void launch_tma(const SkipGemmParams& p, const ws::Plan& plan, const at::Tensor&
   pr.n = p.N;
   pr.kx = (p.D + kBK - 1) / kBK;
   pr.k_tiles = 2 * pr.kx;
-  at::Tensor workspace;
-  pr.split = ws::split_workspace<float>(plan, p.M, p.N, like, workspace);
-  DK_LAUNCH(kernel, plan.ctas, ws::kThreads, smem, stream)(pr);
-  if (plan.splits > 1) {
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    DK_LAUNCH(skip_gemm_split_reduce_kernel<T>, ws::reduce_blocks(p.M, p.N, sms),
-              ws::kReduceThreads, 0, stream)(pr);
-  }
+  ws::launch<float, BN>(skip_gemm_tma_kernel<T, BN>, skip_gemm_split_reduce_kernel<T>, pr, plan,
+                        like, stream);
 }
 
 template <typename T, int BN>

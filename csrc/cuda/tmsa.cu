@@ -879,9 +879,10 @@ struct BwdTiles {
   static constexpr int kDTiles = kD / 8;
   // The scores are formed kSlice queries at a time: at D = 128 the dK and dV
   // accumulators take 128 registers (96 at D = 96; 4 D with two key tiles), and a
-  // 64-query slice of S^T and dP^T 64 more (128 with two key tiles; at D = 72 a
-  // 32-query slice of two key tiles spills).
-  static constexpr int kSlice = kD >= 96 ? 32 : kKeyTiles == 1 ? 64 : kD > 64 ? 16 : 32;
+  // 64-query slice of S^T and dP^T 64 more (128 with two key tiles: 16-query slices
+  // there above D = 32, where 32-query ones spill at D = 72 on sm_90a and at D = 64 on
+  // sm_80, and cost as many issue slots where they do not).
+  static constexpr int kSlice = kD >= 96 ? 32 : kKeyTiles == 1 ? 64 : kD > 32 ? 16 : 32;
   static constexpr int kSliceTiles = kSlice / 8;
   static constexpr int kSlices = kBr / kSlice;
   static constexpr int kDqParts = kD >= 96 ? 2 : 1;  // dQ column blocks (registers)

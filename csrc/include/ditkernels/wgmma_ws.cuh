@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "ditkernels/cuda_runtime.cuh"
 #include "ditkernels/cuda_tma.cuh"
 #include "ditkernels/cuda_wgmma.cuh"
 
@@ -345,6 +346,24 @@ inline int reduce_blocks(int64_t m, int64_t n, int sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((pairs + 255) / 256, 8 * sms)));
 }
 constexpr int kReduceThreads = 256;
+
+// Launches a persistent TMA GEMM kernel with BN-wide tiles on the problem pr as `plan`
+// says: pr.split gets the plan's workspace (AccT sums, allocated like `like`), and a
+// split plan is followed by `reduce`, the op's reduce kernel, on the same problem.
+template <typename AccT, int BN, typename Kernel, typename ReduceKernel, typename Problem>
+void launch(Kernel kernel, ReduceKernel reduce, Problem& pr, const Plan& plan,
+            const at::Tensor& like, cudaStream_t stream) {
+  constexpr int smem = Pipeline<BN>::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  at::Tensor workspace;  // freed after the launches: the allocator orders reuse by stream
+  pr.split = split_workspace<AccT>(plan, pr.m, pr.n, like, workspace);
+  DK_LAUNCH(kernel, plan.ctas, kThreads, smem, stream)(pr);
+  if (plan.splits > 1) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    DK_LAUNCH(reduce, reduce_blocks(pr.m, pr.n, sms), kReduceThreads, 0, stream)(pr);
+  }
+}
 
 }  // namespace ws
 }  // namespace ditkernels
