@@ -1178,11 +1178,14 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD, kKT>::kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[m][t][e] = dv[m][t][e] = 0.f;
 
-  unsigned long long* dq_rows =
-      p.dq_acc + (static_cast<int64_t>(bh) * p.n_pad + warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
   // The loop runs on the tile's first query, compared with p.N as the kernel parameter
   // it is: a tile count would be one more register to hold (the D = 128 kernel spilled it).
-  for (int q0 = 0; q0 < p.N; q0 += kBr, dq_rows += kBr * kD) {
+  // This thread's first dQ sum of the tile, an offset into the (sample, head)'s rows (32
+  // bits: n_pad D fits, as the launcher checks; a pointer carried across the loop is one
+  // more register through the score products, which cost the 128-key kernel spills on
+  // sm_80 at D = 72).
+  unsigned dq_off = (warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
+  for (int q0 = 0; q0 < p.N; q0 += kBr, dq_off += kBr * kD) {
     const int stage = (q0 / kBr) & 1;
     // One barrier here: this tile's copies are visible, and every warp is done with
     // the other stage and with dS^T. The next tile goes into the other stage (past
@@ -1306,6 +1309,8 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD, kKT>::kMinBlocks)
     // dQ for this warp's 16 queries: dS (the dS^T tile read transposed) K, added to
     // the int64 sums (rows padded to n_pad: no bounds check); in kDqParts column
     // blocks, whose accumulators fit beside dK and dV.
+    unsigned long long* const dq_rows =
+        p.dq_acc + static_cast<int64_t>(blockIdx.y) * p.n_pad * kD + dq_off;
 #pragma unroll
     for (int part = 0; part < Tiles::kDqParts; ++part) {
       constexpr int kDq = kD / Tiles::kDqParts;
