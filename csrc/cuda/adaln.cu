@@ -266,6 +266,7 @@ __device__ __forceinline__ float* partial_buffer(const AdaLNParams& p, int k) {
 template <typename T, int VEC, bool kWarpTeam, bool kGlobalAcc>
 __global__ void __launch_bounds__(1024)
     adaln_backward_kernel(const AdaLNParams p, const PartialLayout layout) {
+  static_assert(!(kWarpTeam && kGlobalAcc), "a warp team's sums always fit in shared memory");
   constexpr int NV = kEPT / VEC;
   // Partial sums sit in shared memory rather than registers so that a 1024-thread
   // team fits the register file. Each thread only touches its own columns, so the
@@ -453,11 +454,18 @@ void launch_backward(const AdaLNParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks_per_sample), static_cast<unsigned>(p.B));
   const PartialLayout layout(p);
   const size_t smem_bytes = sizeof(float) * static_cast<size_t>(teams) * layout.count * p.C;
-  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  if (smem_bytes + 64 * sizeof(float) > smem_limit) {
-    auto global_kernel = adaln_backward_kernel<T, VEC, kWarpTeam, true>;
-    DK_LAUNCH(global_kernel, grid, threads, 0, stream)(p, layout);
-    return;
+  // A warp team's sums (C <= kWarpTeamMaxC) fit the 48 KiB every device gives a block,
+  // so only block teams have the global-memory variant (the other would be dead code).
+  static_assert(sizeof(float) * (kWarpTeamBlock / 32) * kNumPartials * kWarpTeamMaxC +
+                        64 * sizeof(float) <= 48 * 1024,
+                "warp-team partial sums must fit in 48 KiB of shared memory");
+  if constexpr (!kWarpTeam) {
+    const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    if (smem_bytes + 64 * sizeof(float) > smem_limit) {
+      auto global_kernel = adaln_backward_kernel<T, VEC, kWarpTeam, true>;
+      DK_LAUNCH(global_kernel, grid, threads, 0, stream)(p, layout);
+      return;
+    }
   }
   auto kernel = adaln_backward_kernel<T, VEC, kWarpTeam, false>;
   if (smem_bytes > 48 * 1024) {
