@@ -880,8 +880,7 @@ struct BwdTiles {
   // The scores are formed kSlice queries at a time: at D = 128 the dK and dV
   // accumulators take 128 registers (96 at D = 96; 4 D with two key tiles), and a
   // 64-query slice of S^T and dP^T 64 more (128 with two key tiles: 16-query slices
-  // there above D = 32, where 32-query ones spill at D = 72 on sm_90a and at D = 64 on
-  // sm_80, and cost as many issue slots where they do not).
+  // there above D = 32, where 32-query ones spill on sm_90a and sm_80).
   static constexpr int kSlice = kD >= 96 ? 32 : kKeyTiles == 1 ? 64 : kD > 32 ? 16 : 32;
   static constexpr int kSliceTiles = kSlice / 8;
   static constexpr int kSlices = kBr / kSlice;
@@ -1178,13 +1177,13 @@ __global__ void __launch_bounds__(kThreads, BwdTiles<kD, kKT>::kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[m][t][e] = dv[m][t][e] = 0.f;
 
-  // The loop runs on the tile's first query, compared with p.N as the kernel parameter
-  // it is: a tile count would be one more register to hold (the D = 128 kernel spilled it).
   // This thread's first dQ sum of the tile, an offset into the (sample, head)'s rows (32
   // bits: n_pad D fits, as the launcher checks; a pointer carried across the loop is one
   // more register through the score products, which cost the 128-key kernel spills on
   // sm_80 at D = 72).
   unsigned dq_off = (warp * 16 + (lane >> 2)) * kD + (lane & 3) * 2;
+  // The loop runs on the tile's first query, compared with p.N as the kernel parameter
+  // it is: a tile count would be one more register to hold (the D = 128 kernel spilled it).
   for (int q0 = 0; q0 < p.N; q0 += kBr, dq_off += kBr * kD) {
     const int stage = (q0 / kBr) & 1;
     // One barrier here: this tile's copies are visible, and every warp is done with
